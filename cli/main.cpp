@@ -1,0 +1,158 @@
+// vitlab command line: one subcommand per job, each with --help.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+
+#include <iostream>
+
+#include "common/config.h"
+#include "common/error.h"
+#include "common/files.h"
+#include "common/runtime.h"
+#include "io/torch_file.h"
+#include "models/registry.h"
+
+namespace {
+
+using namespace vitlab;
+
+struct CommonOptions {
+  int threads = 0;
+  std::vector<std::string> sets;
+};
+
+void add_threads(CLI::App* cmd, CommonOptions& common) {
+  cmd->add_option("--threads", common.threads, "CPU threads (default: all logical CPUs)")->check(CLI::NonNegativeNumber);
+}
+
+void add_model_options(CLI::App* cmd, std::string& model, CommonOptions& common) {
+  cmd->add_option("--model", model, "Model preset (see `vitlab models`)")->required();
+  cmd->add_option("--set", common.sets, "Override a model key, e.g. --set model.depth=6 (repeatable)");
+}
+
+std::vector<Override> parse_overrides(const std::vector<std::string>& sets) {
+  std::vector<Override> out;
+  for (const auto& s : sets) out.push_back(parse_override(s));
+  return out;
+}
+
+void run_models() {
+  fmt::print("{:<34} {:<12} {:>14}  {}\n", "name", "family", "parameters", "description");
+  for (const auto& p : presets()) {
+    fmt::print("{:<34} {:<12} {:>14}  {}\n", p.name, p.family, spec_parameters(resolve_model(p.name)), p.description);
+  }
+}
+
+void run_info(const std::string& name, const CommonOptions& common) {
+  ModelSpec spec = resolve_model(name, parse_overrides(common.sets));
+  nlohmann::json j = {{"name", spec.name}, {"family", spec.family}, {"parameters", spec_parameters(spec)}, {"config", spec.config}};
+  fmt::print("{}\n", j.dump(2));
+}
+
+struct ForwardArgs {
+  std::string model, weights, input, output, attention;
+  bool no_strict = false;
+};
+
+void run_forward(const ForwardArgs& a, const CommonOptions& common) {
+  Model m = create_model(a.model, parse_overrides(common.sets));
+  if (!m.vision) fail("forward runs image models; '{}' is a {} model", a.model, m.family);
+  LoadReport report = load_weights(m, a.weights, !a.no_strict);
+  if (!report.clean()) fmt::print(stderr, "warning: {} loaded partially:{}\n", a.weights, report.describe());
+  torch::Tensor x = read_torch_tensor(a.input);
+  if (x.dim() != 4) fail("{}: expected an image batch [B, C, H, W], got shape {}", a.input, x.sizes().vec());
+  if (!x.is_floating_point()) fail("{}: expected a float tensor, got {}", a.input, c10::toString(x.scalar_type()));
+  const int64_t in_chans = m.config["in_chans"], img = m.config["img_size"];
+  if (x.size(1) != in_chans || x.size(2) != img || x.size(3) != img)
+    fail("{}: input shape {} does not match the model's [B, {}, {}, {}] (model.in_chans, model.img_size)", a.input,
+         x.sizes().vec(), in_chans, img, img);
+
+  m.vision->eval();
+  torch::NoGradGuard no_grad;
+  x = x.to(torch::kFloat);
+  torch::Tensor logits, attn;
+  if (a.attention.empty())
+    logits = m.vision->forward(x);
+  else
+    std::tie(logits, attn) = m.vision->forward_with_attention(x);
+
+  StagedOutputs out;
+  out.add(a.output, serialize_torch(logits));
+  if (attn.defined()) out.add(a.attention, serialize_torch(attn));
+  out.commit();
+
+  fmt::print("model {} ({} parameters), input {}\n", m.name, count_parameters(*m.module), x.sizes().vec());
+  auto top = logits.argmax(-1);
+  for (int64_t b = 0; b < std::min<int64_t>(logits.size(0), 8); ++b) {
+    auto row = logits[b].narrow(0, 0, std::min<int64_t>(logits.size(1), 10));
+    fmt::print("  [{}] top-1 class {:>4}  logits[:{}] = [{:.4f}]\n", b, top[b].item<int64_t>(), row.size(0),
+               fmt::join(std::vector<float>(row.data_ptr<float>(), row.data_ptr<float>() + row.size(0)), ", "));
+  }
+  fmt::print("wrote {}{}\n", a.output, attn.defined() ? fmt::format(" and {} {}", a.attention, attn.sizes().vec()) : "");
+}
+
+struct ConvertArgs {
+  std::string model, weights, out;
+};
+
+void run_convert(const ConvertArgs& a, const CommonOptions& common) {
+  Model m = create_model(a.model, parse_overrides(common.sets));
+  load_weights(m, a.weights, /*strict=*/true);
+  write_weights(a.out, module_state(*m.module));
+  fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, module_state(*m.module).size(), count_parameters(*m.module));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vitlab: vision transformers in C++ (ViT, DeepViT, Transformer) on LibTorch"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", vitlab::version());
+  CommonOptions common;
+
+  auto* models = app.add_subcommand("models", "List model presets with their parameter counts");
+  add_threads(models, common);
+
+  std::string info_model;
+  auto* info = app.add_subcommand("info", "Print a model's resolved configuration and parameter count as JSON");
+  add_model_options(info, info_model, common);
+  add_threads(info, common);
+
+  ForwardArgs fwd;
+  auto* forward = app.add_subcommand("forward", "Run an image model in eval mode on a tensor saved by torch.save");
+  add_model_options(forward, fwd.model, common);
+  forward->add_option("--weights", fwd.weights, "Weights (.safetensors, or .pt/.pth/.bin from torch.save)")->required();
+  forward->add_option("--input", fwd.input, "Input tensor [B, C, H, W] (torch.save)")->required();
+  forward->add_option("--output", fwd.output, "Where to write the logits (torch.load reads it)")->required();
+  forward->add_option("--attention", fwd.attention, "Also write the attention maps [L, B, H, T, T] here");
+  forward->add_flag("--no-strict", fwd.no_strict, "Load matching keys only (e.g. a new classifier head)");
+  add_threads(forward, common);
+
+  ConvertArgs conv;
+  auto* convert = app.add_subcommand("convert", "Check weights against a model and write them as .safetensors or .pt");
+  add_model_options(convert, conv.model, common);
+  convert->add_option("--weights", conv.weights, "Input weights")->required();
+  convert->add_option("--out", conv.out, "Output file (.safetensors, .pt, .pth or .bin)")->required();
+  add_threads(convert, common);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    vitlab::configure_threads(common.threads);
+    if (*models) run_models();
+    if (*info) run_info(info_model, common);
+    if (*forward) run_forward(fwd, common);
+    if (*convert) run_convert(conv, common);
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,27 @@
+#pragma once
+// Files written by Python's torch.save (zip format), read with LibTorch's
+// unpickler, and files written for Python's torch.load.
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "io/state_dict.h"
+
+namespace vitlab {
+
+torch::IValue parse_torch_file(std::string_view bytes, const std::string& source);
+
+// A dict of tensors, or a checkpoint dict holding one under `state_dict`,
+// `model` or `state_dict_ema`.
+StateDict parse_torch_state_dict(std::string_view bytes, const std::string& source);
+
+// A single tensor saved with torch.save(tensor, path).
+torch::Tensor read_torch_tensor(const std::filesystem::path& path);
+
+// Bytes that Python's torch.load reads back.
+std::string serialize_torch(const torch::IValue& value);
+std::string serialize_torch_state_dict(const StateDict& state);
+
+}  // namespace vitlab

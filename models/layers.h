@@ -1,0 +1,68 @@
+#pragma once
+// Building blocks shared by the vision transformers, named as in timm so that
+// state_dict keys match (`attn.qkv`, `mlp.fc1`, `patch_embed.proj`, ...).
+#include <torch/torch.h>
+
+namespace vitlab {
+
+// timm's trunc_normal_: N(mean, std) truncated to [a, b] (absolute bounds).
+void trunc_normal_(torch::Tensor tensor, double std = 0.02, double mean = 0.0, double a = -2.0, double b = 2.0);
+
+// Stochastic depth: drops the whole residual branch per sample in training.
+class DropPathImpl : public torch::nn::Module {
+ public:
+  explicit DropPathImpl(double p = 0.0) : p(p) {}
+  torch::Tensor forward(const torch::Tensor& x);
+  double p;
+};
+TORCH_MODULE(DropPath);
+
+class MlpImpl : public torch::nn::Module {
+ public:
+  MlpImpl(int64_t dim, int64_t hidden, double drop);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::Dropout drop{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+// Non-overlapping patches as one strided convolution: [B,C,H,W] -> [B,N,D].
+class PatchEmbedImpl : public torch::nn::Module {
+ public:
+  PatchEmbedImpl(int64_t img_size, int64_t patch_size, int64_t in_chans, int64_t embed_dim);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Conv2d proj{nullptr};
+  int64_t img_size;
+};
+TORCH_MODULE(PatchEmbed);
+
+struct AttentionOptions {
+  int64_t dim = 768;
+  int64_t num_heads = 12;
+  bool qkv_bias = true;
+  double attn_drop = 0.0;
+  double proj_drop = 0.0;
+  // DeepViT re-attention: after softmax (and attention dropout) the heads are
+  // mixed by Θ, a 1×1 convolution over the head axis, then BatchNorm2d over
+  // heads, then scaled by reatten_scale.
+  bool re_attention = false;
+  double reatten_scale = 1.0;
+};
+
+// Multi-head self-attention with qkv in one Linear, as timm and the official
+// DeepViT code lay it out.
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const AttentionOptions& options);
+  // attn: when not null, receives the map that multiplies V, [B, H, T, T].
+  torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
+
+  AttentionOptions options;
+  torch::nn::Linear qkv{nullptr}, proj{nullptr};
+  torch::nn::Dropout attn_drop{nullptr}, proj_drop{nullptr};
+  torch::nn::Conv2d reatten_matrix{nullptr};
+  torch::nn::BatchNorm2d var_norm{nullptr};
+};
+TORCH_MODULE(Attention);
+
+}  // namespace vitlab

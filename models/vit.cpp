@@ -1,0 +1,172 @@
+#include "models/vit.h"
+
+#include <cmath>
+
+#include "common/error.h"
+
+namespace vitlab {
+
+void ViTOptions::validate() const {
+  auto positive = [](const char* key, int64_t v) {
+    if (v < 1) fail("model.{} must be >= 1, got {}", key, v);
+  };
+  positive("img_size", img_size);
+  positive("patch_size", patch_size);
+  positive("in_chans", in_chans);
+  positive("embed_dim", embed_dim);
+  positive("depth", depth);
+  positive("num_heads", num_heads);
+  if (num_classes < 0) fail("model.num_classes must be >= 0 (0: no head), got {}", num_classes);
+  if (img_size % patch_size != 0)
+    fail("model.img_size {} is not divisible by model.patch_size {}", img_size, patch_size);
+  if (embed_dim % num_heads != 0)
+    fail("model.embed_dim {} is not divisible by model.num_heads {}", embed_dim, num_heads);
+  if (!(mlp_ratio > 0)) fail("model.mlp_ratio must be > 0, got {}", mlp_ratio);
+  if (global_pool != "token" && global_pool != "avg")
+    fail("model.global_pool must be 'token' or 'avg', got '{}'", global_pool);
+  if (global_pool == "token" && !class_token) fail("model.global_pool 'token' needs model.class_token: true");
+  for (auto [key, p] : {std::pair{"drop_rate", drop_rate}, {"attn_drop_rate", attn_drop_rate}, {"drop_path_rate", drop_path_rate}})
+    if (!(p >= 0.0 && p < 1.0)) fail("model.{} must be in [0, 1), got {}", key, p);
+}
+
+std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
+  std::vector<BlockOptions> blocks;
+  for (int64_t i = 0; i < o.depth; ++i) {
+    BlockOptions b;
+    b.dim = o.embed_dim;
+    b.num_heads = o.num_heads;
+    b.mlp_ratio = o.mlp_ratio;
+    b.qkv_bias = o.qkv_bias;
+    b.drop = o.drop_rate;
+    b.attn_drop = o.attn_drop_rate;
+    b.drop_path = o.depth > 1 ? o.drop_path_rate * static_cast<double>(i) / static_cast<double>(o.depth - 1) : 0.0;
+    blocks.push_back(b);
+  }
+  return blocks;
+}
+
+BlockImpl::BlockImpl(const BlockOptions& o) : options(o) {
+  auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim}).eps(1e-6)); };
+  norm1 = register_module("norm1", ln());
+  AttentionOptions a;
+  a.dim = o.dim;
+  a.num_heads = o.num_heads;
+  a.qkv_bias = o.qkv_bias;
+  a.attn_drop = o.attn_drop;
+  a.proj_drop = o.drop;
+  a.re_attention = o.re_attention;
+  a.reatten_scale = o.reatten_scale;
+  attn = register_module("attn", Attention(a));
+  drop_path = register_module("drop_path", DropPath(o.drop_path));
+  norm2 = register_module("norm2", ln());
+  mlp = register_module("mlp", Mlp(o.dim, static_cast<int64_t>(o.dim * o.mlp_ratio), o.drop));
+}
+
+torch::Tensor BlockImpl::forward(torch::Tensor x, torch::Tensor* attn_map) {
+  const double s = options.scale_adjustment;
+  if (s == 1.0) {
+    x = x + drop_path(attn(norm1(x), attn_map));
+    return x + drop_path(mlp(norm2(x)));
+  }
+  x = x + drop_path(attn(norm1(x * s), attn_map) / s);
+  return x + drop_path(mlp(norm2(x * s))) / s;
+}
+
+torch::Tensor resample_pos_embed(const torch::Tensor& pos_embed, int64_t new_grid, int64_t num_prefix_tokens) {
+  const int64_t n = pos_embed.size(1) - num_prefix_tokens;
+  const auto old_grid = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(n))));
+  if (old_grid * old_grid != n)
+    fail("pos_embed has {} patch positions, not a square grid: cannot resample it to {}x{}", n, new_grid, new_grid);
+  if (old_grid == new_grid) return pos_embed;
+  namespace F = torch::nn::functional;
+  const auto dtype = pos_embed.scalar_type();
+  torch::Tensor prefix = pos_embed.narrow(1, 0, num_prefix_tokens);
+  torch::Tensor grid = pos_embed.narrow(1, num_prefix_tokens, n).to(torch::kFloat);
+  const int64_t D = pos_embed.size(2);
+  grid = grid.reshape({1, old_grid, old_grid, D}).permute({0, 3, 1, 2});
+  grid = F::interpolate(grid, F::InterpolateFuncOptions()
+                                  .size(std::vector<int64_t>{new_grid, new_grid})
+                                  .mode(torch::kBicubic)
+                                  .align_corners(false)
+                                  .antialias(true));
+  grid = grid.permute({0, 2, 3, 1}).reshape({1, new_grid * new_grid, D}).to(dtype);
+  return torch::cat({prefix, grid}, 1);
+}
+
+VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o)
+    : VisionTransformerImpl(o, vit_block_options(o),
+                            torch::nn::AnyModule(PatchEmbed(o.img_size, o.patch_size, o.in_chans, o.embed_dim))) {
+  torch::NoGradGuard no_grad;
+  if (cls_token.defined()) cls_token.normal_(0.0, 1e-6);  // timm's init
+}
+
+VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o, const std::vector<BlockOptions>& block_options,
+                                             torch::nn::AnyModule stem)
+    : patch_embed(std::move(stem)), options_(o) {
+  o.validate();
+  register_module("patch_embed", patch_embed.ptr());
+  const int64_t num_patches = o.grid_size() * o.grid_size();
+  if (o.class_token) cls_token = register_parameter("cls_token", torch::zeros({1, 1, o.embed_dim}));
+  pos_embed = register_parameter("pos_embed", torch::zeros({1, num_patches + num_prefix_tokens(), o.embed_dim}));
+  pos_drop = register_module("pos_drop", torch::nn::Dropout(o.drop_rate));
+  blocks_list = register_module("blocks", torch::nn::ModuleList());
+  for (const auto& b : block_options) {
+    blocks.push_back(Block(b));
+    blocks_list->push_back(blocks.back());
+  }
+  norm = register_module(o.global_pool == "avg" ? "fc_norm" : "norm",
+                         torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.embed_dim}).eps(1e-6)));
+  head_drop = register_module("head_drop", torch::nn::Dropout(o.drop_rate));
+  if (o.num_classes > 0) head = register_module("head", torch::nn::Linear(o.embed_dim, o.num_classes));
+
+  // timm's init: trunc_normal(.02) for Linear weights and pos_embed, zero
+  // Linear biases; convolutions and norms keep PyTorch's defaults.
+  torch::NoGradGuard no_grad;
+  trunc_normal_(pos_embed, 0.02);
+  if (cls_token.defined()) trunc_normal_(cls_token, 0.02);
+  apply([](torch::nn::Module& m) {
+    if (auto* linear = m.as<torch::nn::Linear>()) {
+      trunc_normal_(linear->weight, 0.02);
+      if (linear->bias.defined()) linear->bias.zero_();
+    }
+  });
+}
+
+torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn) {
+  TORCH_CHECK(x.dim() == 4, "expected an image batch [B, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) == options_.in_chans, "input has ", x.size(1), " channels, the model expects ",
+              options_.in_chans, " (model.in_chans)");
+  x = patch_embed.forward(x);
+  if (options_.class_token) x = torch::cat({cls_token.expand({x.size(0), -1, -1}), x}, 1);
+  x = pos_drop(x + pos_embed);
+  for (auto& block : blocks) {
+    torch::Tensor map;
+    x = block(x, attn ? &map : nullptr);
+    if (attn) attn->push_back(map);
+  }
+  return options_.global_pool == "avg" ? x : norm(x);
+}
+
+torch::Tensor VisionTransformerImpl::forward_head(const torch::Tensor& x) {
+  torch::Tensor pooled = options_.global_pool == "avg" ? norm(x.narrow(1, num_prefix_tokens(), x.size(1) - num_prefix_tokens()).mean(1))
+                                                       : x.select(1, 0);
+  pooled = head_drop(pooled);
+  return head ? head(pooled) : pooled;
+}
+
+torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& x) { return forward_head(forward_features(x)); }
+
+std::pair<torch::Tensor, torch::Tensor> VisionTransformerImpl::forward_with_attention(const torch::Tensor& x) {
+  std::vector<torch::Tensor> maps;
+  torch::Tensor logits = forward_head(forward_features(x, &maps));
+  return {logits, torch::stack(maps)};
+}
+
+void VisionTransformerImpl::adapt_state(StateDict& state) const {
+  auto it = state.find("pos_embed");
+  if (it == state.end() || it->second.sizes() == pos_embed.sizes()) return;
+  if (it->second.dim() != 3 || it->second.size(2) != pos_embed.size(2)) return;  // reported as a mismatch
+  it->second = resample_pos_embed(it->second, options_.grid_size(), num_prefix_tokens());
+}
+
+}  // namespace vitlab
