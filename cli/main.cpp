@@ -103,6 +103,22 @@ void run_convert(const ConvertArgs& a, const CommonOptions& common) {
   fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, module_state(*m.module).size(), count_parameters(*m.module));
 }
 
+struct CompareArgs {
+  std::string a, b;
+  double atol = 1e-4;
+};
+
+// Exit status 2 when the tensors differ by more than atol.
+int run_compare(const CompareArgs& a) {
+  torch::Tensor x = read_torch_tensor(a.a), y = read_torch_tensor(a.b);
+  if (x.sizes() != y.sizes()) fail("{} has shape {} but {} has shape {}", a.a, x.sizes().vec(), a.b, y.sizes().vec());
+  const double diff = x.numel() ? (x.to(torch::kDouble) - y.to(torch::kDouble)).abs().max().item<double>() : 0.0;
+  const bool ok = diff <= a.atol;
+  fmt::print("{} vs {}: shape {}, max |a - b| = {:.3g} ({} atol {:g})\n", a.a, a.b, x.sizes().vec(), diff,
+             ok ? "within" : "EXCEEDS", a.atol);
+  return ok ? 0 : 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -136,6 +152,13 @@ int main(int argc, char** argv) {
   convert->add_option("--out", conv.out, "Output file (.safetensors, .pt, .pth or .bin)")->required();
   add_threads(convert, common);
 
+  CompareArgs cmp;
+  auto* compare = app.add_subcommand("compare", "Max absolute difference of two tensors saved by torch.save");
+  compare->add_option("a", cmp.a, "First tensor file")->required();
+  compare->add_option("b", cmp.b, "Second tensor file")->required();
+  compare->add_option("--atol", cmp.atol, "Tolerance: exit status 2 when exceeded")->capture_default_str();
+  add_threads(compare, common);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -147,6 +170,7 @@ int main(int argc, char** argv) {
     if (*info) run_info(info_model, common);
     if (*forward) run_forward(fwd, common);
     if (*convert) run_convert(conv, common);
+    if (*compare) return run_compare(cmp);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

@@ -48,6 +48,7 @@ void expand_block_rule(YAML::Node& cfg) {
   if (!rule || !rule.IsScalar()) return;
   int64_t depth = 12;
   if (cfg["depth"]) read_value(cfg["depth"], depth, "model.depth");
+  if (depth < 1) fail("model.depth must be >= 1, got {}", depth);
   const std::string text = rule.Scalar();
   const auto colon = text.find(':');
   const std::string kind = text.substr(0, colon);
@@ -63,7 +64,7 @@ void expand_block_rule(YAML::Node& cfg) {
   }
   const bool ok = (kind == "all" || kind == "none") ? colon == std::string::npos
                                                      : (kind == "first" || kind == "last") && k >= 0 && k <= depth;
-  if (!ok || depth < 1)
+  if (!ok)
     fail("model.apply_transform: expected a list of booleans (one per block) or all, none, first:K or last:K with "
          "0 <= K <= depth ({}), got '{}'", depth, text);
   YAML::Node list(YAML::NodeType::Sequence);

@@ -1,0 +1,60 @@
+#include <catch2/catch.hpp>
+
+#include "common/config.h"
+#include "models/registry.h"
+
+using namespace vitlab;
+
+namespace {
+YAML::Node sets(std::initializer_list<const char*> items) {
+  std::vector<Override> o;
+  for (const char* s : items) o.push_back(parse_override(s));
+  return section_overrides(o, "model", {"model"});
+}
+}  // namespace
+
+TEST_CASE("overrides (--set) parse dotted keys and YAML values") {
+  Override o = parse_override("model.apply_transform=[false, true]");
+  CHECK(o.key == "model.apply_transform");
+  REQUIRE(o.value.IsSequence());
+  CHECK(o.value.size() == 2);
+  CHECK(parse_override("model.depth=3").value.as<int>() == 3);
+  CHECK_THROWS_WITH(parse_override("model.depth"), Catch::Contains("expected KEY=VALUE"));
+  CHECK_THROWS_WITH(parse_override("model.depth=[1,"), Catch::Contains("not valid YAML"));
+  CHECK_THROWS_WITH(section_overrides({parse_override("depth=3")}, "model", {"model"}), Catch::Contains("model.KEY"));
+}
+
+TEST_CASE("unknown keys name the closest valid key") {
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", sets({"model.num_head=4"})),
+                    Catch::Contains("unknown key 'model.num_head'") && Catch::Contains("did you mean 'model.num_heads'"));
+  // DeepViT keys are not ViT keys.
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", sets({"model.apply_transform=all"})),
+                    Catch::Contains("unknown key 'model.apply_transform'"));
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16"), Catch::Contains("did you mean 'vit_tiny_patch16_224'"));
+}
+
+TEST_CASE("bad values are errors naming the key and the expectation") {
+  auto bad = [](std::initializer_list<const char*> s) { return resolve_model("deepvit_S", sets(s)); };
+  CHECK_THROWS_WITH(bad({"model.depth=0"}), Catch::Contains("model.depth"));
+  CHECK_THROWS_WITH(bad({"model.img_size=30"}), Catch::Contains("model.img_size 30 is not divisible by model.patch_size 16"));
+  CHECK_THROWS_WITH(bad({"model.embed_dim=100"}), Catch::Contains("model.embed_dim 100 is not divisible by model.num_heads 12"));
+  CHECK_THROWS_WITH(bad({"model.apply_transform=[true, false]"}),
+                    Catch::Contains("model.apply_transform has 2 entries but model.depth is 16"));
+  CHECK_THROWS_WITH(bad({"model.apply_transform=some"}), Catch::Contains("model.apply_transform"));
+  CHECK_THROWS_WITH(bad({"model.depth=three"}), Catch::Contains("model.depth: expected an integer, got 'three'"));
+  CHECK_THROWS_WITH(bad({"model.global_pool=max"}), Catch::Contains("'token' or 'avg'"));
+  CHECK_THROWS_WITH(bad({"model.drop_path_rate=1.5"}), Catch::Contains("model.drop_path_rate must be in [0, 1)"));
+  CHECK_THROWS_WITH(bad({"model.qkv_bias=maybe"}), Catch::Contains("model.qkv_bias: expected true or false"));
+}
+
+TEST_CASE("apply_transform rules expand against the resolved depth") {
+  auto spec = resolve_model("deepvit_S", sets({"model.depth=4", "model.apply_transform=last:1"}));
+  CHECK(spec.config["apply_transform"] == nlohmann::json({false, false, false, true}));
+  spec = resolve_model("deepvit_patch16_224_re_attn_16b", sets({"model.depth=3"}));
+  CHECK(spec.config["apply_transform"] == nlohmann::json({true, true, true}));
+  spec = resolve_model("deepvit_S", sets({"model.depth=3", "model.apply_transform=[false,false,true]", "model.img_size=32",
+                                          "model.patch_size=8"}));
+  CHECK(spec.config["depth"] == 3);
+  CHECK(spec.config["img_size"] == 32);
+  CHECK(spec.config["use_cnn_embed"] == true);
+}

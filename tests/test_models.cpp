@@ -1,0 +1,153 @@
+#include <catch2/catch.hpp>
+
+#include "io/torch_file.h"
+#include "models/registry.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using vitlab::test::fixture;
+
+namespace {
+
+YAML::Node yaml(const char* text) { return YAML::Load(text); }
+
+// A small DeepViT with every feature on: CNN stem, re-attention in some
+// blocks, transform_scale, scale_adjustment.
+Model small_deepvit() {
+  return create_model("deepvit_S", yaml("{img_size: 32, patch_size: 8, embed_dim: 48, depth: 3, num_heads: 4, "
+                                        "num_classes: 5, apply_transform: [false, true, true]}"));
+}
+
+}  // namespace
+
+TEST_CASE("every preset has exactly the reference parameter count") {
+  const std::map<std::string, int64_t> expected = {
+      {"vit_tiny_patch16_224", 5717416},
+      {"vit_small_patch16_224", 22050664},
+      {"vit_base_patch16_224", 86567656},
+      {"vit_large_patch16_224", 304326632},
+      {"vit_huge_patch14_224", 632045800},
+      {"vit_patch16_224_16b", 24423784},
+      {"vit_patch16_224_24b", 36257128},
+      {"vit_patch16_224_32b", 48090472},
+      {"deepvit_patch16_224_re_attn_16b", 24426664},
+      {"deepvit_patch16_224_re_attn_24b", 36261448},
+      {"deepvit_patch16_224_re_attn_32b", 48096232},
+      {"deepvit_S", 27312632},
+      {"deepvit_L", 58883708},
+  };
+  REQUIRE(presets().size() == expected.size() + 1);  // + transformer_base
+  for (const auto& [name, count] : expected) {
+    INFO(name);
+    Model m = create_model(name);
+    CHECK(count_parameters(*m.module) == count);
+    CHECK(spec_parameters(resolve_model(name)) == count);
+  }
+}
+
+TEST_CASE("the shape-only parameter count matches the built model for variants") {
+  const std::vector<std::pair<std::string, std::string>> variants = {
+      {"vit_tiny_patch16_224", "{global_pool: avg, class_token: false, num_classes: 0}"},
+      {"vit_tiny_patch16_224", "{qkv_bias: false, in_chans: 1, img_size: 32, patch_size: 4, mlp_ratio: 2.5}"},
+      {"deepvit_S", "{img_size: 64, patch_size: 8, depth: 4, apply_transform: 'first:2', num_classes: 7}"},
+      {"deepvit_patch16_224_re_attn_16b", "{depth: 2, use_cnn_embed: true, in_chans: 1}"},
+      {"transformer_base", "{}"},
+      {"transformer_base", "{d_model: 64, nhead: 4, num_encoder_layers: 1, num_decoder_layers: 3, tie_weights: false, "
+                           "src_vocab_size: 11, tgt_vocab_size: 13}"},
+  };
+  for (const auto& [name, sets] : variants) {
+    INFO(name << " " << sets);
+    CHECK(spec_parameters(resolve_model(name, yaml(sets.c_str()))) == count_parameters(*create_model(name, yaml(sets.c_str())).module));
+  }
+}
+
+TEST_CASE("state_dict keys are the reference implementations' names") {
+  StateDict vit = module_state(*create_model("vit_tiny_patch16_224").module);
+  for (const char* key : {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight",
+                          "blocks.0.attn.proj.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "blocks.0.norm1.weight",
+                          "blocks.0.norm2.bias", "norm.weight", "head.weight"})
+    CHECK(vit.count(key));
+  CHECK(vit.size() == 4 + 2 + 12 * 12 + 2);
+  StateDict avg = module_state(*create_model("vit_tiny_patch16_224", yaml("{global_pool: avg}")).module);
+  CHECK(avg.count("fc_norm.weight"));
+  CHECK_FALSE(avg.count("norm.weight"));
+  StateDict dvit = module_state(*small_deepvit().module);
+  for (const char* key : {"patch_embed.conv1.weight", "patch_embed.bn1.running_var", "patch_embed.conv2.weight",
+                          "patch_embed.bn2.num_batches_tracked", "patch_embed.proj.weight", "blocks.1.attn.reatten_matrix.weight",
+                          "blocks.2.attn.var_norm.running_mean"})
+    CHECK(dvit.count(key));
+  CHECK_FALSE(dvit.count("blocks.0.attn.reatten_matrix.weight"));
+  CHECK(dvit.at("blocks.1.attn.reatten_matrix.weight").sizes() == torch::IntArrayRef({4, 4, 1, 1}));
+}
+
+TEST_CASE("timm initialisation") {
+  torch::manual_seed(0);
+  Model m = create_model("vit_small_patch16_224");
+  StateDict s = module_state(*m.module);
+  const double std_qkv = s.at("blocks.0.attn.qkv.weight").std().item<double>();
+  CHECK(std_qkv == Approx(0.02).epsilon(0.02));
+  CHECK(s.at("blocks.0.attn.qkv.bias").abs().max().item<double>() == 0.0);
+  CHECK(s.at("pos_embed").std().item<double>() == Approx(0.02).epsilon(0.05));
+  CHECK(s.at("cls_token").abs().max().item<double>() < 1e-5);  // normal(std 1e-6)
+  CHECK(s.at("blocks.0.attn.qkv.weight").abs().max().item<double>() <= 2.0);
+}
+
+TEST_CASE("gradient reaches every parameter, Θ and BatchNorm included") {
+  torch::manual_seed(1);
+  for (Model m : {small_deepvit(), create_model("vit_tiny_patch16_224", yaml("{img_size: 32, patch_size: 8, depth: 2, "
+                                                                          "global_pool: avg, num_classes: 3}"))}) {
+    INFO(m.name);
+    m.module->train();
+    torch::Tensor x = torch::randn({4, 3, 32, 32});
+    m.vision->forward(x).pow(2).sum().backward();
+    for (const auto& p : m.module->named_parameters()) {
+      INFO(p.key());
+      REQUIRE(p.value().grad().defined());
+      CHECK(p.value().grad().abs().sum().item<double>() > 0.0);
+    }
+  }
+}
+
+TEST_CASE("attention capture: one map per block, rows sum to one for ViT, same logits with and without") {
+  torch::manual_seed(2);
+  Model m = create_model("vit_tiny_patch16_224", yaml("{img_size: 32, patch_size: 8, depth: 3, num_classes: 10}"));
+  m.module->eval();
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({2, 3, 32, 32});
+  auto [logits, attn] = m.vision->forward_with_attention(x);
+  CHECK(attn.sizes() == torch::IntArrayRef({3, 2, 3, 17, 17}));
+  CHECK(torch::allclose(attn.sum(-1), torch::ones({3, 2, 3, 17}), 1e-5, 1e-5));
+  CHECK(torch::allclose(logits, m.vision->forward(x), 1e-5, 1e-5));
+
+  Model d = small_deepvit();
+  d.module->eval();
+  auto [dl, dattn] = d.vision->forward_with_attention(x);
+  CHECK(dattn.sizes() == torch::IntArrayRef({3, 2, 4, 17, 17}));
+  CHECK(torch::allclose(dattn[0].sum(-1), torch::ones({2, 4, 17}), 1e-5, 1e-5));  // plain block
+  CHECK_FALSE(torch::allclose(dattn[1].sum(-1), torch::ones({2, 4, 17}), 1e-3, 1e-3));  // re-attention mixes heads
+  CHECK(torch::allclose(dl, d.vision->forward(x), 1e-5, 1e-5));
+}
+
+TEST_CASE("bad inputs to a model are clear errors") {
+  Model m = small_deepvit();
+  m.module->eval();
+  CHECK_THROWS_WITH(m.vision->forward(torch::randn({3, 32, 32})), Catch::Contains("expected an image batch [B, C, H, W]"));
+  CHECK_THROWS_WITH(m.vision->forward(torch::randn({1, 1, 32, 32})), Catch::Contains("input has 1 channels, the model expects 3"));
+  CHECK_THROWS_WITH(m.vision->forward(torch::randn({1, 3, 48, 48})), Catch::Contains("the model expects 32x32"));
+}
+
+TEST_CASE("pos_embed is resampled like timm when loading at another image size") {
+  StateDict source = read_weights(fixture("vit_timm_small.safetensors"));
+  for (int64_t grid : {6, 2}) {
+    INFO("grid " << grid);
+    Model m = create_model("vit_tiny_patch16_224", YAML::Load(fmt::format("{{img_size: {}, patch_size: 8, embed_dim: 64, "
+                                                                          "depth: 3, num_heads: 4, num_classes: 10}}", grid * 8)));
+    vitlab::load_weights(m, fixture("vit_timm_small.safetensors"));
+    torch::Tensor expected = read_torch_tensor(fixture(fmt::format("vit_timm_small.pos_embed_grid{}.pt", grid)));
+    CHECK(vitlab::test::max_abs_diff(m.vision->pos_embed, expected) < 1e-5);
+    CHECK(torch::equal(m.vision->pos_embed.select(1, 0), source.at("pos_embed").select(1, 0)));  // class token untouched
+    m.module->eval();
+    torch::NoGradGuard no_grad;
+    CHECK(m.vision->forward(torch::randn({1, 3, grid * 8, grid * 8})).sizes() == torch::IntArrayRef({1, 10}));
+  }
+}
