@@ -1,9 +1,9 @@
 // vitlab command line: one subcommand per job, each with --help.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
+#include <CLI/CLI.hpp>
 #include <iostream>
 
 #include "common/config.h"
@@ -23,7 +23,8 @@ struct CommonOptions {
 };
 
 void add_threads(CLI::App* cmd, CommonOptions& common) {
-  cmd->add_option("--threads", common.threads, "CPU threads (default: all logical CPUs)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", common.threads, "CPU threads (default: all logical CPUs)")
+      ->check(CLI::NonNegativeNumber);
 }
 
 void add_model_options(CLI::App* cmd, std::string& model, CommonOptions& common) {
@@ -46,7 +47,8 @@ void run_models() {
 
 void run_info(const std::string& name, const CommonOptions& common) {
   ModelSpec spec = resolve_model(name, parse_overrides(common.sets));
-  nlohmann::json j = {{"name", spec.name}, {"family", spec.family}, {"parameters", spec_parameters(spec)}, {"config", spec.config}};
+  nlohmann::json j = {
+      {"name", spec.name}, {"family", spec.family}, {"parameters", spec_parameters(spec)}, {"config", spec.config}};
   fmt::print("{}\n", j.dump(2));
 }
 
@@ -89,7 +91,8 @@ void run_forward(const ForwardArgs& a, const CommonOptions& common) {
     fmt::print("  [{}] top-1 class {:>4}  logits[:{}] = [{:.4f}]\n", b, top[b].item<int64_t>(), row.size(0),
                fmt::join(std::vector<float>(row.data_ptr<float>(), row.data_ptr<float>() + row.size(0)), ", "));
   }
-  fmt::print("wrote {}{}\n", a.output, attn.defined() ? fmt::format(" and {} {}", a.attention, attn.sizes().vec()) : "");
+  fmt::print("wrote {}{}\n", a.output,
+             attn.defined() ? fmt::format(" and {} {}", a.attention, attn.sizes().vec()) : "");
 }
 
 struct ConvertArgs {
@@ -100,7 +103,8 @@ void run_convert(const ConvertArgs& a, const CommonOptions& common) {
   Model m = create_model(a.model, parse_overrides(common.sets));
   load_weights(m, a.weights, /*strict=*/true);
   write_weights(a.out, module_state(*m.module));
-  fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, module_state(*m.module).size(), count_parameters(*m.module));
+  fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, module_state(*m.module).size(),
+             count_parameters(*m.module));
 }
 
 struct CompareArgs {

@@ -8,8 +8,7 @@ namespace vitlab {
 
 Override parse_override(const std::string& text) {
   auto eq = text.find('=');
-  if (eq == std::string::npos || eq == 0)
-    fail("--set '{}': expected KEY=VALUE, e.g. --set model.depth=6", text);
+  if (eq == std::string::npos || eq == 0) fail("--set '{}': expected KEY=VALUE, e.g. --set model.depth=6", text);
   Override o;
   o.key = text.substr(0, eq);
   std::string value = text.substr(eq + 1);
@@ -89,7 +88,8 @@ void read_value(const YAML::Node& node, std::string& out, const std::string& whe
   out = scalar_as<std::string>(node, where, "a string");
 }
 void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where) {
-  if (!node.IsSequence()) fail("{}: expected a list of booleans, e.g. [false, true], got '{}'", where, YAML::Dump(node));
+  if (!node.IsSequence())
+    fail("{}: expected a list of booleans, e.g. [false, true], got '{}'", where, YAML::Dump(node));
   out.clear();
   for (size_t i = 0; i < node.size(); ++i) {
     bool b = false;

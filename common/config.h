@@ -5,9 +5,8 @@
 // An options struct names its fields once, in `template <class F> void
 // visit(F&& f)` calling f("key", field) for each; reading, writing JSON and
 // listing the valid keys all go through that one list.
-#include <yaml-cpp/yaml.h>
-
 #include <fmt/ranges.h>
+#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <nlohmann/json.hpp>

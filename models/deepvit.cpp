@@ -9,7 +9,8 @@ namespace vitlab {
 void DeepViTOptions::validate() const {
   ViTOptions::validate();
   if (static_cast<int64_t>(apply_transform.size()) != depth)
-    fail("model.apply_transform has {} entries but model.depth is {}: give one boolean per block", apply_transform.size(), depth);
+    fail("model.apply_transform has {} entries but model.depth is {}: give one boolean per block",
+         apply_transform.size(), depth);
   if (!(scale_adjustment > 0)) fail("model.scale_adjustment must be > 0, got {}", scale_adjustment);
   if (use_cnn_embed && (patch_size < 2 || patch_size % 2 != 0 || img_size % patch_size != 0))
     fail("model.use_cnn_embed needs an even model.patch_size (the stem halves the image first), got {}", patch_size);
@@ -22,7 +23,8 @@ PatchEmbedCNNImpl::PatchEmbedCNNImpl(int64_t img_size, int64_t patch_size, int64
   bn1 = register_module("bn1", torch::nn::BatchNorm2d(64));
   conv2 = register_module("conv2", torch::nn::Conv2d(Conv2dOptions(64, 64, 3).stride(1).padding(1).bias(false)));
   bn2 = register_module("bn2", torch::nn::BatchNorm2d(64));
-  proj = register_module("proj", torch::nn::Conv2d(Conv2dOptions(64, embed_dim, patch_size / 2).stride(patch_size / 2)));
+  proj =
+      register_module("proj", torch::nn::Conv2d(Conv2dOptions(64, embed_dim, patch_size / 2).stride(patch_size / 2)));
 }
 
 torch::Tensor PatchEmbedCNNImpl::forward(const torch::Tensor& x) {
@@ -42,8 +44,8 @@ std::vector<BlockOptions> deepvit_block_options(const DeepViTOptions& o) {
   std::vector<BlockOptions> blocks = vit_block_options(o);
   const double head_scale = 1.0 / std::sqrt(static_cast<double>(o.embed_dim / o.num_heads));
   for (size_t i = 0; i < blocks.size(); ++i) {
-    blocks[i].re_attention = o.apply_transform[i];
-    blocks[i].reatten_scale = o.transform_scale ? head_scale : 1.0;
+    blocks[i].attention.re_attention = o.apply_transform[i];
+    blocks[i].attention.reatten_scale = o.transform_scale ? head_scale : 1.0;
     blocks[i].scale_adjustment = o.scale_adjustment;
   }
   return blocks;

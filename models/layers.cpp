@@ -40,12 +40,11 @@ MlpImpl::MlpImpl(int64_t dim, int64_t hidden, double p)
       fc2(register_module("fc2", torch::nn::Linear(hidden, dim))),
       drop(register_module("drop", torch::nn::Dropout(p))) {}
 
-torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
-  return drop(fc2(drop(torch::gelu(fc1(x)))));
-}
+torch::Tensor MlpImpl::forward(const torch::Tensor& x) { return drop(fc2(drop(torch::gelu(fc1(x))))); }
 
 PatchEmbedImpl::PatchEmbedImpl(int64_t img_size, int64_t patch_size, int64_t in_chans, int64_t embed_dim)
-    : proj(register_module("proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_chans, embed_dim, patch_size).stride(patch_size)))),
+    : proj(register_module(
+          "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_chans, embed_dim, patch_size).stride(patch_size)))),
       img_size(img_size) {}
 
 torch::Tensor PatchEmbedImpl::forward(const torch::Tensor& x) {
@@ -62,7 +61,8 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o)
       proj_drop(register_module("proj_drop", torch::nn::Dropout(o.proj_drop))) {
   TORCH_CHECK(o.dim % o.num_heads == 0, "embed_dim ", o.dim, " is not divisible by num_heads ", o.num_heads);
   if (o.re_attention) {
-    reatten_matrix = register_module("reatten_matrix", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.num_heads, o.num_heads, 1)));
+    reatten_matrix =
+        register_module("reatten_matrix", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.num_heads, o.num_heads, 1)));
     var_norm = register_module("var_norm", torch::nn::BatchNorm2d(o.num_heads));
   }
 }

@@ -7,6 +7,7 @@
 namespace vitlab {
 
 const std::vector<Preset>& presets() {
+  // clang-format off
   static const std::vector<Preset> table = {
       {"vit_tiny_patch16_224", "vit", "{patch_size: 16, embed_dim: 192, depth: 12, num_heads: 3}", "ViT-Ti/16 (timm)"},
       {"vit_small_patch16_224", "vit", "{patch_size: 16, embed_dim: 384, depth: 12, num_heads: 6}", "ViT-S/16 (timm)"},
@@ -19,14 +20,13 @@ const std::vector<Preset>& presets() {
       {"deepvit_patch16_224_re_attn_16b", "deepvit", "{embed_dim: 384, depth: 16, num_heads: 12, apply_transform: all}", "DeepViT-16B, re-attention in every block"},
       {"deepvit_patch16_224_re_attn_24b", "deepvit", "{embed_dim: 384, depth: 24, num_heads: 12, apply_transform: all}", "DeepViT-24B, re-attention in every block"},
       {"deepvit_patch16_224_re_attn_32b", "deepvit", "{embed_dim: 384, depth: 32, num_heads: 12, apply_transform: all}", "DeepViT-32B, re-attention in every block"},
-      {"deepvit_S", "deepvit",
-       "{embed_dim: 396, depth: 16, num_heads: 12, apply_transform: 'last:5', transform_scale: true, use_cnn_embed: true, scale_adjustment: 0.5}",
+      {"deepvit_S", "deepvit", "{embed_dim: 396, depth: 16, num_heads: 12, apply_transform: 'last:5', transform_scale: true, use_cnn_embed: true, scale_adjustment: 0.5}",
        "DeepViT-S: CNN stem, re-attention in the last 5 blocks"},
-      {"deepvit_L", "deepvit",
-       "{embed_dim: 420, depth: 32, num_heads: 12, apply_transform: 'last:12', use_cnn_embed: true, scale_adjustment: 0.5}",
+      {"deepvit_L", "deepvit", "{embed_dim: 420, depth: 32, num_heads: 12, apply_transform: 'last:12', use_cnn_embed: true, scale_adjustment: 0.5}",
        "DeepViT-L: CNN stem, re-attention in the last 12 blocks"},
       {"transformer_base", "transformer", "{}", "Vaswani et al. base: N=6, d_model 512, 8 heads, d_ff 2048, dropout 0.1"},
   };
+  // clang-format on
   return table;
 }
 
@@ -39,7 +39,8 @@ const Preset& find_preset(const std::string& name) {
     names.push_back(p.name);
   }
   std::string near = closest_key(name, names);
-  fail("unknown model '{}'{}; `vitlab models` lists them", name, near.empty() ? "" : fmt::format(" (did you mean '{}'?)", near));
+  fail("unknown model '{}'{}; `vitlab models` lists them", name,
+       near.empty() ? "" : fmt::format(" (did you mean '{}'?)", near));
 }
 
 // apply_transform may be a rule instead of a list: all | none | first:K | last:K.
@@ -63,10 +64,12 @@ void expand_block_rule(YAML::Node& cfg) {
     }
   }
   const bool ok = (kind == "all" || kind == "none") ? colon == std::string::npos
-                                                     : (kind == "first" || kind == "last") && k >= 0 && k <= depth;
+                                                    : (kind == "first" || kind == "last") && k >= 0 && k <= depth;
   if (!ok)
-    fail("model.apply_transform: expected a list of booleans (one per block) or all, none, first:K or last:K with "
-         "0 <= K <= depth ({}), got '{}'", depth, text);
+    fail(
+        "model.apply_transform: expected a list of booleans (one per block) or all, none, first:K or last:K with "
+        "0 <= K <= depth ({}), got '{}'",
+        depth, text);
   YAML::Node list(YAML::NodeType::Sequence);
   for (int64_t i = 0; i < depth; ++i)
     list.push_back(kind == "all" || (kind == "first" && i < k) || (kind == "last" && i >= depth - k));
@@ -109,8 +112,10 @@ int64_t vit_parameters(const ViTOptions& o, const DeepViTOptions* deep) {
   const int64_t tokens = o.grid_size() * o.grid_size() + (o.class_token ? 1 : 0);
   int64_t stem = D * C * P * P + D;
   if (deep && deep->use_cnn_embed) stem = 64 * C * 49 + 2 * 64 + 64 * 64 * 9 + 2 * 64 + D * 64 * (P / 2) * (P / 2) + D;
-  const int64_t block = 4 * D + (3 * D * D + (o.qkv_bias ? 3 * D : 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D);
-  int64_t n = stem + (o.class_token ? D : 0) + tokens * D + o.depth * block + 2 * D + (o.num_classes > 0 ? (D + 1) * o.num_classes : 0);
+  const int64_t block =
+      4 * D + (3 * D * D + (o.qkv_bias ? 3 * D : 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D);
+  int64_t n = stem + (o.class_token ? D : 0) + tokens * D + o.depth * block + 2 * D +
+              (o.num_classes > 0 ? (D + 1) * o.num_classes : 0);
   if (deep)
     for (bool re : deep->apply_transform) n += re ? H * H + H + 2 * H : 0;
   return n;
@@ -142,7 +147,9 @@ Model build_model(const ModelSpec& spec) {
   return m;
 }
 
-Model create_model(const std::string& name, const YAML::Node& overrides) { return build_model(resolve_model(name, overrides)); }
+Model create_model(const std::string& name, const YAML::Node& overrides) {
+  return build_model(resolve_model(name, overrides));
+}
 
 Model create_model(const std::string& name, const std::vector<Override>& overrides) {
   return build_model(resolve_model(name, overrides));

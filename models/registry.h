@@ -50,7 +50,7 @@ struct Model {
   std::string family;
   nlohmann::json config;  // every key, resolved
   std::shared_ptr<torch::nn::Module> module;
-  std::shared_ptr<VisionTransformerImpl> vision;   // ViT and DeepViT
+  std::shared_ptr<VisionTransformerImpl> vision;    // ViT and DeepViT
   std::shared_ptr<Seq2SeqTransformerImpl> seq2seq;  // Transformer
 };
 

@@ -7,13 +7,18 @@
 namespace vitlab {
 
 void TransformerOptions::validate() const {
-  for (auto [key, v] : {std::pair{"d_model", d_model}, {"nhead", nhead}, {"num_encoder_layers", num_encoder_layers},
-                        {"num_decoder_layers", num_decoder_layers}, {"dim_feedforward", dim_feedforward},
-                        {"src_vocab_size", src_vocab_size}, {"tgt_vocab_size", tgt_vocab_size}})
+  for (auto [key, v] : {std::pair{"d_model", d_model},
+                        {"nhead", nhead},
+                        {"num_encoder_layers", num_encoder_layers},
+                        {"num_decoder_layers", num_decoder_layers},
+                        {"dim_feedforward", dim_feedforward},
+                        {"src_vocab_size", src_vocab_size},
+                        {"tgt_vocab_size", tgt_vocab_size}})
     if (v < 1) fail("model.{} must be >= 1, got {}", key, v);
   if (d_model % nhead != 0) fail("model.d_model {} is not divisible by model.nhead {}", d_model, nhead);
   if (!(dropout >= 0.0 && dropout < 1.0)) fail("model.dropout must be in [0, 1), got {}", dropout);
-  if (activation != "relu" && activation != "gelu") fail("model.activation must be 'relu' or 'gelu', got '{}'", activation);
+  if (activation != "relu" && activation != "gelu")
+    fail("model.activation must be 'relu' or 'gelu', got '{}'", activation);
   if (!(layer_norm_eps > 0)) fail("model.layer_norm_eps must be > 0, got {}", layer_norm_eps);
   if (pad_id < 0 || pad_id >= std::min(src_vocab_size, tgt_vocab_size))
     fail("model.pad_id {} is not a token id of both vocabularies", pad_id);
@@ -42,8 +47,8 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& query, const 
   torch::Tensor v = heads(F::linear(value, w[2], b[2]), S);
   torch::Tensor scores = torch::matmul(q / std::sqrt(static_cast<double>(E / H)), k.transpose(-2, -1));  // [B,H,L,S]
   if (attn_mask.defined()) {
-    TORCH_CHECK(attn_mask.dim() == 2 && attn_mask.size(0) == L && attn_mask.size(1) == S, "attn_mask must be [",
-                L, ", ", S, "], got ", attn_mask.sizes());
+    TORCH_CHECK(attn_mask.dim() == 2 && attn_mask.size(0) == L && attn_mask.size(1) == S, "attn_mask must be [", L,
+                ", ", S, "], got ", attn_mask.sizes());
     scores = attn_mask.scalar_type() == torch::kBool ? scores.masked_fill(attn_mask, -INFINITY) : scores + attn_mask;
   }
   if (key_padding_mask.defined()) {
@@ -127,8 +132,8 @@ torch::Tensor TransformerImpl::encode(const torch::Tensor& src, const torch::Ten
   return encoder_norm(x);
 }
 
-torch::Tensor TransformerImpl::decode(const torch::Tensor& tgt, const torch::Tensor& memory, const torch::Tensor& tgt_mask,
-                                      const torch::Tensor& tgt_key_padding_mask,
+torch::Tensor TransformerImpl::decode(const torch::Tensor& tgt, const torch::Tensor& memory,
+                                      const torch::Tensor& tgt_mask, const torch::Tensor& tgt_key_padding_mask,
                                       const torch::Tensor& memory_key_padding_mask) {
   torch::Tensor x = tgt;
   for (auto& layer : decoder_layers)
@@ -136,11 +141,13 @@ torch::Tensor TransformerImpl::decode(const torch::Tensor& tgt, const torch::Ten
   return decoder_norm(x);
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& src, const torch::Tensor& tgt, const torch::Tensor& src_mask,
-                                       const torch::Tensor& tgt_mask, const torch::Tensor& src_key_padding_mask,
+torch::Tensor TransformerImpl::forward(const torch::Tensor& src, const torch::Tensor& tgt,
+                                       const torch::Tensor& src_mask, const torch::Tensor& tgt_mask,
+                                       const torch::Tensor& src_key_padding_mask,
                                        const torch::Tensor& tgt_key_padding_mask) {
   TORCH_CHECK(src.dim() == 3 && tgt.dim() == 3 && src.size(1) == tgt.size(1) && src.size(2) == tgt.size(2),
-              "expected src [S, B, E] and tgt [T, B, E] with the same B and E, got ", src.sizes(), " and ", tgt.sizes());
+              "expected src [S, B, E] and tgt [T, B, E] with the same B and E, got ", src.sizes(), " and ",
+              tgt.sizes());
   torch::Tensor memory = encode(src, src_mask, src_key_padding_mask);
   return decode(tgt, memory, tgt_mask, tgt_key_padding_mask, src_key_padding_mask);
 }
@@ -194,17 +201,20 @@ torch::Tensor Seq2SeqTransformerImpl::project(const torch::Tensor& decoded) {
 torch::Tensor Seq2SeqTransformerImpl::forward(const torch::Tensor& src, const torch::Tensor& tgt) {
   torch::Tensor src_pad = src.eq(options_.pad_id), tgt_pad = tgt.eq(options_.pad_id);
   torch::Tensor memory = transformer->encode(embed(src_embed, src), {}, src_pad);
-  return project(transformer->decode(embed(tgt_embed, tgt), memory, causal_mask(tgt.size(1), tgt.device()), tgt_pad, src_pad));
+  return project(
+      transformer->decode(embed(tgt_embed, tgt), memory, causal_mask(tgt.size(1), tgt.device()), tgt_pad, src_pad));
 }
 
-torch::Tensor Seq2SeqTransformerImpl::greedy_decode(const torch::Tensor& src, int64_t bos_id, int64_t eos_id, int64_t max_len) {
+torch::Tensor Seq2SeqTransformerImpl::greedy_decode(const torch::Tensor& src, int64_t bos_id, int64_t eos_id,
+                                                    int64_t max_len) {
   torch::NoGradGuard no_grad;
   torch::Tensor src_pad = src.eq(options_.pad_id);
   torch::Tensor memory = transformer->encode(embed(src_embed, src), {}, src_pad);
   torch::Tensor out = torch::full({src.size(0), 1}, bos_id, src.options());
   torch::Tensor done = torch::zeros({src.size(0)}, src.options().dtype(torch::kBool));
   for (int64_t step = 0; step < max_len; ++step) {
-    torch::Tensor h = transformer->decode(embed(tgt_embed, out), memory, causal_mask(out.size(1), src.device()), {}, src_pad);
+    torch::Tensor h =
+        transformer->decode(embed(tgt_embed, out), memory, causal_mask(out.size(1), src.device()), {}, src_pad);
     torch::Tensor next = project(h).select(1, -1).argmax(-1);
     next = next.masked_fill(done, options_.pad_id);
     out = torch::cat({out, next.unsqueeze(1)}, 1);

@@ -95,7 +95,8 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor encode(const torch::Tensor& src, const torch::Tensor& src_mask = {},
                        const torch::Tensor& src_key_padding_mask = {});
   torch::Tensor decode(const torch::Tensor& tgt, const torch::Tensor& memory, const torch::Tensor& tgt_mask = {},
-                       const torch::Tensor& tgt_key_padding_mask = {}, const torch::Tensor& memory_key_padding_mask = {});
+                       const torch::Tensor& tgt_key_padding_mask = {},
+                       const torch::Tensor& memory_key_padding_mask = {});
   // src [S, B, E], tgt [T, B, E] -> [T, B, E].
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& tgt, const torch::Tensor& src_mask = {},
                         const torch::Tensor& tgt_mask = {}, const torch::Tensor& src_key_padding_mask = {},

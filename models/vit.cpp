@@ -25,7 +25,8 @@ void ViTOptions::validate() const {
   if (global_pool != "token" && global_pool != "avg")
     fail("model.global_pool must be 'token' or 'avg', got '{}'", global_pool);
   if (global_pool == "token" && !class_token) fail("model.global_pool 'token' needs model.class_token: true");
-  for (auto [key, p] : {std::pair{"drop_rate", drop_rate}, {"attn_drop_rate", attn_drop_rate}, {"drop_path_rate", drop_path_rate}})
+  for (auto [key, p] :
+       {std::pair{"drop_rate", drop_rate}, {"attn_drop_rate", attn_drop_rate}, {"drop_path_rate", drop_path_rate}})
     if (!(p >= 0.0 && p < 1.0)) fail("model.{} must be in [0, 1), got {}", key, p);
 }
 
@@ -33,12 +34,12 @@ std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
   std::vector<BlockOptions> blocks;
   for (int64_t i = 0; i < o.depth; ++i) {
     BlockOptions b;
-    b.dim = o.embed_dim;
-    b.num_heads = o.num_heads;
+    b.attention.dim = o.embed_dim;
+    b.attention.num_heads = o.num_heads;
+    b.attention.qkv_bias = o.qkv_bias;
+    b.attention.attn_drop = o.attn_drop_rate;
+    b.attention.proj_drop = o.drop_rate;
     b.mlp_ratio = o.mlp_ratio;
-    b.qkv_bias = o.qkv_bias;
-    b.drop = o.drop_rate;
-    b.attn_drop = o.attn_drop_rate;
     b.drop_path = o.depth > 1 ? o.drop_path_rate * static_cast<double>(i) / static_cast<double>(o.depth - 1) : 0.0;
     blocks.push_back(b);
   }
@@ -46,20 +47,13 @@ std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
 }
 
 BlockImpl::BlockImpl(const BlockOptions& o) : options(o) {
-  auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim}).eps(1e-6)); };
+  const int64_t dim = o.attention.dim;
+  auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6)); };
   norm1 = register_module("norm1", ln());
-  AttentionOptions a;
-  a.dim = o.dim;
-  a.num_heads = o.num_heads;
-  a.qkv_bias = o.qkv_bias;
-  a.attn_drop = o.attn_drop;
-  a.proj_drop = o.drop;
-  a.re_attention = o.re_attention;
-  a.reatten_scale = o.reatten_scale;
-  attn = register_module("attn", Attention(a));
+  attn = register_module("attn", Attention(o.attention));
   drop_path = register_module("drop_path", DropPath(o.drop_path));
   norm2 = register_module("norm2", ln());
-  mlp = register_module("mlp", Mlp(o.dim, static_cast<int64_t>(o.dim * o.mlp_ratio), o.drop));
+  mlp = register_module("mlp", Mlp(dim, static_cast<int64_t>(dim * o.mlp_ratio), o.attention.proj_drop));
 }
 
 torch::Tensor BlockImpl::forward(torch::Tensor x, torch::Tensor* attn_map) {
@@ -148,8 +142,9 @@ torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vect
 }
 
 torch::Tensor VisionTransformerImpl::forward_head(const torch::Tensor& x) {
-  torch::Tensor pooled = options_.global_pool == "avg" ? norm(x.narrow(1, num_prefix_tokens(), x.size(1) - num_prefix_tokens()).mean(1))
-                                                       : x.select(1, 0);
+  torch::Tensor pooled = options_.global_pool == "avg"
+                             ? norm(x.narrow(1, num_prefix_tokens(), x.size(1) - num_prefix_tokens()).mean(1))
+                             : x.select(1, 0);
   pooled = head_drop(pooled);
   return head ? head(pooled) : pooled;
 }

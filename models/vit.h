@@ -50,17 +50,11 @@ struct ViTOptions {
 };
 
 struct BlockOptions {
-  int64_t dim = 768;
-  int64_t num_heads = 12;
+  AttentionOptions attention;  // its dim and proj_drop are the block's too
   double mlp_ratio = 4.0;
-  bool qkv_bias = true;
-  double drop = 0.0;
-  double attn_drop = 0.0;
   double drop_path = 0.0;
-  // DeepViT: re-attention and the official code's residual scaling
-  // x + attn(norm1(x*s))/s, which is the plain pre-norm block when s = 1.
-  bool re_attention = false;
-  double reatten_scale = 1.0;
+  // DeepViT's residual scaling s: x + attn(norm1(x*s))/s, x + mlp(norm2(x*s))/s,
+  // which is the plain pre-norm block when s = 1.
   double scale_adjustment = 1.0;
 };
 

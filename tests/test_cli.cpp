@@ -1,9 +1,8 @@
 // The CLI as a user runs it: outputs Python can read, and bad input that
 // ends in a clear message, a non-zero exit and no output file.
-#include <catch2/catch.hpp>
-
 #include <fmt/format.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 
 #include "common/files.h"
@@ -28,17 +27,21 @@ bool empty_dir(const TempDir& dir) { return fs::is_empty(dir.path()); }
 
 TEST_CASE("vitlab forward writes logits and maps that match PyTorch") {
   TempDir dir;
-  RunResult r = run_cli(forward_args(fixture("deepvit_official_S_style.safetensors"), fixture("deepvit_official_S_style.input.pt"), dir));
+  RunResult r = run_cli(
+      forward_args(fixture("deepvit_official_S_style.safetensors"), fixture("deepvit_official_S_style.input.pt"), dir));
   INFO(r.output);
   REQUIRE(r.status == 0);
   CHECK_THAT(r.output, Catch::Contains("215314 parameters"));
-  CHECK(max_abs_diff(read_torch_tensor(dir / "y.pt"), read_torch_tensor(fixture("deepvit_official_S_style.logits.pt"))) < 1e-4);
-  CHECK(max_abs_diff(read_torch_tensor(dir / "a.pt"), read_torch_tensor(fixture("deepvit_official_S_style.attn.pt"))) < 1e-5);
+  CHECK(max_abs_diff(read_torch_tensor(dir / "y.pt"),
+                     read_torch_tensor(fixture("deepvit_official_S_style.logits.pt"))) < 1e-4);
+  CHECK(max_abs_diff(read_torch_tensor(dir / "a.pt"), read_torch_tensor(fixture("deepvit_official_S_style.attn.pt"))) <
+        1e-5);
   RunResult cmp = run_cli(fmt::format("compare {} {} --atol 1e-4", (dir / "y.pt").string(),
                                       fixture("deepvit_official_S_style.logits.pt").string()));
   CHECK(cmp.status == 0);
   CHECK(run_cli(fmt::format("compare {} {} --atol 1e-4", (dir / "y.pt").string(),
-                            fixture("deepvit_official_small.logits.pt").string())).status == 2);
+                            fixture("deepvit_official_small.logits.pt").string()))
+            .status == 2);
 }
 
 TEST_CASE("vitlab models, info and --help") {
@@ -58,7 +61,8 @@ TEST_CASE("vitlab models, info and --help") {
 TEST_CASE("vitlab convert writes safetensors that reload to the same outputs") {
   TempDir dir;
   const std::string out = (dir / "w.safetensors").string();
-  RunResult r = run_cli(fmt::format("convert {} --weights {} --out {}", kSmall, fixture("deepvit_official_S_style.pt").string(), out));
+  RunResult r = run_cli(
+      fmt::format("convert {} --weights {} --out {}", kSmall, fixture("deepvit_official_S_style.pt").string(), out));
   INFO(r.output);
   REQUIRE(r.status == 0);
   StateDict a = read_weights(out), b = read_weights(fixture("deepvit_official_S_style.pt"));
@@ -104,7 +108,8 @@ TEST_CASE("bad input: clear error, non-zero exit, no output left behind") {
       auto pos = cmd.find(flag);
       if (pos == std::string::npos) continue;
       auto start = pos + std::strlen(flag), end = cmd.find(' ', start);
-      cmd.replace(start, end == std::string::npos ? std::string::npos : end - start, (out / (flag[2] == 'o' ? "y.pt" : "a.pt")).string());
+      cmd.replace(start, end == std::string::npos ? std::string::npos : end - start,
+                  (out / (flag[2] == 'o' ? "y.pt" : "a.pt")).string());
     }
     RunResult r = run_cli(cmd);
     INFO(cmd << "\n" << r.output);

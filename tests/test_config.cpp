@@ -25,8 +25,9 @@ TEST_CASE("overrides (--set) parse dotted keys and YAML values") {
 }
 
 TEST_CASE("unknown keys name the closest valid key") {
-  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", sets({"model.num_head=4"})),
-                    Catch::Contains("unknown key 'model.num_head'") && Catch::Contains("did you mean 'model.num_heads'"));
+  CHECK_THROWS_WITH(
+      resolve_model("vit_tiny_patch16_224", sets({"model.num_head=4"})),
+      Catch::Contains("unknown key 'model.num_head'") && Catch::Contains("did you mean 'model.num_heads'"));
   // DeepViT keys are not ViT keys.
   CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", sets({"model.apply_transform=all"})),
                     Catch::Contains("unknown key 'model.apply_transform'"));
@@ -36,8 +37,10 @@ TEST_CASE("unknown keys name the closest valid key") {
 TEST_CASE("bad values are errors naming the key and the expectation") {
   auto bad = [](std::initializer_list<const char*> s) { return resolve_model("deepvit_S", sets(s)); };
   CHECK_THROWS_WITH(bad({"model.depth=0"}), Catch::Contains("model.depth"));
-  CHECK_THROWS_WITH(bad({"model.img_size=30"}), Catch::Contains("model.img_size 30 is not divisible by model.patch_size 16"));
-  CHECK_THROWS_WITH(bad({"model.embed_dim=100"}), Catch::Contains("model.embed_dim 100 is not divisible by model.num_heads 12"));
+  CHECK_THROWS_WITH(bad({"model.img_size=30"}),
+                    Catch::Contains("model.img_size 30 is not divisible by model.patch_size 16"));
+  CHECK_THROWS_WITH(bad({"model.embed_dim=100"}),
+                    Catch::Contains("model.embed_dim 100 is not divisible by model.num_heads 12"));
   CHECK_THROWS_WITH(bad({"model.apply_transform=[true, false]"}),
                     Catch::Contains("model.apply_transform has 2 entries but model.depth is 16"));
   CHECK_THROWS_WITH(bad({"model.apply_transform=some"}), Catch::Contains("model.apply_transform"));
@@ -52,8 +55,8 @@ TEST_CASE("apply_transform rules expand against the resolved depth") {
   CHECK(spec.config["apply_transform"] == nlohmann::json({false, false, false, true}));
   spec = resolve_model("deepvit_patch16_224_re_attn_16b", sets({"model.depth=3"}));
   CHECK(spec.config["apply_transform"] == nlohmann::json({true, true, true}));
-  spec = resolve_model("deepvit_S", sets({"model.depth=3", "model.apply_transform=[false,false,true]", "model.img_size=32",
-                                          "model.patch_size=8"}));
+  spec = resolve_model("deepvit_S", sets({"model.depth=3", "model.apply_transform=[false,false,true]",
+                                          "model.img_size=32", "model.patch_size=8"}));
   CHECK(spec.config["depth"] == 3);
   CHECK(spec.config["img_size"] == 32);
   CHECK(spec.config["use_cnn_embed"] == true);

@@ -52,20 +52,22 @@ TEST_CASE("the shape-only parameter count matches the built model for variants")
       {"deepvit_S", "{img_size: 64, patch_size: 8, depth: 4, apply_transform: 'first:2', num_classes: 7}"},
       {"deepvit_patch16_224_re_attn_16b", "{depth: 2, use_cnn_embed: true, in_chans: 1}"},
       {"transformer_base", "{}"},
-      {"transformer_base", "{d_model: 64, nhead: 4, num_encoder_layers: 1, num_decoder_layers: 3, tie_weights: false, "
-                           "src_vocab_size: 11, tgt_vocab_size: 13}"},
+      {"transformer_base",
+       "{d_model: 64, nhead: 4, num_encoder_layers: 1, num_decoder_layers: 3, tie_weights: false, "
+       "src_vocab_size: 11, tgt_vocab_size: 13}"},
   };
   for (const auto& [name, sets] : variants) {
     INFO(name << " " << sets);
-    CHECK(spec_parameters(resolve_model(name, yaml(sets.c_str()))) == count_parameters(*create_model(name, yaml(sets.c_str())).module));
+    CHECK(spec_parameters(resolve_model(name, yaml(sets.c_str()))) ==
+          count_parameters(*create_model(name, yaml(sets.c_str())).module));
   }
 }
 
 TEST_CASE("state_dict keys are the reference implementations' names") {
   StateDict vit = module_state(*create_model("vit_tiny_patch16_224").module);
   for (const char* key : {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight",
-                          "blocks.0.attn.proj.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "blocks.0.norm1.weight",
-                          "blocks.0.norm2.bias", "norm.weight", "head.weight"})
+                          "blocks.0.attn.proj.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias",
+                          "blocks.0.norm1.weight", "blocks.0.norm2.bias", "norm.weight", "head.weight"})
     CHECK(vit.count(key));
   CHECK(vit.size() == 4 + 2 + 12 * 12 + 2);
   StateDict avg = module_state(*create_model("vit_tiny_patch16_224", yaml("{global_pool: avg}")).module);
@@ -73,8 +75,8 @@ TEST_CASE("state_dict keys are the reference implementations' names") {
   CHECK_FALSE(avg.count("norm.weight"));
   StateDict dvit = module_state(*small_deepvit().module);
   for (const char* key : {"patch_embed.conv1.weight", "patch_embed.bn1.running_var", "patch_embed.conv2.weight",
-                          "patch_embed.bn2.num_batches_tracked", "patch_embed.proj.weight", "blocks.1.attn.reatten_matrix.weight",
-                          "blocks.2.attn.var_norm.running_mean"})
+                          "patch_embed.bn2.num_batches_tracked", "patch_embed.proj.weight",
+                          "blocks.1.attn.reatten_matrix.weight", "blocks.2.attn.var_norm.running_mean"})
     CHECK(dvit.count(key));
   CHECK_FALSE(dvit.count("blocks.0.attn.reatten_matrix.weight"));
   CHECK(dvit.at("blocks.1.attn.reatten_matrix.weight").sizes() == torch::IntArrayRef({4, 4, 1, 1}));
@@ -95,7 +97,7 @@ TEST_CASE("timm initialisation") {
 TEST_CASE("gradient reaches every parameter, Θ and BatchNorm included") {
   torch::manual_seed(1);
   for (Model m : {small_deepvit(), create_model("vit_tiny_patch16_224", yaml("{img_size: 32, patch_size: 8, depth: 2, "
-                                                                          "global_pool: avg, num_classes: 3}"))}) {
+                                                                             "global_pool: avg, num_classes: 3}"))}) {
     INFO(m.name);
     m.module->train();
     torch::Tensor x = torch::randn({4, 3, 32, 32});
@@ -123,7 +125,7 @@ TEST_CASE("attention capture: one map per block, rows sum to one for ViT, same l
   d.module->eval();
   auto [dl, dattn] = d.vision->forward_with_attention(x);
   CHECK(dattn.sizes() == torch::IntArrayRef({3, 2, 4, 17, 17}));
-  CHECK(torch::allclose(dattn[0].sum(-1), torch::ones({2, 4, 17}), 1e-5, 1e-5));  // plain block
+  CHECK(torch::allclose(dattn[0].sum(-1), torch::ones({2, 4, 17}), 1e-5, 1e-5));        // plain block
   CHECK_FALSE(torch::allclose(dattn[1].sum(-1), torch::ones({2, 4, 17}), 1e-3, 1e-3));  // re-attention mixes heads
   CHECK(torch::allclose(dl, d.vision->forward(x), 1e-5, 1e-5));
 }
@@ -131,8 +133,10 @@ TEST_CASE("attention capture: one map per block, rows sum to one for ViT, same l
 TEST_CASE("bad inputs to a model are clear errors") {
   Model m = small_deepvit();
   m.module->eval();
-  CHECK_THROWS_WITH(m.vision->forward(torch::randn({3, 32, 32})), Catch::Contains("expected an image batch [B, C, H, W]"));
-  CHECK_THROWS_WITH(m.vision->forward(torch::randn({1, 1, 32, 32})), Catch::Contains("input has 1 channels, the model expects 3"));
+  CHECK_THROWS_WITH(m.vision->forward(torch::randn({3, 32, 32})),
+                    Catch::Contains("expected an image batch [B, C, H, W]"));
+  CHECK_THROWS_WITH(m.vision->forward(torch::randn({1, 1, 32, 32})),
+                    Catch::Contains("input has 1 channels, the model expects 3"));
   CHECK_THROWS_WITH(m.vision->forward(torch::randn({1, 3, 48, 48})), Catch::Contains("the model expects 32x32"));
 }
 
@@ -140,12 +144,15 @@ TEST_CASE("pos_embed is resampled like timm when loading at another image size")
   StateDict source = read_weights(fixture("vit_timm_small.safetensors"));
   for (int64_t grid : {6, 2}) {
     INFO("grid " << grid);
-    Model m = create_model("vit_tiny_patch16_224", YAML::Load(fmt::format("{{img_size: {}, patch_size: 8, embed_dim: 64, "
-                                                                          "depth: 3, num_heads: 4, num_classes: 10}}", grid * 8)));
+    Model m =
+        create_model("vit_tiny_patch16_224", YAML::Load(fmt::format("{{img_size: {}, patch_size: 8, embed_dim: 64, "
+                                                                    "depth: 3, num_heads: 4, num_classes: 10}}",
+                                                                    grid * 8)));
     vitlab::load_weights(m, fixture("vit_timm_small.safetensors"));
     torch::Tensor expected = read_torch_tensor(fixture(fmt::format("vit_timm_small.pos_embed_grid{}.pt", grid)));
     CHECK(vitlab::test::max_abs_diff(m.vision->pos_embed, expected) < 1e-5);
-    CHECK(torch::equal(m.vision->pos_embed.select(1, 0), source.at("pos_embed").select(1, 0)));  // class token untouched
+    CHECK(
+        torch::equal(m.vision->pos_embed.select(1, 0), source.at("pos_embed").select(1, 0)));  // class token untouched
     m.module->eval();
     torch::NoGradGuard no_grad;
     CHECK(m.vision->forward(torch::randn({1, 3, grid * 8, grid * 8})).sizes() == torch::IntArrayRef({1, 10}));

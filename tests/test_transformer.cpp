@@ -47,7 +47,8 @@ TEST_CASE("Seq2SeqTransformer learns to reverse sequences (>= 99% token accuracy
     model->train();
     Batch b = reverse_batch(64, gen);
     torch::Tensor logits = model(b.src, b.tgt_in);
-    torch::Tensor loss = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), b.tgt_out.reshape({-1}));
+    torch::Tensor loss =
+        torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), b.tgt_out.reshape({-1}));
     opt.zero_grad();
     loss.backward();
     opt.step();
