@@ -10,6 +10,8 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "common/runtime.h"
+#include "data/datasets.h"
+#include "data/export.h"
 #include "io/torch_file.h"
 #include "models/registry.h"
 
@@ -123,6 +125,29 @@ int run_compare(const CompareArgs& a) {
   return ok ? 0 : 2;
 }
 
+struct ExportArgs {
+  std::string dataset, root, out;
+  int64_t limit = 0;
+};
+
+void run_data_export(const ExportArgs& a) {
+  ImageSet train, val;
+  if (a.dataset == "fashion_mnist") {
+    const std::string root = a.root.empty() ? kFashionMnistDir : a.root;
+    train = load_fashion_mnist(root, "train");
+    val = load_fashion_mnist(root, "test");
+  } else {
+    if (a.root.empty()) fail("--root is required for cifar10 (the folder of data_batch_*.bin)");
+    train = load_cifar10(a.root, "train");
+    val = load_cifar10(a.root, "test");
+  }
+  export_image_folder(train, val, a.out, a.limit);
+  const int64_t n_train = a.limit > 0 ? std::min(a.limit, train.size()) : train.size();
+  const int64_t n_val = a.limit > 0 ? std::min(a.limit, val.size()) : val.size();
+  fmt::print("wrote {}: train {} and val {} PNG images in {} class folders\n", a.out, n_train, n_val,
+             train.classes.size());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -163,6 +188,20 @@ int main(int argc, char** argv) {
   compare->add_option("--atol", cmp.atol, "Tolerance: exit status 2 when exceeded")->capture_default_str();
   add_threads(compare, common);
 
+  ExportArgs exp;
+  auto* data = app.add_subcommand("data", "Datasets");
+  data->require_subcommand(1);
+  auto* data_export = data->add_subcommand("export", "Write a built-in dataset as an ImageFolder of PNG files");
+  data_export->add_option("--dataset", exp.dataset, "Dataset")
+      ->required()
+      ->check(CLI::IsMember({"fashion_mnist", "cifar10"}));
+  data_export->add_option("--root", exp.root, "Where its files are (fashion_mnist: Debian's dataset-fashion-mnist)");
+  data_export->add_option("--out", exp.out, "New ImageFolder directory (OUT/train/<class>, OUT/val/<class>)")
+      ->required();
+  data_export->add_option("--limit", exp.limit, "At most this many images per split (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  add_threads(data_export, common);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -175,6 +214,7 @@ int main(int argc, char** argv) {
     if (*forward) run_forward(fwd, common);
     if (*convert) run_convert(conv, common);
     if (*compare) return run_compare(cmp);
+    if (*data_export) run_data_export(exp);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;
