@@ -1,0 +1,106 @@
+#include "data/image_folder.h"
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "common/error.h"
+#include "common/files.h"
+
+namespace vitlab {
+
+namespace fs = std::filesystem;
+
+fs::path find_split(const fs::path& root, const std::string& requested, const std::vector<std::string>& candidates) {
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) fail("{}: data root is not a directory", root.string());
+  if (!requested.empty()) {
+    if (!fs::is_directory(root / requested, ec)) fail("{}: split folder '{}' not found", root.string(), requested);
+    return root / requested;
+  }
+  for (const auto& c : candidates)
+    if (fs::is_directory(root / c, ec)) return root / c;
+  fail("{}: none of the split folders {} exists", root.string(), candidates);
+}
+
+namespace {
+
+bool is_image(const fs::path& p) {
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (const char* e : {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+    if (ext == e) return true;
+  return false;
+}
+
+}  // namespace
+
+ImageFolder scan_image_folder(const fs::path& split_dir, const std::vector<std::string>* classes) {
+  ImageFolder folder;
+  folder.dir = split_dir;
+  std::error_code ec;
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator(split_dir, ec))
+    if (e.is_directory(ec)) found.push_back(e.path().filename().string());
+  if (ec) fail("{}: cannot list ({})", split_dir.string(), ec.message());
+  std::sort(found.begin(), found.end());
+  folder.classes = classes ? *classes : found;
+  if (folder.classes.empty()) fail("{}: no class folders", split_dir.string());
+
+  for (const auto& name : found) {
+    auto it = std::find(folder.classes.begin(), folder.classes.end(), name);
+    if (it == folder.classes.end()) {
+      folder.warnings.push_back(fmt::format("{}: class '{}' is not a training class; its files are left out",
+                                            (split_dir / name).string(), name));
+      continue;
+    }
+    const int64_t label = it - folder.classes.begin();
+    std::vector<fs::path> files;
+    for (fs::recursive_directory_iterator walk(split_dir / name, ec), end; !ec && walk != end; walk.increment(ec))
+      if (walk->is_regular_file(ec) && is_image(walk->path())) files.push_back(walk->path());
+    if (ec)
+      folder.warnings.push_back(fmt::format("{}: not fully listed ({})", (split_dir / name).string(), ec.message()));
+    if (files.empty())
+      folder.warnings.push_back(fmt::format("{}: class folder has no images", (split_dir / name).string()));
+    std::sort(files.begin(), files.end());
+    for (auto& f : files) folder.samples.push_back({std::move(f), label});
+  }
+  return folder;
+}
+
+cv::Mat decode_image(const fs::path& path, int in_chans) {
+  const std::string bytes = read_file(path);
+  if (bytes.empty()) fail("{}: empty file", path.string());
+  cv::Mat img;
+  try {
+    img = cv::imdecode(cv::Mat(1, static_cast<int>(bytes.size()), CV_8U, const_cast<char*>(bytes.data())),
+                       cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& e) {
+    fail("{}: cannot decode image ({})", path.string(), e.what());
+  }
+  if (img.empty()) fail("{}: not a decodable image", path.string());
+  if (img.depth() == CV_16U)
+    img.convertTo(img, CV_8U, 1.0 / 257.0);
+  else if (img.depth() != CV_8U)
+    img.convertTo(img, CV_8U);
+  if (in_chans != 1 && in_chans != 3) fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
+  if (img.channels() == 2) cv::extractChannel(img, img, 0);  // grey + alpha: keep the grey
+  cv::Mat out;
+  const int c = img.channels();
+  if (in_chans == 1) {
+    if (c == 1)
+      out = img;
+    else
+      cv::cvtColor(img, out, c == 4 ? cv::COLOR_BGRA2GRAY : cv::COLOR_BGR2GRAY);
+  } else {
+    if (c == 1)
+      cv::cvtColor(img, out, cv::COLOR_GRAY2RGB);
+    else
+      cv::cvtColor(img, out, c == 4 ? cv::COLOR_BGRA2RGB : cv::COLOR_BGR2RGB);
+  }
+  return out;
+}
+
+}  // namespace vitlab
