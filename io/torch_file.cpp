@@ -5,28 +5,23 @@
 
 namespace vitlab {
 
-torch::IValue parse_torch_file(std::string_view bytes, const std::string& source) {
+PickleValue parse_torch_file(std::string_view bytes, const std::string& source) {
   if (bytes.size() < 4 || bytes.substr(0, 2) != "PK")
     fail("{}: not a torch.save file (expected the zip format PyTorch writes since 1.6)", source);
-  try {
-    return torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
-  } catch (const c10::Error& e) {
-    fail("{}: cannot read torch.save file: {}", source, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    fail("{}: cannot read torch.save file: {}", source, e.what());
-  }
+  return load_torch_archive(bytes, source);
 }
 
 namespace {
 
-StateDict dict_to_state(const c10::impl::GenericDict& dict, const std::string& source) {
+StateDict dict_to_state(const PickleValue& dict, const std::string& source) {
   StateDict state;
-  for (const auto& kv : dict) {
-    if (!kv.key().isString()) fail("{}: expected string keys in the state dict, got a {}", source, kv.key().tagKind());
-    const std::string& key = kv.key().toStringRef();
-    if (!kv.value().isTensor())
-      fail("{}: entry '{}' is a {}, expected a tensor (the file must hold a dict of tensors)", source, key, kv.value().tagKind());
-    state.emplace(key, kv.value().toTensor());
+  for (const auto& [key, value] : dict.entries()) {
+    if (!key.is(PickleValue::Kind::String))
+      fail("{}: expected string keys in the state dict, got {}", source, key.describe());
+    if (!value.is(PickleValue::Kind::Tensor))
+      fail("{}: entry '{}' is {}, expected a tensor (the file must hold a dict of tensors)", source, key.to_string(),
+           value.describe());
+    state.insert_or_assign(key.to_string(), value.to_tensor());  // a repeated key: the last wins, as in Python
   }
   return state;
 }
@@ -34,22 +29,24 @@ StateDict dict_to_state(const c10::impl::GenericDict& dict, const std::string& s
 }  // namespace
 
 StateDict parse_torch_state_dict(std::string_view bytes, const std::string& source) {
-  torch::IValue value = parse_torch_file(bytes, source);
-  if (!value.isGenericDict())
-    fail("{}: holds a {}, expected a dict of tensors (save with torch.save(dict(model.state_dict()), path))", source,
-         value.tagKind());
-  auto dict = value.toGenericDict();
+  PickleValue value = parse_torch_file(bytes, source);
+  if (!value.is(PickleValue::Kind::Dict))
+    fail(
+        "{}: holds {}, expected a dict of tensors (or a checkpoint with one under 'state_dict', 'model' or "
+        "'state_dict_ema')",
+        source, value.describe());
   for (const char* nested : {"state_dict", "model", "state_dict_ema"}) {
-    auto it = dict.find(torch::IValue(std::string(nested)));
-    if (it != dict.end() && it->value().isGenericDict()) return dict_to_state(it->value().toGenericDict(), source + ":" + nested);
+    const PickleValue* inner = value.find(nested);
+    if (inner && inner->is(PickleValue::Kind::Dict)) return dict_to_state(*inner, source + ":" + nested);
   }
-  return dict_to_state(dict, source);
+  return dict_to_state(value, source);
 }
 
 torch::Tensor read_torch_tensor(const std::filesystem::path& path) {
-  torch::IValue value = parse_torch_file(read_file(path), path.string());
-  if (!value.isTensor()) fail("{}: holds a {}, expected a tensor saved with torch.save(tensor, path)", path.string(), value.tagKind());
-  return value.toTensor();
+  PickleValue value = parse_torch_file(read_file(path), path.string());
+  if (!value.is(PickleValue::Kind::Tensor))
+    fail("{}: holds {}, expected a tensor saved with torch.save(tensor, path)", path.string(), value.describe());
+  return value.to_tensor();
 }
 
 std::string serialize_torch(const torch::IValue& value) {

@@ -1,17 +1,19 @@
 #pragma once
-// Files written by Python's torch.save (zip format), read with LibTorch's
-// unpickler, and files written for Python's torch.load.
+// Files written by Python's torch.save (zip format), read by io/pickle.h,
+// and files written for Python's torch.load.
 #include <torch/torch.h>
 
 #include <filesystem>
 #include <string>
 #include <string_view>
 
+#include "io/pickle.h"
 #include "io/state_dict.h"
 
 namespace vitlab {
 
-torch::IValue parse_torch_file(std::string_view bytes, const std::string& source);
+// Whatever object the file holds: a state dict, a training checkpoint, a tensor.
+PickleValue parse_torch_file(std::string_view bytes, const std::string& source);
 
 // A dict of tensors, or a checkpoint dict holding one under `state_dict`,
 // `model` or `state_dict_ema`.

@@ -106,7 +106,7 @@ TEST_CASE("torch.save files: dicts, nested checkpoints, and what is not a state 
   mixed.insert("w", torch::IValue(torch::ones({1})));
   mixed.insert("lr", torch::IValue(0.1));
   CHECK_THROWS_WITH(parse_torch_state_dict(serialize_torch(torch::IValue(mixed)), "m.pt"),
-                    Catch::Contains("entry 'lr' is a Double, expected a tensor"));
+                    Catch::Contains("entry 'lr' is a float, expected a tensor"));
   CHECK_THROWS_WITH(parse_torch_state_dict("PK\x03\x04garbage", "z.pt"), Catch::Contains("z.pt: cannot read torch.save file"));
   CHECK_THROWS_WITH(parse_torch_state_dict("hello", "h.pt"), Catch::Contains("not a torch.save file"));
 }

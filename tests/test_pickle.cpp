@@ -1,0 +1,429 @@
+// The torch.save reader against files Python wrote (scripts/make_pickle_fixtures.py; each tensor file has a
+// .safetensors twin read by the other parser), and against hostile archives built here.
+#include <caffe2/serialize/inline_container.h>
+#include <fmt/format.h>
+
+#include <catch2/catch.hpp>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <random>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "io/pickle.h"
+#include "io/safetensors.h"
+#include "io/torch_file.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using Catch::Contains;
+using vitlab::test::fixture;
+using Kind = PickleValue::Kind;
+
+namespace {
+
+std::filesystem::path pickle_fixture(const std::string& name) { return fixture("pickle/" + name); }
+
+PickleValue load(const std::string& name) { return parse_torch_file(read_file(pickle_fixture(name)), name); }
+
+StateDict twin(const std::string& name) { return parse_safetensors(read_file(pickle_fixture(name)), name); }
+
+void check_same(const torch::Tensor& got, const torch::Tensor& expected) {
+  CHECK(got.scalar_type() == expected.scalar_type());
+  CHECK(got.sizes() == expected.sizes());
+  CHECK(torch::equal(got, expected));
+}
+
+// A string literal with its NUL bytes.
+template <size_t N>
+std::string raw(const char (&bytes)[N]) {
+  return std::string(bytes, N - 1);
+}
+
+// A zip archive laid out as torch.save lays it out: data.pkl next to the data/<key> records.
+std::string archive(const std::string& pkl, const std::map<std::string, std::string>& records = {}) {
+  std::string out;
+  caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, size_t n) {
+    out.append(static_cast<const char*>(data), n);
+    return n;
+  });
+  writer.writeRecord("data.pkl", pkl.data(), pkl.size());
+  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
+  writer.writeEndOfFile();
+  return out;
+}
+
+PickleValue load_pickle(const std::string& pkl, const std::map<std::string, std::string>& records = {}) {
+  return load_torch_archive(archive(pkl, records), "bad.pt");
+}
+
+struct Records {
+  std::string pkl;
+  std::map<std::string, std::string> data;  // data/<key>
+};
+
+Records records_of(const std::string& name) {
+  caffe2::serialize::PyTorchStreamReader reader(pickle_fixture(name).string());
+  auto bytes = [&](const std::string& record) {
+    auto [ptr, n] = reader.getRecord(record);
+    return std::string(static_cast<const char*>(ptr.get()), n);
+  };
+  Records out{bytes("data.pkl"), {}};
+  for (const std::string& record : reader.getAllRecords())
+    if (record.rfind("data/", 0) == 0) out.data[record] = bytes(record);
+  return out;
+}
+
+// Opcodes for hand-made pickles.
+// GLOBAL of a qualified name: "collections.OrderedDict".
+std::string global(const std::string& name) {
+  const size_t dot = name.rfind('.');
+  return "c" + name.substr(0, dot) + "\n" + name.substr(dot + 1) + "\n";
+}
+
+std::string binint(int32_t value) {
+  std::string out = "J" + std::string(4, '\0');
+  std::memcpy(&out[1], &value, 4);
+  return out;
+}
+
+std::string str(const std::string& value) {
+  std::string out = "X" + std::string(4, '\0') + value;
+  const uint32_t n = static_cast<uint32_t>(value.size());
+  std::memcpy(&out[1], &n, 4);
+  return out;
+}
+
+std::string int_tuple(const std::vector<int32_t>& values) {
+  std::string out = "(";
+  for (int32_t v : values) out += binint(v);
+  return out + "t";
+}
+
+// A tensor over storage '0' of `numel` elements as torch.save writes it: _rebuild_tensor_v2 over a typed storage
+// ("torch.FloatStorage"), or with a dtype ("torch.float32") _rebuild_tensor_v3, as PyTorch 2 writes dtypes that
+// have no storage class.
+std::string tensor_pickle(const std::string& storage_type, int32_t numel, int32_t offset,
+                          const std::vector<int32_t>& size, const std::vector<int32_t>& stride,
+                          const std::string& dtype = "") {
+  return "\x80\x02" + global(dtype.empty() ? "torch._utils._rebuild_tensor_v2" : "torch._utils._rebuild_tensor_v3") +
+         "((" + str("storage") + global(storage_type) + str("0") + str("cuda:0") + binint(numel) + "tQ" +
+         binint(offset) + int_tuple(size) + int_tuple(stride) + "\x89" + global("collections.OrderedDict") + ")R" +
+         (dtype.empty() ? "" : global(dtype)) + "tR.";
+}
+
+std::string floats(const std::vector<float>& values) {
+  std::string out(values.size() * sizeof(float), '\0');
+  std::memcpy(&out[0], values.data(), out.size());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("pickle: torch.save(model.state_dict()) reads like its safetensors twin") {
+  const PickleValue value = load("state_dict.pt");
+  REQUIRE(value.is(Kind::Dict));                                   // an OrderedDict, its _metadata dropped
+  CHECK(value.entries().front().first.to_string() == "0.weight");  // file order
+  const StateDict state = read_weights(pickle_fixture("state_dict.pt"));
+  const StateDict expected = twin("state_dict.safetensors");
+  REQUIRE(state.size() == expected.size());
+  for (const auto& [name, tensor] : expected) {
+    INFO(name);
+    REQUIRE(state.count(name));
+    check_same(state.at(name), tensor);
+  }
+  CHECK(state.at("1.num_batches_tracked").scalar_type() == torch::kInt64);
+  CHECK(state.at("1.num_batches_tracked").item<int64_t>() == 1);
+}
+
+TEST_CASE("pickle: a training checkpoint with optimizer state, numbers and an argparse.Namespace") {
+  const StateDict expected = twin("checkpoint.safetensors");
+  const StateDict model = parse_torch_state_dict(read_file(pickle_fixture("checkpoint.pth")), "checkpoint.pth");
+  size_t model_entries = 0;
+  for (const auto& [name, tensor] : expected) {
+    if (name.rfind("model.", 0) != 0) continue;
+    INFO(name);
+    ++model_entries;
+    REQUIRE(model.count(name.substr(6)));
+    check_same(model.at(name.substr(6)), tensor);
+  }
+  CHECK(model.size() == model_entries);
+
+  const PickleValue ckpt = load("checkpoint.pth");
+  CHECK(ckpt.find("epoch")->to_int() == 3);
+  const PickleValue* args = ckpt.find("args");
+  REQUIRE(args);
+  CHECK(args->describe() == "an argparse.Namespace object");
+  CHECK(args->to_object().type == "argparse.Namespace");
+  CHECK(args->to_object().state.find("lr")->to_double() == 0.1);
+
+  // Adam's state, keyed by parameter index: a 0-d step tensor and two buffers each.
+  const PickleValue& optimizer = *ckpt.find("optimizer");
+  const PickleValue& state = *optimizer.find("state");
+  CHECK(state.entries().size() == 6);
+  size_t buffers = 0;
+  for (const auto& [index, slots] : state.entries()) {
+    REQUIRE(index.is(Kind::Int));
+    CHECK(slots.find("step")->to_tensor().dim() == 0);
+    for (const auto& [slot, tensor] : slots.entries()) {
+      const std::string name = fmt::format("optimizer.{}.{}", index.to_int(), slot.to_string());
+      INFO(name);
+      REQUIRE(expected.count(name));
+      check_same(tensor.to_tensor(), expected.at(name));
+      ++buffers;
+    }
+  }
+  CHECK(buffers + model_entries == expected.size());
+  const PickleValue& group = optimizer.find("param_groups")->items().at(0);
+  CHECK(group.find("lr")->to_double() == 0.1);
+  CHECK(group.find("betas")->items().at(1).to_double() == 0.999);
+  CHECK(group.find("weight_decay")->to_int() == 0);
+  CHECK_FALSE(group.find("amsgrad")->to_bool());
+  CHECK(group.find("foreach")->is(Kind::None));
+  std::vector<int64_t> params;
+  for (const PickleValue& p : group.find("params")->items()) params.push_back(p.to_int());
+  CHECK(params == std::vector<int64_t>{0, 1, 2, 3, 4, 5});
+}
+
+TEST_CASE("pickle: views keep their offset and strides and share one storage") {
+  const PickleValue value = load("views.pt");
+  const StateDict expected = twin("views.safetensors");
+  REQUIRE(value.entries().size() == expected.size());
+  for (const auto& [name, tensor] : expected) {
+    INFO(name);
+    check_same(value.find(name)->to_tensor(), tensor);
+  }
+  const torch::Tensor& base = value.find("base")->to_tensor();
+  const torch::Tensor& slice = value.find("slice")->to_tensor();
+  CHECK_FALSE(slice.is_contiguous());
+  CHECK(slice.storage_offset() == 6);
+  CHECK(slice.strides().vec() == std::vector<int64_t>{6, 2});
+  CHECK(value.find("transposed")->to_tensor().strides().vec() == std::vector<int64_t>{1, 6});
+  CHECK(value.find("element")->to_tensor().storage_offset() == 23);
+  for (const char* view : {"slice", "transposed", "row", "element"}) {
+    INFO(view);
+    CHECK(value.find(view)->to_tensor().is_alias_of(base));
+  }
+}
+
+TEST_CASE("pickle: every dtype, a 0-d and an empty tensor") {
+  const PickleValue value = load("dtypes.pt");
+  const StateDict expected = twin("dtypes.safetensors");
+  REQUIRE(value.entries().size() == expected.size());
+  for (const auto& [name, tensor] : expected) {
+    INFO(name);
+    check_same(value.find(name)->to_tensor(), tensor);
+  }
+  CHECK(value.find("scalar")->to_tensor().dim() == 0);
+  CHECK(value.find("scalar")->to_tensor().item<float>() == 2.5f);
+  CHECK(value.find("bool")->to_tensor().scalar_type() == torch::kBool);
+}
+
+TEST_CASE("pickle: an nn.Parameter and a plain tensor saved on their own") {
+  const StateDict expected = twin("tensors.safetensors");
+  check_same(read_torch_tensor(pickle_fixture("parameter.pt")), expected.at("parameter"));
+  check_same(read_torch_tensor(pickle_fixture("tensor.pt")), expected.at("tensor"));
+  CHECK_THROWS_WITH(read_weights(pickle_fixture("tensor.pt")),
+                    Contains("tensor.pt: holds a Tensor, expected a dict of tensors"));
+  CHECK_THROWS_WITH(read_torch_tensor(pickle_fixture("state_dict.pt")),
+                    Contains("state_dict.pt: holds a dict, expected a tensor"));
+  CHECK_THROWS_WITH(read_weights(pickle_fixture("values_p2.pt")),
+                    Contains("values_p2.pt: entry 'none' is None, expected a tensor"));
+}
+
+TEST_CASE("pickle: Python values through protocols 2 and 4") {
+  for (const std::string name : {"values_p2.pt", "values_p4.pt"}) {
+    INFO(name);
+    const PickleValue v = load(name);
+    CHECK(v.find("none")->is(Kind::None));
+    CHECK(v.find("true")->to_bool());
+    CHECK_FALSE(v.find("false")->to_bool());
+    std::vector<int64_t> ints;
+    for (const PickleValue& i : v.find("ints")->items()) ints.push_back(i.to_int());
+    CHECK(ints == std::vector<int64_t>{0, 255, 256, 65535, 65536, -1, -2147483648LL, 2147483648LL, 1099511627776LL,
+                                       std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()});
+    CHECK(v.find("float")->to_double() == -1.5e-3);
+    CHECK(v.find("str")->to_string() == "h\xc3\xa9llo");
+    CHECK(v.find("empty")->to_string().empty());
+
+    const PickleValue& tuple = *v.find("tuple");
+    REQUIRE(tuple.is(Kind::Tuple));
+    REQUIRE(tuple.items().size() == 3);
+    CHECK(tuple.items()[0].to_int() == 1);
+    CHECK(tuple.items()[1].to_string() == "a");
+    CHECK(tuple.items()[2].items().at(0).to_double() == 2.0);
+
+    const PickleValue& nested = *v.find("nested");
+    const PickleValue::Items& list = nested.find("list")->items();
+    REQUIRE(list.size() == 2);
+    CHECK((list[0].is(Kind::List) && list[0].items().empty()));
+    CHECK((list[1].is(Kind::Dict) && list[1].entries().empty()));
+    REQUIRE(nested.entries().size() == 2);
+    CHECK(nested.entries()[1].first.to_int() == 7);
+    CHECK(nested.entries()[1].second.to_string() == "int key");
+
+    CHECK(v.find("set")->is(Kind::Set));
+    CHECK(v.find("set")->items().at(0).to_int() == 3);
+    CHECK(v.find("frozenset")->items().at(0).to_int() == 4);
+    CHECK(v.find("dtype")->is(Kind::Global));
+    CHECK(v.find("dtype")->to_string() == "torch.float16");
+    const PickleValue::Items& shared = v.find("shared")->items();
+    REQUIRE(shared.size() == 2);
+    CHECK(&shared[0].items() == &shared[1].items());  // one list, memoized
+    CHECK(shared[0].items().size() == 2);
+
+    // Protocol 2 has no bytes opcode: Python writes a call to _codecs.encode.
+    const PickleValue& bytes = *v.find("bytes");
+    if (name == "values_p4.pt")
+      CHECK((bytes.is(Kind::Bytes) && bytes.to_string() == raw("\x00\xff")));
+    else
+      CHECK(bytes.describe() == "a _codecs.encode object");
+  }
+}
+
+TEST_CASE("pickle: truncated files and truncated data.pkl records are errors") {
+  // Each cut costs a LibTorch exception with a backtrace: every byte of the zip's head and tail (the local and
+  // central directories), every 13th in between.
+  for (const char* name : {"state_dict.pt", "values_p4.pt"}) {
+    INFO(name);
+    const std::string good = read_file(pickle_fixture(name));
+    for (size_t cut = 0; cut < good.size(); cut += (cut < 64 || cut + 128 >= good.size()) ? 1 : 13) {
+      INFO("cut at " << cut);
+      CHECK_THROWS_AS(parse_torch_file(std::string_view(good).substr(0, cut), name), vitlab::Error);
+    }
+  }
+  const Records ckpt = records_of("checkpoint.pth");
+  for (size_t cut = 0; cut < ckpt.pkl.size(); ++cut) {
+    INFO("data.pkl cut at " << cut);
+    CHECK_THROWS_WITH(load_pickle(ckpt.pkl.substr(0, cut), ckpt.data),
+                      Contains("bad.pt: cannot read torch.save file: data.pkl byte"));
+  }
+}
+
+TEST_CASE("pickle: flipped bits and random opcodes load or fail cleanly, never crash") {
+  std::mt19937 rng(20240607);
+  auto survive = [](auto&& parse) {
+    try {
+      parse();
+      return true;
+    } catch (const vitlab::Error&) {
+      return false;
+    }
+  };
+
+  // Every byte of a checkpoint's data.pkl with one bit flipped, then bursts of random bytes.
+  const Records ckpt = records_of("checkpoint.pth");
+  size_t loaded = 0;
+  for (size_t i = 0; i < ckpt.pkl.size(); ++i) {
+    std::string pkl = ckpt.pkl;
+    pkl[i] = static_cast<char>(pkl[i] ^ (1 << (i % 8)));
+    loaded += survive([&] { load_pickle(pkl, ckpt.data); });
+  }
+  for (int round = 0; round < 1000; ++round) {
+    std::string pkl = ckpt.pkl;
+    for (int k = 0; k < 4; ++k) pkl[rng() % pkl.size()] = static_cast<char>(rng());
+    loaded += survive([&] { load_pickle(pkl, ckpt.data); });
+  }
+  INFO("mutated data.pkl that still loaded: " << loaded);
+
+  // Whole-file flips reach the zip structure.
+  const std::string file = read_file(pickle_fixture("state_dict.pt"));
+  for (int round = 0; round < 2000; ++round) {
+    std::string bytes = file;
+    bytes[rng() % bytes.size()] ^= static_cast<char>(1 << (rng() % 8));
+    survive([&] { parse_torch_file(bytes, "flipped.pt"); });
+  }
+
+  // Random programs over the opcodes the reader knows, with the names torch.save uses.
+  std::vector<std::string> tokens = {"q\x01",    "q\x02",   "h\x01",        "h\x02",  "K\x01",   "K\x07",
+                                     binint(-1), binint(4), str("storage"), str("0"), str("cpu")};
+  for (char op : std::string("(}])tdlsuae01RbQN\x85\x86\x87\x8f\x90\x91\x94\x81\x88\x89")) tokens.emplace_back(1, op);
+  for (const char* name : {"torch.FloatStorage", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                           "torch._utils._rebuild_parameter", "builtins.set", "argparse.Namespace"})
+    tokens.push_back(global(name));
+  const std::map<std::string, std::string> records = {{"data/0", floats({1, 2, 3, 4})}};
+  for (int round = 0; round < 5000; ++round) {
+    std::string pkl = "\x80\x02";
+    for (size_t n = 1 + rng() % 40; n > 0; --n) pkl += tokens[rng() % tokens.size()];
+    survive([&] { load_pickle(pkl + ".", records); });
+  }
+}
+
+TEST_CASE("pickle: unsupported opcodes, malformed pickles and bad storages are named errors") {
+  CHECK_THROWS_WITH(
+      load_pickle("\x80\x02I1\n."),
+      Contains("bad.pt: cannot read torch.save file: data.pkl byte 2: unsupported pickle opcode 0x49 ('I')"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02."), Contains("data.pkl byte 2: stack underflow"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02N(\x85."), Contains("stack underflow"));  // TUPLE1 reaching below a MARK
+  CHECK_THROWS_WITH(load_pickle("\x80\x02t."), Contains("no MARK"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02h\x05."), Contains("memo index 5 was never stored"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02N"), Contains("ends without STOP"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x06N."), Contains("unsupported pickle protocol 6"));
+  CHECK_THROWS_WITH(load_pickle(raw("\x80\x02X\xff\x00\x00\x00") + "ab."), Contains("truncated: needs 255 more bytes"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02" + global("torch.x").substr(0, 7)), Contains("without a newline"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02K\x01K\x02K\x03s."), Contains("SETITEM on an int, expected a dict"));
+  CHECK_THROWS_WITH(load_pickle(std::string("\x80\x02(K\x01") + "d."),
+                    Contains("DICT with an odd number of keys and values"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02K\x01)R."), Contains("REDUCE calls an int, expected a class or function"));
+  CHECK_THROWS_WITH(load_pickle(raw("\x80\x02\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\x01.")),
+                    Contains("integer of 9 bytes does not fit in 64 bits"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02" + global("collections.OrderedDict") + "K\x01\x85R."),
+                    Contains("collections.OrderedDict with arguments"));
+  CHECK_THROWS_WITH(load_pickle("\x80\x02K\x01Q."), Contains("persistent id is an int, expected ('storage'"));
+  CHECK_THROWS_WITH(load_torch_archive(read_file(pickle_fixture("tensor.pt")).substr(0, 100), "cut.pt"),
+                    Contains("cut.pt: cannot read torch.save file"));
+
+  // The hand-made tensor pickle is right: a strided view of four floats.
+  const std::map<std::string, std::string> records = {{"data/0", floats({0, 1, 2, 3})}};
+  check_same(load_pickle(tensor_pickle("torch.FloatStorage", 4, 1, {2}, {2}), records).to_tensor(),
+             torch::tensor({1.0f, 3.0f}));
+  check_same(load_pickle(tensor_pickle("torch.FloatStorage", 4, 4, {0, 3}, {3, 1}), records).to_tensor(),
+             torch::zeros({0, 3}));
+
+  // PyTorch 2's untyped storage: a byte count, the dtype in the rebuild call.
+  check_same(
+      load_pickle(tensor_pickle("torch.storage.UntypedStorage", 16, 2, {2}, {1}, "torch.float32"), records).to_tensor(),
+      torch::tensor({2.0f, 3.0f}));
+  CHECK_THROWS_WITH(
+      load_pickle(tensor_pickle("torch.storage.UntypedStorage", 16, 0, {2}, {1}, "torch.uint16"), records),
+      Contains("dtype is a reference to torch.uint16, expected a dtype such as torch.float32"));
+  CHECK_THROWS_WITH(
+      load_pickle(tensor_pickle("torch.storage.UntypedStorage", 16, 0, {5}, {1}, "torch.float32"), records),
+      Contains("does not fit its storage of 4 Float elements"));
+
+  CHECK_THROWS_WITH(
+      load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {3}, {2}), records),
+      Contains("tensor of size [3] and stride [2] at offset 0 does not fit its storage of 4 Float elements"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 4, {}, {}), records), Contains("does not fit"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 5, {0}, {1}), records),
+                    Contains("does not fit"));
+  const int32_t big = std::numeric_limits<int32_t>::max();
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {big, big, big}, {big, big, big}), records),
+                    Contains("does not fit"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {2, 2}, {2}), records),
+                    Contains("tensor size [2, 2] and stride [2] differ in length"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {2}, {-1}), records),
+                    Contains("is negative"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 5, 0, {4}, {1}), records),
+                    Contains("record 'data/0' holds 16 bytes, expected 5 Float elements of 4 bytes"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.DoubleStorage", 4, 0, {4}, {1}), records),
+                    Contains("holds 16 bytes, expected 4 Double elements of 8 bytes"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {4}, {1})),
+                    Contains("record 'data/0' is missing from the archive"));
+  CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.QInt8Storage", 4, 0, {4}, {1}), records),
+                    Contains("unsupported storage type torch.QInt8Storage"));
+}
+
+TEST_CASE("pickle: deeply nested values load and free without deep recursion") {
+  const size_t depth = 200000;
+  const std::string nested = "\x80\x02" + std::string(depth, ']') + std::string(depth - 1, 'a');
+  {
+    const PickleValue value = load_pickle(nested + ".");
+    size_t levels = 1;
+    for (const PickleValue* v = &value; !v->items().empty(); v = &v->items()[0]) ++levels;
+    CHECK(levels == depth);
+  }
+  CHECK_THROWS_WITH(load_pickle(nested), Contains("ends without STOP"));
+}
