@@ -12,6 +12,8 @@
 #include "common/runtime.h"
 #include "data/datasets.h"
 #include "data/export.h"
+#include "eval/evaluate.h"
+#include "train/trainer.h"
 #include "io/torch_file.h"
 #include "models/registry.h"
 
@@ -148,6 +150,63 @@ void run_data_export(const ExportArgs& a) {
              train.classes.size());
 }
 
+struct TrainArgs {
+  std::string config, out;
+  bool resume = false;
+  int64_t stop_after = 0;
+};
+
+std::vector<Override> overrides_with_threads(const CommonOptions& common) {
+  std::vector<Override> o = parse_overrides(common.sets);
+  if (common.threads > 0) o.push_back(parse_override(fmt::format("train.threads={}", common.threads)));
+  return o;
+}
+
+void run_train(const TrainArgs& a, const CommonOptions& common) {
+  fs::path config = a.config;
+  if (config.empty() && a.resume && fs::exists(fs::path(a.out) / "config.yaml")) config = fs::path(a.out) / "config.yaml";
+  train(TrainConfig::load(config, overrides_with_threads(common)), a.out, a.resume, a.stop_after);
+}
+
+struct EvalArgs {
+  std::string checkpoint, model, weights, config, out;
+};
+
+void run_eval(const EvalArgs& a, const CommonOptions& common) {
+  if (a.checkpoint.empty() == a.model.empty()) fail("give either --checkpoint RUN_DIR or --model NAME --weights FILE");
+  fs::path config = a.config, weights = a.weights;
+  if (!a.checkpoint.empty()) {
+    if (config.empty()) config = fs::path(a.checkpoint) / "config.yaml";
+    if (weights.empty()) weights = fs::path(a.checkpoint) / "model.safetensors";
+  } else if (weights.empty()) {
+    fail("--model needs --weights FILE");
+  }
+  std::vector<Override> overrides = overrides_with_threads(common);
+  if (!a.model.empty()) overrides.push_back(parse_override("model.name=" + a.model));
+  TrainConfig cfg = TrainConfig::load(config, overrides);
+  configure_threads(static_cast<int>(cfg.train.threads));
+  const torch::Device device(cfg.train.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  DataSplits data = open_data(cfg.data);
+  const auto num_classes = static_cast<int64_t>(data.classes.size());
+  Model m = build_model(resolve_train_model(cfg, num_classes));
+  load_weights(m, weights);
+  m.module->to(device);
+  LoaderOptions lo;
+  lo.train = false;
+  lo.batch_size = cfg.train.batch_size;
+  lo.workers = static_cast<int>(cfg.data.workers);
+  lo.skip_errors = cfg.data.on_error == "skip";
+  DataLoader loader(data.val, cfg.transforms(m.config["img_size"], m.config["in_chans"]), lo);
+  EvalResult r = evaluate(*m.vision, loader, num_classes, device);
+  if (!a.out.empty())
+    write_eval_outputs(r, data.classes, a.out, fmt::format("{} on {} ({} images): top-1 {:.2f}%", m.name, cfg.data.type, r.images, r.top1));
+  nlohmann::json j = r.to_json(data.classes);
+  j["model"] = m.name;
+  j["weights"] = weights.string();
+  j["skipped_files"] = loader.skipped();
+  fmt::print("{}\n", j.dump(2));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -202,6 +261,26 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   add_threads(data_export, common);
 
+  TrainArgs tr;
+  auto* train_cmd = app.add_subcommand("train", "Train a ViT or DeepViT from a YAML config");
+  train_cmd->add_option("--config", tr.config, "YAML with sections model, data, optim, schedule, aug, train");
+  train_cmd->add_option("--set", common.sets, "Override any key, e.g. --set train.epochs=2 (repeatable)");
+  train_cmd->add_option("--out", tr.out, "Run directory")->required();
+  train_cmd->add_flag("--resume", tr.resume, "Continue from RUN_DIR/checkpoint-last");
+  train_cmd->add_option("--stop-after", tr.stop_after, "Stop after this many epochs of the schedule (resume later)")
+      ->check(CLI::NonNegativeNumber);
+  add_threads(train_cmd, common);
+
+  EvalArgs ev;
+  auto* eval_cmd = app.add_subcommand("eval", "Evaluate a trained model on the validation split");
+  eval_cmd->add_option("--checkpoint", ev.checkpoint, "Run directory of `vitlab train`");
+  eval_cmd->add_option("--model", ev.model, "Model preset (with --weights)");
+  eval_cmd->add_option("--weights", ev.weights, "Weights file");
+  eval_cmd->add_option("--config", ev.config, "Training config for data and model keys");
+  eval_cmd->add_option("--set", common.sets, "Override any key, e.g. --set data.type=imagefolder");
+  eval_cmd->add_option("--out", ev.out, "Also write metrics.json, per_class.csv, confusion.csv and confusion.png here");
+  add_threads(eval_cmd, common);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -215,6 +294,8 @@ int main(int argc, char** argv) {
     if (*convert) run_convert(conv, common);
     if (*compare) return run_compare(cmp);
     if (*data_export) run_data_export(exp);
+    if (*train_cmd) run_train(tr, common);
+    if (*eval_cmd) run_eval(ev, common);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

@@ -87,15 +87,24 @@ void read_value(const YAML::Node& node, bool& out, const std::string& where) {
 void read_value(const YAML::Node& node, std::string& out, const std::string& where) {
   out = scalar_as<std::string>(node, where, "a string");
 }
-void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where) {
-  if (!node.IsSequence())
-    fail("{}: expected a list of booleans, e.g. [false, true], got '{}'", where, YAML::Dump(node));
+namespace {
+template <class T>
+void read_list(const YAML::Node& node, std::vector<T>& out, const std::string& where, const char* expected) {
+  if (!node.IsSequence()) fail("{}: expected {}, got '{}'", where, expected, YAML::Dump(node));
   out.clear();
   for (size_t i = 0; i < node.size(); ++i) {
-    bool b = false;
-    read_value(node[i], b, fmt::format("{}[{}]", where, i));
-    out.push_back(b);
+    T v{};
+    read_value(node[i], v, fmt::format("{}[{}]", where, i));
+    out.push_back(v);
   }
+}
+}  // namespace
+
+void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where) {
+  read_list(node, out, where, "a list of booleans, e.g. [false, true]");
+}
+void read_value(const YAML::Node& node, std::vector<double>& out, const std::string& where) {
+  read_list(node, out, where, "a list of numbers, e.g. [0.5, 1.0]");
 }
 
 }  // namespace vitlab

@@ -44,6 +44,7 @@ void read_value(const YAML::Node& node, double& out, const std::string& where);
 void read_value(const YAML::Node& node, bool& out, const std::string& where);
 void read_value(const YAML::Node& node, std::string& out, const std::string& where);
 void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where);
+void read_value(const YAML::Node& node, std::vector<double>& out, const std::string& where);
 
 template <class Options>
 std::vector<std::string> option_keys(Options& options) {

@@ -1,0 +1,107 @@
+#include "eval/evaluate.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "common/files.h"
+
+namespace vitlab {
+
+EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device) {
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  EvalResult r;
+  r.confusion = torch::zeros({num_classes, num_classes}, torch::kInt64);
+  double loss_sum = 0.0, top1 = 0.0, top5 = 0.0;
+  loader.begin_epoch(0);
+  while (auto batch = loader.next()) {
+    torch::Tensor x = batch->images.to(device, /*non_blocking=*/true);
+    torch::Tensor y = batch->labels.to(device, /*non_blocking=*/true);
+    torch::Tensor logits = model.forward(x).to(torch::kFloat);
+    loss_sum += torch::nn::functional::cross_entropy(logits, y).item<double>() * y.size(0);
+    const int64_t k = std::min<int64_t>(5, num_classes);
+    torch::Tensor topk = std::get<1>(logits.topk(k, 1));
+    torch::Tensor hits = topk.eq(y.unsqueeze(1));
+    top1 += hits.select(1, 0).sum().item<double>();
+    top5 += hits.any(1).sum().item<double>();
+    torch::Tensor pairs = (y * num_classes + topk.select(1, 0)).cpu();
+    r.confusion += torch::bincount(pairs, {}, num_classes * num_classes).reshape({num_classes, num_classes});
+    r.images += y.size(0);
+  }
+  model.train(was_training);
+  if (r.images == 0) return r;
+  r.loss = loss_sum / r.images;
+  r.top1 = 100.0 * top1 / r.images;
+  r.top5 = 100.0 * top5 / r.images;
+  for (int64_t c = 0; c < num_classes; ++c) {
+    const double n = r.confusion[c].sum().item<double>();
+    r.per_class.push_back(n > 0 ? 100.0 * r.confusion[c][c].item<double>() / n : std::nan(""));
+  }
+  return r;
+}
+
+nlohmann::json EvalResult::to_json(const std::vector<std::string>& classes) const {
+  nlohmann::json per = nlohmann::json::object();
+  for (size_t c = 0; c < per_class.size(); ++c)
+    per[classes.at(c)] = std::isnan(per_class[c]) ? nlohmann::json() : nlohmann::json(per_class[c]);
+  return {{"images", images}, {"loss", loss}, {"top1", top1}, {"top5", top5}, {"per_class_top1", per}};
+}
+
+namespace {
+
+// The confusion matrix as a heatmap, rows normalised to the class's images.
+std::string confusion_png(const torch::Tensor& confusion, const std::vector<std::string>& classes, const std::string& title) {
+  const int n = static_cast<int>(confusion.size(0));
+  const int cell = std::max(12, std::min(48, 640 / std::max(n, 1))), left = 150, top = 60;
+  cv::Mat img(top + n * cell + 110, left + n * cell + 20, CV_8UC3, cv::Scalar(255, 255, 255));
+  torch::Tensor rows = confusion.to(torch::kDouble);
+  rows = rows / rows.sum(1, true).clamp_min(1);
+  cv::Mat values(n, n, CV_8U);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) values.at<uint8_t>(i, j) = static_cast<uint8_t>(std::lround(255 * rows[i][j].item<double>()));
+  cv::Mat colored;
+  cv::applyColorMap(values, colored, cv::COLORMAP_VIRIDIS);
+  cv::resize(colored, colored, cv::Size(n * cell, n * cell), 0, 0, cv::INTER_NEAREST);
+  colored.copyTo(img(cv::Rect(left, top, n * cell, n * cell)));
+  const auto font = cv::FONT_HERSHEY_SIMPLEX;
+  cv::putText(img, title, {10, 25}, font, 0.6, {0, 0, 0}, 1, cv::LINE_AA);
+  cv::putText(img, "predicted class (columns), true class (rows); row-normalised", {10, 48}, font, 0.4, {60, 60, 60}, 1,
+              cv::LINE_AA);
+  for (int i = 0; i < n && cell >= 12; ++i) {
+    cv::putText(img, classes.at(i).substr(0, 18), {5, top + i * cell + cell / 2 + 4}, font, 0.4, {0, 0, 0}, 1, cv::LINE_AA);
+    cv::Mat label(cell, 110, CV_8UC3, cv::Scalar(255, 255, 255)), rotated;
+    cv::putText(label, classes.at(i).substr(0, 16), {2, cell / 2 + 4}, font, 0.4, {0, 0, 0}, 1, cv::LINE_AA);
+    cv::rotate(label, rotated, cv::ROTATE_90_COUNTERCLOCKWISE);
+    rotated.copyTo(img(cv::Rect(left + i * cell, top + n * cell, cell, 110)));
+  }
+  std::vector<uchar> png;
+  cv::imencode(".png", img, png);
+  return std::string(png.begin(), png.end());
+}
+
+}  // namespace
+
+void write_eval_outputs(const EvalResult& r, const std::vector<std::string>& classes, const std::filesystem::path& dir,
+                        const std::string& title) {
+  std::string per_class = "class,images,top1\n", confusion = "true\\predicted";
+  for (const auto& c : classes) confusion += "," + c;
+  confusion += "\n";
+  for (size_t i = 0; i < classes.size(); ++i) {
+    per_class += fmt::format("{},{},{:.4f}\n", classes[i], r.confusion[i].sum().item<int64_t>(), r.per_class.at(i));
+    confusion += classes[i];
+    for (size_t j = 0; j < classes.size(); ++j) confusion += fmt::format(",{}", r.confusion[i][j].item<int64_t>());
+    confusion += "\n";
+  }
+  StagedOutputs out;
+  out.add(dir / "metrics.json", r.to_json(classes).dump(2) + "\n");
+  out.add(dir / "per_class.csv", per_class);
+  out.add(dir / "confusion.csv", confusion);
+  out.add(dir / "confusion.png", confusion_png(r.confusion, classes, title));
+  out.commit();
+}
+
+}  // namespace vitlab

@@ -1,0 +1,169 @@
+#include <catch2/catch.hpp>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "data/loader.h"
+#include "models/registry.h"
+#include "tests/helpers.h"
+#include "train/config.h"
+#include "train/trainer.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+namespace {
+
+std::vector<Override> sets(std::initializer_list<const char*> items) {
+  std::vector<Override> o;
+  for (const char* s : items) o.push_back(parse_override(s));
+  return o;
+}
+
+// A tiny ViT for 28x28 grey images and light, fast augmentation.
+const char* kTiny =
+    " --set model.name=vit_tiny_patch16_224 --set model.img_size=28 --set model.patch_size=7 --set model.in_chans=1"
+    " --set model.embed_dim=32 --set model.depth=2 --set model.num_heads=2 --set 'aug.mean=[0.5]' --set 'aug.std=[0.5]'"
+    " --set 'aug.auto_augment=\"\"' --set aug.mixup=0.2 --set aug.cutmix=0 --set aug.reprob=0.25 --set train.batch_size=16"
+    " --set schedule.warmup_epochs=1 --set data.workers=2 --threads 1";
+
+}  // namespace
+
+TEST_CASE("train config: unknown sections and keys, bad values, and a YAML round trip") {
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.epoch=3"})),
+                    Catch::Contains("unknown key 'train.epoch'") && Catch::Contains("did you mean 'train.epochs'"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"trian.epochs=3"})), Catch::Contains("model, data, optim"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.batch_size=0"})), Catch::Contains("train.batch_size must be >= 1"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"optim.opt=adam"})), Catch::Contains("optim.opt must be one of adamw, sgd"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"data.type=imagefolder"})), Catch::Contains("data.root is required"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"aug.scale=0.5"})), Catch::Contains("aug.scale: expected a list of numbers"));
+  TempDir dir;
+  write_file_atomic(dir / "bad.yaml", "model: {name: deepvit_S}\ntrainn: {}\n");
+  CHECK_THROWS_WITH(TrainConfig::load(dir / "bad.yaml", {}), Catch::Contains("bad.yaml: unknown section 'trainn'"));
+
+  TrainConfig c = TrainConfig::load(fixture("../../configs/fashion_mnist_vit.yaml"), sets({"train.epochs=3", "model.depth=2"}));
+  CHECK(c.train.epochs == 3);
+  CHECK(c.model_overrides["depth"].as<int>() == 2);
+  write_file_atomic(dir / "resolved.yaml", c.to_yaml());
+  TrainConfig again = TrainConfig::load(dir / "resolved.yaml", {});
+  CHECK(again.to_yaml() == c.to_yaml());
+  CHECK(again.aug.mean == std::vector<double>{0.2860});
+}
+
+TEST_CASE("a tiny model overfits a small batch") {
+  torch::manual_seed(0);
+  ImageSet set = load_fashion_mnist(kFashionMnistDir, "test");
+  torch::Tensor x = set.images.narrow(0, 0, 32).permute({0, 3, 1, 2}).to(torch::kFloat) / 255.0;
+  torch::Tensor y = set.labels.narrow(0, 0, 32);
+  Model m = create_model("vit_tiny_patch16_224", YAML::Load("{img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 32, "
+                                                           "depth: 2, num_heads: 2, num_classes: 10}"));
+  torch::optim::AdamW opt(m.module->parameters(), torch::optim::AdamWOptions(3e-3));
+  double first = 0, last = 0;
+  for (int step = 0; step < 150; ++step) {
+    torch::Tensor loss = torch::nn::functional::cross_entropy(m.vision->forward(x), y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  INFO("loss " << first << " -> " << last);
+  CHECK(last < 0.1 * first);
+}
+
+TEST_CASE("loader batches do not depend on the number of workers") {
+  ImageSet set = load_fashion_mnist(kFashionMnistDir, "test");
+  set.images = set.images.narrow(0, 0, 100);
+  set.labels = set.labels.narrow(0, 0, 100);
+  auto source = std::make_shared<MemorySource>(set);
+  TransformOptions tf;
+  tf.img_size = 28;
+  tf.in_chans = 1;
+  tf.mean = {0.5};
+  tf.std = {0.5};
+  tf.reprob = 0.5;
+  auto epoch_batches = [&](int workers) {
+    LoaderOptions lo;
+    lo.batch_size = 16;
+    lo.workers = workers;
+    lo.prefetch = 2;
+    lo.seed = 7;
+    DataLoader loader(source, tf, lo);
+    loader.begin_epoch(3);
+    std::vector<Batch> out;
+    while (auto b = loader.next()) out.push_back(*b);
+    return out;
+  };
+  auto a = epoch_batches(1), b = epoch_batches(3);
+  REQUIRE(a.size() == 6);  // drop_last: 100 / 16
+  REQUIRE(b.size() == a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    CHECK(torch::equal(a[i].images, b[i].images));
+    CHECK(torch::equal(a[i].labels, b[i].labels));
+  }
+  CHECK_FALSE(torch::equal(a[0].labels, set.labels.narrow(0, 0, 16)));  // shuffled
+}
+
+TEST_CASE("vitlab train and eval end to end on an ImageFolder with bad files") {
+  TempDir dir;
+  const auto data = dir / "data";
+  REQUIRE(run_cli("data export --dataset fashion_mnist --limit 64 --out " + data.string()).status == 0);
+  write_file_atomic(data / "train" / "Bag" / "corrupt.png", "\x89PNG\r\n\x1a\n broken");
+  write_file_atomic(data / "train" / "Coat" / "notes.jpg", "not an image at all");
+  const std::string args = std::string(kTiny) + " --set data.type=imagefolder --set data.root=" + data.string() +
+                           " --set train.epochs=2 --set train.ema=true --out " + (dir / "run").string();
+  RunResult r = run_cli("train" + args);
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("2 files skipped"));
+  for (const char* f : {"config.yaml", "classes.json", "metrics.csv", "metrics.jsonl", "model.safetensors",
+                        "model_ema.safetensors", "summary.json", "checkpoint-last/model.safetensors",
+                        "checkpoint-last/optimizer.pt", "checkpoint-best/state.json"})
+    CHECK(fs::exists(dir / "run" / f));
+  const std::string csv = read_file(dir / "run" / "metrics.csv");
+  CHECK_THAT(csv, Catch::StartsWith("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"));
+  CHECK(std::count(csv.begin(), csv.end(), '\n') == 3);
+  CHECK(nlohmann::json::parse(read_file(dir / "run" / "summary.json"))["skipped_files"] == 2);
+
+  RunResult ev = run_cli("eval --checkpoint " + (dir / "run").string() + " --out " + (dir / "eval").string());
+  INFO(ev.output);
+  REQUIRE(ev.status == 0);
+  auto j = nlohmann::json::parse(ev.output.substr(ev.output.find('{')));
+  CHECK(j["images"] == 64);
+  CHECK(j["top1"].get<double>() >= 0.0);
+  for (const char* f : {"metrics.json", "per_class.csv", "confusion.csv", "confusion.png"}) CHECK(fs::exists(dir / "eval" / f));
+
+  RunResult bad = run_cli("train --set data.type=imagefolder --set data.root=" + (dir / "nothing").string() + " --out " +
+                          (dir / "run2").string());
+  CHECK(bad.status == 1);
+  CHECK_THAT(bad.output, Catch::Contains("not a directory"));
+}
+
+TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
+  TempDir dir;
+  const std::string base = std::string(kTiny) + " --set data.type=fashion_mnist --set train.ema=true" +
+                           " --set model.drop_path_rate=0.1 --set model.drop_rate=0.1";
+  // A small slice of Fashion-MNIST keeps this fast: the IDX files of the first 256 images.
+  ImageSet train = load_fashion_mnist(kFashionMnistDir, "train");
+  auto idx = [](const torch::Tensor& t) {
+    std::string out = {0, 0, 8, static_cast<char>(t.dim())};
+    for (auto d : t.sizes())
+      for (int s = 24; s >= 0; s -= 8) out.push_back(static_cast<char>((d >> s) & 0xff));
+    torch::Tensor c = t.to(torch::kUInt8).contiguous();
+    return out + std::string(static_cast<const char*>(c.data_ptr()), c.numel());
+  };
+  for (const char* split : {"train", "t10k"}) {
+    write_file_atomic(dir / "fm" / (std::string(split) + "-images-idx3-ubyte"), idx(train.images.narrow(0, 0, 256).squeeze(-1)));
+    write_file_atomic(dir / "fm" / (std::string(split) + "-labels-idx1-ubyte"), idx(train.labels.narrow(0, 0, 256)));
+  }
+  const std::string data = " --set data.root=" + (dir / "fm").string();
+  REQUIRE(run_cli("train" + base + data + " --set train.epochs=4 --out " + (dir / "straight").string()).status == 0);
+  RunResult first = run_cli("train" + base + data + " --set train.epochs=4 --stop-after 2 --out " + (dir / "split").string());
+  REQUIRE(first.status == 0);
+  CHECK_THAT(first.output, Catch::Contains("stopped after epoch 2 of 4"));
+  RunResult r = run_cli("train" + base + data + " --set train.epochs=4 --resume --out " + (dir / "split").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("resuming"));
+  CHECK(read_file(dir / "straight" / "model.safetensors") == read_file(dir / "split" / "model.safetensors"));
+  CHECK(read_file(dir / "straight" / "model_ema.safetensors") == read_file(dir / "split" / "model_ema.safetensors"));
+  CHECK(read_file(dir / "straight" / "metrics.csv") == read_file(dir / "split" / "metrics.csv"));
+}

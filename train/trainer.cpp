@@ -1,0 +1,362 @@
+#include "train/trainer.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "common/runtime.h"
+#include "eval/evaluate.h"
+#include "io/safetensors.h"
+#include "models/registry.h"
+
+namespace vitlab {
+
+namespace fs = std::filesystem;
+
+DataSplits open_data(const DataConfig& data) {
+  DataSplits s;
+  if (data.type == "fashion_mnist") {
+    const fs::path root = data.root.empty() ? kFashionMnistDir : data.root;
+    s.train = std::make_shared<MemorySource>(load_fashion_mnist(root, "train"));
+    s.val = std::make_shared<MemorySource>(load_fashion_mnist(root, "test"));
+  } else if (data.type == "cifar10") {
+    s.train = std::make_shared<MemorySource>(load_cifar10(data.root, "train"));
+    s.val = std::make_shared<MemorySource>(load_cifar10(data.root, "test"));
+  } else {
+    ImageFolder train = scan_image_folder(find_split(data.root, data.train_split, {"train"}));
+    ImageFolder val = scan_image_folder(find_split(data.root, data.val_split, {"val", "validation", "valid", "eval"}),
+                                        &train.classes);
+    for (const auto* f : {&train, &val}) {
+      for (const auto& w : f->warnings) fmt::print(stderr, "warning: {}\n", w);
+      if (f->samples.empty()) fail("{}: no images found (extensions jpg, jpeg, png, bmp, webp, tif, tiff)", f->dir.string());
+    }
+    s.train = std::make_shared<FolderSource>(std::move(train));
+    s.val = std::make_shared<FolderSource>(std::move(val));
+  }
+  s.classes = s.train->classes();
+  return s;
+}
+
+ModelSpec resolve_train_model(const TrainConfig& cfg, int64_t num_classes) {
+  YAML::Node keys = YAML::Clone(cfg.model_overrides);
+  if (!keys["num_classes"]) keys["num_classes"] = num_classes;
+  ModelSpec spec = resolve_model(cfg.model, keys);
+  if (spec.family == "transformer") fail("model.name {} is a sequence model; train takes image models", cfg.model);
+  if (spec.config["num_classes"].get<int64_t>() != num_classes)
+    fail("model.num_classes is {} but the dataset has {} classes", spec.config["num_classes"].get<int64_t>(), num_classes);
+  return spec;
+}
+
+namespace {
+
+// The lr at an optimizer step: linear warmup from warmup_lr, then cosine
+// down to min_lr (or constant), evaluated per step as timm does with
+// t_in_epochs=False.
+double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t steps_per_epoch, int64_t total_steps) {
+  const auto warmup = static_cast<int64_t>(std::llround(s.warmup_epochs * steps_per_epoch));
+  if (step < warmup) return s.warmup_lr + (base_lr - s.warmup_lr) * static_cast<double>(step) / warmup;
+  if (s.sched == "constant" || total_steps <= warmup) return base_lr;
+  const double t = static_cast<double>(step - warmup) / static_cast<double>(total_steps - warmup);
+  return s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
+}
+
+// Exponential moving average of the weights (buffers copied as they are).
+struct Ema {
+  StateDict state;
+  double decay;
+  Ema(const torch::nn::Module& m, double decay) : decay(decay) {
+    for (const auto& [k, v] : module_state(m)) state[k] = v.detach().clone();
+  }
+  void update(const torch::nn::Module& m) {
+    torch::NoGradGuard no_grad;
+    for (const auto& [k, v] : module_state(m)) {
+      torch::Tensor& e = state.at(k);
+      if (e.is_floating_point())
+        e.mul_(decay).add_(v.detach(), 1.0 - decay);
+      else
+        e.copy_(v);
+    }
+  }
+};
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(torch::nn::Module& model, const OptimConfig& o, double lr) {
+  // timm: no weight decay on 1-d parameters (biases, norms) and the embeddings.
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& p : model.named_parameters()) {
+    const bool skip = p.value().dim() <= 1 || p.key() == "pos_embed" || p.key() == "cls_token";
+    (skip ? no_decay : decay).push_back(p.value());
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (o.opt == "adamw") {
+    auto opts = [&](double wd) { return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(lr).eps(o.eps).weight_decay(wd)); };
+    groups.emplace_back(decay, opts(o.weight_decay));
+    groups.emplace_back(no_decay, opts(0.0));
+    return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(lr));
+  }
+  auto opts = [&](double wd) {
+    return std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(lr).momentum(o.momentum).nesterov(o.momentum > 0).weight_decay(wd));
+  };
+  groups.emplace_back(decay, opts(o.weight_decay));
+  groups.emplace_back(no_decay, opts(0.0));
+  return std::make_unique<torch::optim::SGD>(groups, torch::optim::SGDOptions(lr));
+}
+
+// The adjacent-block attention similarity of DeepViT's official regulariser.
+torch::Tensor attention_similarity_loss(const torch::Tensor& attn, int64_t pairs) {
+  const int64_t L = attn.size(0);
+  pairs = pairs > 0 ? std::min(pairs, L - 1) : L - 1;
+  torch::Tensor sum = torch::zeros({}, attn.options());
+  for (int64_t k = 0; k < pairs; ++k)
+    sum = sum + torch::nn::functional::cosine_similarity(attn[k], attn[k + 1], torch::nn::functional::CosineSimilarityFuncOptions().dim(1)).mean();
+  return pairs > 0 ? sum / pairs : sum;
+}
+
+struct RunState {
+  int64_t epoch = 0;  // epochs completed
+  int64_t step = 0;   // optimizer steps taken
+  double best_top1 = -1.0;
+  std::vector<std::string> csv_rows;
+};
+
+std::string csv_header(bool ema) {
+  return std::string("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr") + (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
+}
+
+// A checkpoint is a directory, written under a temporary name and swapped
+// in, so a crash leaves the previous one whole.
+void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim::Optimizer& opt, const Ema* ema,
+                     const RunState& st) {
+  fs::path tmp = dir;
+  tmp += ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  write_file_atomic(tmp / "model.safetensors", serialize_safetensors(module_state(model), {{"format", "pt"}}));
+  if (ema) write_file_atomic(tmp / "ema.safetensors", serialize_safetensors(ema->state, {{"format", "pt"}}));
+  torch::save(opt, (tmp / "optimizer.pt").string());
+  torch::Tensor rng;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rng = gen.get_state();
+  }
+  write_file_atomic(tmp / "rng.safetensors", serialize_safetensors({{"cpu", rng}}));
+  nlohmann::json j = {{"epoch", st.epoch}, {"step", st.step}, {"best_top1", st.best_top1}, {"csv_rows", st.csv_rows},
+                      {"vitlab", version()}};
+  write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
+  fs::path old = dir;
+  old += ".old";
+  fs::remove_all(old);
+  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::rename(tmp, dir);
+  fs::remove_all(old);
+}
+
+RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim::Optimizer& opt, Ema* ema) {
+  if (!fs::is_directory(dir)) fail("{}: no checkpoint to resume from", dir.string());
+  load_state(model, read_weights(dir / "model.safetensors"), true, (dir / "model.safetensors").string());
+  if (ema) {
+    StateDict e = read_weights(dir / "ema.safetensors");
+    for (auto& [k, v] : ema->state) v.copy_(e.at(k));
+  }
+  torch::load(opt, (dir / "optimizer.pt").string());
+  torch::Tensor rng = read_weights(dir / "rng.safetensors").at("cpu");
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rng);
+  }
+  nlohmann::json j = nlohmann::json::parse(read_file(dir / "state.json"));
+  return {j["epoch"], j["step"], j["best_top1"], j["csv_rows"].get<std::vector<std::string>>()};
+}
+
+// A progress bar on a terminal, plain lines every log_interval steps otherwise.
+class Progress {
+ public:
+  explicit Progress(int64_t log_interval) : tty_(::isatty(STDERR_FILENO)), interval_(log_interval) {}
+  void update(int64_t epoch, int64_t epochs, int64_t batch, int64_t batches, double loss, double lr, double ips, int64_t step) {
+    if (tty_) {
+      const int width = 30, filled = static_cast<int>(width * (batch + 1) / std::max<int64_t>(batches, 1));
+      fmt::print(stderr, "\repoch {}/{} [{}{}] {}/{} loss {:.4f} lr {:.2e} {:.0f} img/s ", epoch + 1, epochs,
+                 std::string(filled, '='), std::string(width - filled, ' '), batch + 1, batches, loss, lr, ips);
+    } else if (step % interval_ == 0) {
+      fmt::print(stderr, "epoch {}/{} batch {}/{} step {} loss {:.4f} lr {:.2e} {:.0f} img/s\n", epoch + 1, epochs,
+                 batch + 1, batches, step, loss, lr, ips);
+    }
+  }
+  void end_epoch() {
+    if (tty_) fmt::print(stderr, "\n");
+  }
+
+ private:
+  bool tty_;
+  int64_t interval_;
+};
+
+}  // namespace
+
+double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64_t stop_after) {
+  const auto wall_start = std::chrono::steady_clock::now();
+  const int threads = configure_threads(static_cast<int>(cfg.train.threads));
+  if (cfg.train.device == "cuda" && !torch::cuda::is_available())
+    fail("train.device is cuda but this LibTorch build sees no CUDA device");
+  const torch::Device device(cfg.train.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+
+  DataSplits data = open_data(cfg.data);
+  const auto num_classes = static_cast<int64_t>(data.classes.size());
+  ModelSpec spec = resolve_train_model(cfg, num_classes);
+  Model model = build_model(spec);
+  model.module->to(device);
+  const int64_t img_size = spec.config["img_size"], in_chans = spec.config["in_chans"];
+
+  LoaderOptions lo;
+  lo.batch_size = cfg.train.batch_size;
+  lo.workers = static_cast<int>(cfg.data.workers);
+  lo.prefetch = static_cast<int>(cfg.data.prefetch);
+  lo.seed = static_cast<uint64_t>(cfg.train.seed);
+  lo.skip_errors = cfg.data.on_error == "skip";
+  lo.drop_last = cfg.train.drop_last;
+  lo.pin_memory = device.is_cuda();
+  const TransformOptions tf = cfg.transforms(img_size, in_chans);
+  DataLoader train_loader(data.train, tf, lo);
+  lo.train = false;
+  DataLoader val_loader(data.val, tf, lo);
+  const MixupOptions mix = cfg.mixup(num_classes);
+
+  const int64_t batches = train_loader.num_batches();
+  if (batches < cfg.train.grad_accum)
+    fail("{} training images make {} batches of {}, fewer than train.grad_accum {}", data.train->size(), batches,
+         cfg.train.batch_size, cfg.train.grad_accum);
+  const int64_t steps_per_epoch = batches / cfg.train.grad_accum, total_steps = steps_per_epoch * cfg.train.epochs;
+  double base_lr = cfg.optim.lr;
+  if (cfg.optim.lr_base_size > 0)
+    base_lr *= static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum) / cfg.optim.lr_base_size;
+  auto opt = make_optimizer(*model.module, cfg.optim, base_lr);
+  std::unique_ptr<Ema> ema = cfg.train.ema ? std::make_unique<Ema>(*model.module, cfg.train.ema_decay) : nullptr;
+  Model ema_model = cfg.train.ema ? build_model(spec) : Model{};
+  if (ema_model.module) ema_model.module->to(device);
+
+  fs::create_directories(run_dir);
+  RunState st;
+  if (resume) {
+    st = load_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get());
+    fmt::print(stderr, "resuming {} after epoch {} (step {})\n", run_dir.string(), st.epoch, st.step);
+  }
+  write_file_atomic(run_dir / "config.yaml", cfg.to_yaml());
+  nlohmann::json classes_json = data.classes;
+  write_file_atomic(run_dir / "classes.json", classes_json.dump(2) + "\n");
+  {
+    // Keep the per-step log consistent with the checkpoint we resume from.
+    std::string kept;
+    if (resume && fs::exists(run_dir / "metrics.jsonl")) {
+      std::ifstream in(run_dir / "metrics.jsonl");
+      for (std::string line; std::getline(in, line);) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.value("step", int64_t(0)) <= st.step) kept += line + "\n";
+      }
+    }
+    write_file_atomic(run_dir / "metrics.jsonl", kept);
+  }
+  std::ofstream steps_log(run_dir / "metrics.jsonl", std::ios::app);
+
+  fmt::print(stderr, "training {} ({} parameters) on {} {} images, {} classes, {} threads, device {}\n", spec.name,
+             spec_parameters(spec), data.train->size(), cfg.data.type, num_classes, threads, device.str());
+  Progress progress(cfg.train.log_interval);
+  double samples_seen = 0, train_seconds = 0;
+  const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
+  for (int64_t epoch = st.epoch; epoch < last_epoch; ++epoch) {
+    model.module->train();
+    train_loader.begin_epoch(epoch);
+    double loss_sum = 0;
+    int64_t loss_count = 0, batch_index = 0;
+    auto t0 = std::chrono::steady_clock::now();
+    double lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
+    while (auto batch = train_loader.next()) {
+      if (batch_index >= steps_per_epoch * cfg.train.grad_accum) break;  // a partial accumulation is not stepped
+      torch::Tensor x = batch->images.to(device, true), y = batch->labels.to(device, true);
+      torch::Tensor target;
+      if (mix.enabled()) {
+        std::mt19937_64 rng(mix_seed(lo.seed, static_cast<uint64_t>(epoch), 0x6d6978ULL + batch_index));
+        target = mixup_batch(x, y, mix, rng);
+      } else if (mix.label_smoothing > 0) {
+        target = smooth_one_hot(y, num_classes, mix.label_smoothing);
+      }
+      torch::Tensor logits, attn;
+      if (cfg.train.cos_reg > 0)
+        std::tie(logits, attn) = model.vision->forward_with_attention(x);
+      else
+        logits = model.vision->forward(x);
+      torch::Tensor loss = target.defined() ? soft_target_cross_entropy(logits, target)
+                                            : torch::nn::functional::cross_entropy(logits, y);
+      if (attn.defined()) loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn, cfg.train.cos_reg_pairs);
+      const double loss_value = loss.item<double>();
+      if (!std::isfinite(loss_value))
+        fail("non-finite loss ({}) at step {} of epoch {}; {} holds the last good checkpoint", loss_value, st.step,
+             epoch + 1, (run_dir / "checkpoint-last").string());
+      (loss / static_cast<double>(cfg.train.grad_accum)).backward();
+      loss_sum += loss_value;
+      ++loss_count;
+      ++batch_index;
+      samples_seen += x.size(0);
+      if (batch_index % cfg.train.grad_accum == 0) {
+        lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
+        for (auto& g : opt->param_groups()) g.options().set_lr(lr);
+        if (cfg.optim.clip_grad > 0) torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
+        opt->step();
+        opt->zero_grad();
+        if (ema) ema->update(*model.module);
+        ++st.step;
+        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size / elapsed : 0.0;
+        steps_log << nlohmann::json{{"epoch", epoch + 1}, {"step", st.step}, {"loss", loss_value}, {"lr", lr}, {"images_per_sec", ips}}.dump() << std::endl;
+        progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
+      }
+    }
+    progress.end_epoch();
+    steps_log.flush();
+    train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device);
+    std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, loss_sum / std::max<int64_t>(loss_count, 1),
+                                  ev.loss, ev.top1, ev.top5, lr);
+    if (ema) {
+      load_state(*ema_model.module, ema->state);
+      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device);
+      row += fmt::format(",{:.6f},{:.4f},{:.4f}", ee.loss, ee.top1, ee.top5);
+    }
+    st.csv_rows.push_back(row);
+    st.epoch = epoch + 1;
+    const bool best = ev.top1 > st.best_top1;
+    if (best) st.best_top1 = ev.top1;
+    std::string csv = csv_header(cfg.train.ema);
+    for (const auto& r : st.csv_rows) csv += r + "\n";
+    write_file_atomic(run_dir / "metrics.csv", csv);
+    save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st);
+    if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st);
+    fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
+               cfg.train.epochs, loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
+  }
+
+  write_weights(run_dir / "model.safetensors", module_state(*model.module));
+  if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  const int64_t skipped = train_loader.skipped() + val_loader.skipped();
+  nlohmann::json summary = {{"model", spec.name}, {"epochs", st.epoch}, {"steps", st.step}, {"best_top1", st.best_top1},
+                            {"skipped_files", skipped}, {"wall_seconds", wall},
+                            {"train_images_per_sec", train_seconds > 0 ? samples_seen / train_seconds : 0.0},
+                            {"threads", threads}};
+  write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
+  if (st.epoch < cfg.train.epochs)
+    fmt::print("stopped after epoch {} of {}; continue with --resume\n", st.epoch, cfg.train.epochs);
+  fmt::print("done: {} epochs, best eval top-1 {:.2f}%, {} files skipped, {:.0f} s; outputs in {}\n", st.epoch,
+             st.best_top1, skipped, wall, run_dir.string());
+  return st.best_top1;
+}
+
+}  // namespace vitlab

@@ -1,0 +1,36 @@
+#pragma once
+// `vitlab train`: a timm-style recipe for ViT and DeepViT (AdamW without
+// decay on biases, norms and embeddings; warmup + cosine per step; Mixup,
+// CutMix, label smoothing; EMA; gradient clipping and accumulation), with
+// checkpoints that resume bit-for-bit on CPU.
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/loader.h"
+#include "models/registry.h"
+#include "train/config.h"
+
+namespace vitlab {
+
+struct DataSplits {
+  std::shared_ptr<const ImageSource> train, val;
+  std::vector<std::string> classes;
+};
+
+// Opens the configured dataset; ImageFolder warnings go to stderr. A split
+// without a usable image is an error.
+DataSplits open_data(const DataConfig& data);
+
+// The configured model for a dataset of num_classes classes (model.num_classes
+// defaults to it and must match it).
+ModelSpec resolve_train_model(const TrainConfig& config, int64_t num_classes);
+
+// Trains into run_dir (created when missing). resume: continue from
+// run_dir/checkpoint-last. stop_after > 0: stop once that many epochs of the
+// schedule are done (a job time limit), to be continued with resume.
+// Returns the best eval top-1.
+double train(const TrainConfig& config, const std::filesystem::path& run_dir, bool resume, int64_t stop_after = 0);
+
+}  // namespace vitlab
