@@ -167,3 +167,26 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
   CHECK(read_file(dir / "straight" / "model_ema.safetensors") == read_file(dir / "split" / "model_ema.safetensors"));
   CHECK(read_file(dir / "straight" / "metrics.csv") == read_file(dir / "split" / "metrics.csv"));
 }
+
+TEST_CASE("every config in configs/ loads and resolves its model and transforms") {
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(fixture("../../configs"))) {
+    INFO(e.path());
+    TrainConfig c = TrainConfig::load(e.path(), {});
+    ModelSpec spec = resolve_model(c.model, c.model_overrides);
+    CHECK_NOTHROW(c.transforms(spec.config["img_size"], spec.config["in_chans"]));
+    CHECK_NOTHROW(c.mixup(spec.config["num_classes"]));
+    ++n;
+  }
+  CHECK(n >= 3);
+}
+
+TEST_CASE("a non-finite loss stops training with the step named") {
+  TempDir dir;
+  RunResult r = run_cli("train" + std::string(kTiny) + " --set optim.lr=1e30 --set optim.weight_decay=0 " +
+                        "--set schedule.warmup_epochs=0 --set aug.mixup=0 --out " + (dir / "run").string());
+  INFO(r.output);
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Catch::Contains("non-finite loss") && Catch::Contains("at step"));
+  CHECK_FALSE(fs::exists(dir / "run" / "model.safetensors"));
+}

@@ -296,9 +296,11 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                                             : torch::nn::functional::cross_entropy(logits, y);
       if (attn.defined()) loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn, cfg.train.cos_reg_pairs);
       const double loss_value = loss.item<double>();
-      if (!std::isfinite(loss_value))
-        fail("non-finite loss ({}) at step {} of epoch {}; {} holds the last good checkpoint", loss_value, st.step,
-             epoch + 1, (run_dir / "checkpoint-last").string());
+      if (!std::isfinite(loss_value)) {
+        const fs::path last = run_dir / "checkpoint-last";
+        fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1,
+             fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet");
+      }
       (loss / static_cast<double>(cfg.train.grad_accum)).backward();
       loss_sum += loss_value;
       ++loss_count;
@@ -319,10 +321,11 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       }
     }
     progress.end_epoch();
-    steps_log.flush();
+    if (loss_count == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
     train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device);
+    if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
     std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, loss_sum / std::max<int64_t>(loss_count, 1),
                                   ev.loss, ev.top1, ev.top5, lr);
     if (ema) {
