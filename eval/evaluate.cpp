@@ -57,7 +57,7 @@ namespace {
 std::string confusion_png(const torch::Tensor& confusion, const std::vector<std::string>& classes, const std::string& title) {
   const int n = static_cast<int>(confusion.size(0));
   const int cell = std::max(12, std::min(48, 640 / std::max(n, 1))), left = 150, top = 60;
-  cv::Mat img(top + n * cell + 110, left + n * cell + 20, CV_8UC3, cv::Scalar(255, 255, 255));
+  cv::Mat img(top + n * cell + 110, std::max(left + n * cell + 20, 780), CV_8UC3, cv::Scalar(255, 255, 255));
   torch::Tensor rows = confusion.to(torch::kDouble);
   rows = rows / rows.sum(1, true).clamp_min(1);
   cv::Mat values(n, n, CV_8U);
