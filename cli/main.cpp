@@ -13,9 +13,9 @@
 #include "data/datasets.h"
 #include "data/export.h"
 #include "eval/evaluate.h"
-#include "train/trainer.h"
 #include "io/torch_file.h"
 #include "models/registry.h"
+#include "train/trainer.h"
 
 namespace {
 
@@ -106,9 +106,9 @@ struct ConvertArgs {
 void run_convert(const ConvertArgs& a, const CommonOptions& common) {
   Model m = create_model(a.model, parse_overrides(common.sets));
   load_weights(m, a.weights, /*strict=*/true);
-  write_weights(a.out, module_state(*m.module));
-  fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, module_state(*m.module).size(),
-             count_parameters(*m.module));
+  const StateDict state = module_state(*m.module);
+  write_weights(a.out, state);
+  fmt::print("wrote {} ({} tensors, {} parameters)\n", a.out, state.size(), count_parameters(*m.module));
 }
 
 struct CompareArgs {
@@ -164,7 +164,8 @@ std::vector<Override> overrides_with_threads(const CommonOptions& common) {
 
 void run_train(const TrainArgs& a, const CommonOptions& common) {
   fs::path config = a.config;
-  if (config.empty() && a.resume && fs::exists(fs::path(a.out) / "config.yaml")) config = fs::path(a.out) / "config.yaml";
+  if (config.empty() && a.resume && fs::exists(fs::path(a.out) / "config.yaml"))
+    config = fs::path(a.out) / "config.yaml";
   train(TrainConfig::load(config, overrides_with_threads(common)), a.out, a.resume, a.stop_after);
 }
 
@@ -199,7 +200,8 @@ void run_eval(const EvalArgs& a, const CommonOptions& common) {
   DataLoader loader(data.val, cfg.transforms(m.config["img_size"], m.config["in_chans"]), lo);
   EvalResult r = evaluate(*m.vision, loader, num_classes, device);
   if (!a.out.empty())
-    write_eval_outputs(r, data.classes, a.out, fmt::format("{} on {} ({} images): top-1 {:.2f}%", m.name, cfg.data.type, r.images, r.top1));
+    write_eval_outputs(r, data.classes, a.out,
+                       fmt::format("{} on {} ({} images): top-1 {:.2f}%", m.name, cfg.data.type, r.images, r.top1));
   nlohmann::json j = r.to_json(data.classes);
   j["model"] = m.name;
   j["weights"] = weights.string();

@@ -34,7 +34,8 @@ DataSplits open_data(const DataConfig& data) {
                                         &train.classes);
     for (const auto* f : {&train, &val}) {
       for (const auto& w : f->warnings) fmt::print(stderr, "warning: {}\n", w);
-      if (f->samples.empty()) fail("{}: no images found (extensions jpg, jpeg, png, bmp, webp, tif, tiff)", f->dir.string());
+      if (f->samples.empty())
+        fail("{}: no images found (extensions jpg, jpeg, png, bmp, webp, tif, tiff)", f->dir.string());
     }
     s.train = std::make_shared<FolderSource>(std::move(train));
     s.val = std::make_shared<FolderSource>(std::move(val));
@@ -49,7 +50,8 @@ ModelSpec resolve_train_model(const TrainConfig& cfg, int64_t num_classes) {
   ModelSpec spec = resolve_model(cfg.model, keys);
   if (spec.family == "transformer") fail("model.name {} is a sequence model; train takes image models", cfg.model);
   if (spec.config["num_classes"].get<int64_t>() != num_classes)
-    fail("model.num_classes is {} but the dataset has {} classes", spec.config["num_classes"].get<int64_t>(), num_classes);
+    fail("model.num_classes is {} but the dataset has {} classes", spec.config["num_classes"].get<int64_t>(),
+         num_classes);
   return spec;
 }
 
@@ -67,16 +69,20 @@ double lr_at(const ScheduleConfig& s, double base_lr, int64_t step, int64_t step
 }
 
 // Exponential moving average of the weights (buffers copied as they are).
+// The (average, live tensor) pairs are found once: the update runs every step.
 struct Ema {
   StateDict state;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> pairs;
   double decay;
   Ema(const torch::nn::Module& m, double decay) : decay(decay) {
-    for (const auto& [k, v] : module_state(m)) state[k] = v.detach().clone();
-  }
-  void update(const torch::nn::Module& m) {
-    torch::NoGradGuard no_grad;
     for (const auto& [k, v] : module_state(m)) {
-      torch::Tensor& e = state.at(k);
+      state[k] = v.detach().clone();
+      pairs.emplace_back(state[k], v);
+    }
+  }
+  void update() {
+    torch::NoGradGuard no_grad;
+    for (auto& [e, v] : pairs) {
       if (e.is_floating_point())
         e.mul_(decay).add_(v.detach(), 1.0 - decay);
       else
@@ -94,13 +100,16 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(torch::nn::Module& model
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (o.opt == "adamw") {
-    auto opts = [&](double wd) { return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(lr).eps(o.eps).weight_decay(wd)); };
+    auto opts = [&](double wd) {
+      return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(lr).eps(o.eps).weight_decay(wd));
+    };
     groups.emplace_back(decay, opts(o.weight_decay));
     groups.emplace_back(no_decay, opts(0.0));
     return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(lr));
   }
   auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(lr).momentum(o.momentum).nesterov(o.momentum > 0).weight_decay(wd));
+    return std::make_unique<torch::optim::SGDOptions>(
+        torch::optim::SGDOptions(lr).momentum(o.momentum).nesterov(o.momentum > 0).weight_decay(wd));
   };
   groups.emplace_back(decay, opts(o.weight_decay));
   groups.emplace_back(no_decay, opts(0.0));
@@ -113,7 +122,9 @@ torch::Tensor attention_similarity_loss(const torch::Tensor& attn, int64_t pairs
   pairs = pairs > 0 ? std::min(pairs, L - 1) : L - 1;
   torch::Tensor sum = torch::zeros({}, attn.options());
   for (int64_t k = 0; k < pairs; ++k)
-    sum = sum + torch::nn::functional::cosine_similarity(attn[k], attn[k + 1], torch::nn::functional::CosineSimilarityFuncOptions().dim(1)).mean();
+    sum = sum + torch::nn::functional::cosine_similarity(attn[k], attn[k + 1],
+                                                         torch::nn::functional::CosineSimilarityFuncOptions().dim(1))
+                    .mean();
   return pairs > 0 ? sum / pairs : sum;
 }
 
@@ -125,7 +136,8 @@ struct RunState {
 };
 
 std::string csv_header(bool ema) {
-  return std::string("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr") + (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
+  return std::string("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr") +
+         (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
 }
 
 // A checkpoint is a directory, written under a temporary name and swapped
@@ -146,7 +158,10 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
     rng = gen.get_state();
   }
   write_file_atomic(tmp / "rng.safetensors", serialize_safetensors({{"cpu", rng}}));
-  nlohmann::json j = {{"epoch", st.epoch}, {"step", st.step}, {"best_top1", st.best_top1}, {"csv_rows", st.csv_rows},
+  nlohmann::json j = {{"epoch", st.epoch},
+                      {"step", st.step},
+                      {"best_top1", st.best_top1},
+                      {"csv_rows", st.csv_rows},
                       {"vitlab", version()}};
   write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
   fs::path old = dir;
@@ -179,7 +194,8 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
 class Progress {
  public:
   explicit Progress(int64_t log_interval) : tty_(::isatty(STDERR_FILENO)), interval_(log_interval) {}
-  void update(int64_t epoch, int64_t epochs, int64_t batch, int64_t batches, double loss, double lr, double ips, int64_t step) {
+  void update(int64_t epoch, int64_t epochs, int64_t batch, int64_t batches, double loss, double lr, double ips,
+              int64_t step) {
     if (tty_) {
       const int width = 30, filled = static_cast<int>(width * (batch + 1) / std::max<int64_t>(batches, 1));
       fmt::print(stderr, "\repoch {}/{} [{}{}] {}/{} loss {:.4f} lr {:.2e} {:.0f} img/s ", epoch + 1, epochs,
@@ -312,11 +328,17 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
         if (cfg.optim.clip_grad > 0) torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
         opt->step();
         opt->zero_grad();
-        if (ema) ema->update(*model.module);
+        if (ema) ema->update();
         ++st.step;
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size / elapsed : 0.0;
-        steps_log << nlohmann::json{{"epoch", epoch + 1}, {"step", st.step}, {"loss", loss_value}, {"lr", lr}, {"images_per_sec", ips}}.dump() << std::endl;
+        steps_log << nlohmann::json{{"epoch", epoch + 1},
+                                    {"step", st.step},
+                                    {"loss", loss_value},
+                                    {"lr", lr},
+                                    {"images_per_sec", ips}}
+                         .dump()
+                  << std::endl;
         progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
       }
     }
@@ -326,8 +348,8 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
 
     EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device);
     if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
-    std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, loss_sum / std::max<int64_t>(loss_count, 1),
-                                  ev.loss, ev.top1, ev.top5, lr);
+    std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1,
+                                  loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, lr);
     if (ema) {
       load_state(*ema_model.module, ema->state);
       EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device);
@@ -343,15 +365,20 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st);
     if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st);
     fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
-               cfg.train.epochs, loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
+               cfg.train.epochs, loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5,
+               best ? " (best)" : "");
   }
 
   write_weights(run_dir / "model.safetensors", module_state(*model.module));
   if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   const int64_t skipped = train_loader.skipped() + val_loader.skipped();
-  nlohmann::json summary = {{"model", spec.name}, {"epochs", st.epoch}, {"steps", st.step}, {"best_top1", st.best_top1},
-                            {"skipped_files", skipped}, {"wall_seconds", wall},
+  nlohmann::json summary = {{"model", spec.name},
+                            {"epochs", st.epoch},
+                            {"steps", st.step},
+                            {"best_top1", st.best_top1},
+                            {"skipped_files", skipped},
+                            {"wall_seconds", wall},
                             {"train_images_per_sec", train_seconds > 0 ? samples_seen / train_seconds : 0.0},
                             {"threads", threads}};
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
