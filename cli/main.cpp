@@ -6,7 +6,10 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "analysis/analyze.h"
+#include "analysis/study.h"
 #include "common/config.h"
+#include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "common/runtime.h"
@@ -23,12 +26,18 @@ using namespace vitlab;
 
 struct CommonOptions {
   int threads = 0;
+  std::string device, amp;  // empty: the config's (train, eval) or cpu / off
   std::vector<std::string> sets;
 };
 
 void add_threads(CLI::App* cmd, CommonOptions& common) {
   cmd->add_option("--threads", common.threads, "CPU threads (default: all logical CPUs)")
       ->check(CLI::NonNegativeNumber);
+}
+
+void add_device(CLI::App* cmd, CommonOptions& common) {
+  cmd->add_option("--device", common.device, "cpu, cuda or cuda:N (train, eval: sets train.device)");
+  cmd->add_option("--amp", common.amp, "Autocast: off, bf16 or fp16 (CUDA) (train, eval: sets train.amp)");
 }
 
 void add_model_options(CLI::App* cmd, std::string& model, CommonOptions& common) {
@@ -74,14 +83,22 @@ void run_forward(const ForwardArgs& a, const CommonOptions& common) {
     fail("{}: input shape {} does not match the model's [B, {}, {}, {}] (model.in_chans, model.img_size)", a.input,
          x.sizes().vec(), in_chans, img, img);
 
+  const torch::Device device = parse_device(common.device.empty() ? "cpu" : common.device, "--device");
+  const at::ScalarType amp = parse_amp(common.amp.empty() ? "off" : common.amp, device, "--amp");
+  m.module->to(device);
   m.vision->eval();
   torch::NoGradGuard no_grad;
-  x = x.to(torch::kFloat);
+  x = x.to(device, torch::kFloat);
   torch::Tensor logits, attn;
-  if (a.attention.empty())
-    logits = m.vision->forward(x);
-  else
-    std::tie(logits, attn) = m.vision->forward_with_attention(x);
+  {
+    Autocast autocast(device, amp);
+    if (a.attention.empty())
+      logits = m.vision->forward(x);
+    else
+      std::tie(logits, attn) = m.vision->forward_with_attention(x);
+  }
+  logits = logits.to(torch::kCPU, torch::kFloat);
+  if (attn.defined()) attn = attn.to(torch::kCPU, torch::kFloat);
 
   StagedOutputs out;
   out.add(a.output, serialize_torch(logits));
@@ -156,9 +173,12 @@ struct TrainArgs {
   int64_t stop_after = 0;
 };
 
-std::vector<Override> overrides_with_threads(const CommonOptions& common) {
+// --threads, --device and --amp are shorthands for their train.* keys.
+std::vector<Override> run_overrides(const CommonOptions& common) {
   std::vector<Override> o = parse_overrides(common.sets);
   if (common.threads > 0) o.push_back(parse_override(fmt::format("train.threads={}", common.threads)));
+  if (!common.device.empty()) o.push_back(parse_override("train.device=" + common.device));
+  if (!common.amp.empty()) o.push_back(parse_override("train.amp=" + common.amp));
   return o;
 }
 
@@ -166,7 +186,109 @@ void run_train(const TrainArgs& a, const CommonOptions& common) {
   fs::path config = a.config;
   if (config.empty() && a.resume && fs::exists(fs::path(a.out) / "config.yaml"))
     config = fs::path(a.out) / "config.yaml";
-  train(TrainConfig::load(config, overrides_with_threads(common)), a.out, a.resume, a.stop_after);
+  train(TrainConfig::load(config, run_overrides(common)), a.out, a.resume, a.stop_after);
+}
+
+struct AnalyzeArgs {
+  std::string checkpoint, model, weights, config, input, data, out;
+  int64_t limit = 0, batch = 32, visualize = 4;
+  double tau = 0.9, threshold = 0.9;
+};
+
+// --data SPEC: fashion_mnist, cifar10:ROOT or imagefolder:ROOT (its validation split).
+std::vector<Override> data_spec_overrides(const std::string& spec) {
+  const auto colon = spec.find(':');
+  const std::string type = spec.substr(0, colon);
+  if (type != "fashion_mnist" && type != "cifar10" && type != "imagefolder")
+    fail("--data {}: expected fashion_mnist, cifar10:ROOT or imagefolder:ROOT", spec);
+  std::vector<Override> o = {parse_override("data.type=" + type)};
+  if (colon != std::string::npos) o.push_back({"data.root", YAML::Node(spec.substr(colon + 1))});
+  return o;
+}
+
+void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
+  if (a.checkpoint.empty() == a.model.empty()) fail("give either --checkpoint RUN_DIR or --model NAME --weights FILE");
+  if (a.input.empty() == a.data.empty() && a.checkpoint.empty()) fail("give either --input X.pt or --data SPEC");
+  if (!a.input.empty() && !a.data.empty()) fail("give either --input X.pt or --data SPEC, not both");
+  fs::path config = a.config, weights = a.weights;
+  if (!a.checkpoint.empty()) {
+    if (config.empty()) config = fs::path(a.checkpoint) / "config.yaml";
+    if (weights.empty()) weights = fs::path(a.checkpoint) / "model.safetensors";
+  } else if (weights.empty()) {
+    fail("--model needs --weights FILE");
+  }
+  std::vector<Override> overrides = run_overrides(common);
+  if (!a.model.empty()) overrides.push_back(parse_override("model.name=" + a.model));
+  if (!a.data.empty())
+    for (auto& o : data_spec_overrides(a.data)) overrides.push_back(o);
+  const TrainConfig cfg = TrainConfig::load(config, overrides);
+  configure_threads(static_cast<int>(cfg.train.threads));
+
+  AnalyzeOptions ao;
+  ao.device = parse_device(cfg.train.device, "train.device");
+  ao.amp = parse_amp(cfg.train.amp, ao.device, "train.amp");
+  ao.batch_size = a.batch;
+  ao.limit = a.limit;
+  ao.visualize = a.visualize;
+  ao.similarity.tau = a.tau;
+  ao.similarity.similar_threshold = a.threshold;
+  AnalyzeReport report;
+  if (!a.input.empty()) {
+    YAML::Node keys = YAML::Clone(cfg.model_overrides);
+    const fs::path classes = fs::path(a.checkpoint) / "classes.json";
+    if (!a.checkpoint.empty() && !keys["num_classes"] && fs::exists(classes))
+      keys["num_classes"] = nlohmann::json::parse(read_file(classes)).size();
+    Model m = build_model(resolve_model(cfg.model, keys));
+    load_weights(m, weights);
+    const TransformOptions tf = cfg.transforms(m.config["img_size"], m.config["in_chans"]);
+    ao.mean = tf.mean;
+    ao.std = tf.std;
+    torch::Tensor x = read_torch_tensor(a.input);
+    const int64_t in_chans = m.config["in_chans"], img = m.config["img_size"];
+    if (x.dim() != 4 || x.size(1) != in_chans || x.size(2) != img || x.size(3) != img)
+      fail("{}: input shape {} does not match the model's [N, {}, {}, {}]", a.input, x.sizes().vec(), in_chans, img,
+           img);
+    if (!x.is_floating_point()) fail("{}: expected a float tensor, got {}", a.input, c10::toString(x.scalar_type()));
+    report = analyze(m, x, ao, a.out);
+  } else {
+    DataSplits data = open_data(cfg.data);
+    Model m = build_model(resolve_train_model(cfg, static_cast<int64_t>(data.classes.size())));
+    load_weights(m, weights);
+    const TransformOptions tf = cfg.transforms(m.config["img_size"], m.config["in_chans"]);
+    ao.mean = tf.mean;
+    ao.std = tf.std;
+    LoaderOptions lo;
+    lo.train = false;
+    lo.batch_size = a.batch;
+    lo.workers = static_cast<int>(cfg.data.workers);
+    lo.skip_errors = cfg.data.on_error == "skip";
+    lo.pin_memory = ao.device.is_cuda();
+    std::shared_ptr<const ImageSource> source = data.val;
+    if (a.limit > 0) source = std::make_shared<SubsetSource>(source, a.limit);
+    DataLoader loader(source, tf, lo);
+    report = analyze(m, loader, ao, a.out);
+  }
+  const SimilarityResult& r = report.similarity;
+  fmt::print("analysed {} images: {} blocks, {} heads, {} tokens\n", r.images, r.layers, r.heads, r.tokens);
+  fmt::print(
+      "adjacent-block similarity S[k-1,k]: [{:.3f}]\n",
+      fmt::join(std::vector<double>(r.adjacent.data_ptr<double>(), r.adjacent.data_ptr<double>() + r.adjacent.numel()),
+                ", "));
+  fmt::print("similar blocks (S[k-1,k] >= {}): {} of {}\n", r.options.similar_threshold, r.similar_blocks, r.layers);
+  fmt::print("forward {:.2f} s, analysis {:.2f} s ({:.1f}% of the forward passes), figures {:.2f} s\n",
+             report.forward_seconds, report.analysis_seconds,
+             report.forward_seconds > 0 ? 100.0 * report.analysis_seconds / report.forward_seconds : 0.0,
+             report.output_seconds);
+  fmt::print("wrote {} files to {}\n", report.files.size(), a.out);
+}
+
+struct StudyArgs {
+  std::string config, out;
+};
+
+void run_study_cmd(const StudyArgs& a, const CommonOptions& common) {
+  const fs::path report = run_study(StudyConfig::load(a.config, run_overrides(common)), a.out);
+  fmt::print("study done: {}\n", report.string());
 }
 
 struct EvalArgs {
@@ -182,11 +304,12 @@ void run_eval(const EvalArgs& a, const CommonOptions& common) {
   } else if (weights.empty()) {
     fail("--model needs --weights FILE");
   }
-  std::vector<Override> overrides = overrides_with_threads(common);
+  std::vector<Override> overrides = run_overrides(common);
   if (!a.model.empty()) overrides.push_back(parse_override("model.name=" + a.model));
   TrainConfig cfg = TrainConfig::load(config, overrides);
   configure_threads(static_cast<int>(cfg.train.threads));
-  const torch::Device device(cfg.train.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  const torch::Device device = parse_device(cfg.train.device, "train.device");
+  const at::ScalarType amp = parse_amp(cfg.train.amp, device, "train.amp");
   DataSplits data = open_data(cfg.data);
   const auto num_classes = static_cast<int64_t>(data.classes.size());
   Model m = build_model(resolve_train_model(cfg, num_classes));
@@ -197,8 +320,9 @@ void run_eval(const EvalArgs& a, const CommonOptions& common) {
   lo.batch_size = cfg.train.batch_size;
   lo.workers = static_cast<int>(cfg.data.workers);
   lo.skip_errors = cfg.data.on_error == "skip";
+  lo.pin_memory = device.is_cuda();
   DataLoader loader(data.val, cfg.transforms(m.config["img_size"], m.config["in_chans"]), lo);
-  EvalResult r = evaluate(*m.vision, loader, num_classes, device);
+  EvalResult r = evaluate(*m.vision, loader, num_classes, device, amp);
   if (!a.out.empty())
     write_eval_outputs(r, data.classes, a.out,
                        fmt::format("{} on {} ({} images): top-1 {:.2f}%", m.name, cfg.data.type, r.images, r.top1));
@@ -234,6 +358,7 @@ int main(int argc, char** argv) {
   forward->add_option("--attention", fwd.attention, "Also write the attention maps [L, B, H, T, T] here");
   forward->add_flag("--no-strict", fwd.no_strict, "Load matching keys only (e.g. a new classifier head)");
   add_threads(forward, common);
+  add_device(forward, common);
 
   ConvertArgs conv;
   auto* convert = app.add_subcommand("convert", "Check weights against a model and write them as .safetensors or .pt");
@@ -272,6 +397,7 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--stop-after", tr.stop_after, "Stop after this many epochs of the schedule (resume later)")
       ->check(CLI::NonNegativeNumber);
   add_threads(train_cmd, common);
+  add_device(train_cmd, common);
 
   EvalArgs ev;
   auto* eval_cmd = app.add_subcommand("eval", "Evaluate a trained model on the validation split");
@@ -282,6 +408,43 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--set", common.sets, "Override any key, e.g. --set data.type=imagefolder");
   eval_cmd->add_option("--out", ev.out, "Also write metrics.json, per_class.csv, confusion.csv and confusion.png here");
   add_threads(eval_cmd, common);
+  add_device(eval_cmd, common);
+
+  AnalyzeArgs an;
+  auto* analyze_cmd =
+      app.add_subcommand("analyze", "Attention collapse: cross-layer similarity of attention maps, with figures");
+  analyze_cmd->add_option("--checkpoint", an.checkpoint, "Run directory of `vitlab train`");
+  analyze_cmd->add_option("--model", an.model, "Model preset (with --weights)");
+  analyze_cmd->add_option("--weights", an.weights, "Weights file");
+  analyze_cmd->add_option("--config", an.config, "Training config for the model, data and transforms");
+  analyze_cmd->add_option("--set", common.sets, "Override any key, e.g. --set model.num_classes=10");
+  analyze_cmd->add_option("--input", an.input,
+                          "Images [N, C, H, W] saved by torch.save, normalised as the model expects");
+  analyze_cmd->add_option("--data", an.data, "fashion_mnist, cifar10:ROOT or imagefolder:ROOT (its validation split)");
+  analyze_cmd->add_option("--limit", an.limit, "At most this many images (the first ones; 0: all)")
+      ->check(CLI::NonNegativeNumber);
+  analyze_cmd->add_option("--batch", an.batch, "Images per forward pass")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  analyze_cmd->add_option("--tau", an.tau, "Per-image cosine counted as similar in the ratio R")->capture_default_str();
+  analyze_cmd->add_option("--threshold", an.threshold, "S[k-1,k] at or above which block k is a similar block")
+      ->capture_default_str();
+  analyze_cmd->add_option("--visualize", an.visualize, "Images with attention overlays")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  analyze_cmd->add_option("--out", an.out, "Output directory")->required();
+  add_threads(analyze_cmd, common);
+  add_device(analyze_cmd, common);
+
+  StudyArgs st;
+  auto* study_cmd =
+      app.add_subcommand("study", "DeepViT's depth-scaling experiment: train, evaluate and analyse each member");
+  study_cmd->add_option("--config", st.config, "YAML with a study section and the shared training recipe")->required();
+  study_cmd->add_option("--set", common.sets,
+                        "Override a recipe key (train.epochs=2) or study.depths / study.analysis.KEY (repeatable)");
+  study_cmd->add_option("--out", st.out, "Study directory (rerun to continue)")->required();
+  add_threads(study_cmd, common);
+  add_device(study_cmd, common);
 
   try {
     app.parse(argc, argv);
@@ -298,6 +461,8 @@ int main(int argc, char** argv) {
     if (*data_export) run_data_export(exp);
     if (*train_cmd) run_train(tr, common);
     if (*eval_cmd) run_eval(ev, common);
+    if (*analyze_cmd) run_analyze(an, common);
+    if (*study_cmd) run_study_cmd(st, common);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

@@ -57,12 +57,27 @@ class FolderSource : public ImageSource {
   ImageFolder folder_;
 };
 
+// The first `limit` samples of another source.
+class SubsetSource : public ImageSource {
+ public:
+  SubsetSource(std::shared_ptr<const ImageSource> source, int64_t limit)
+      : source_(std::move(source)), size_(std::min(limit, source_->size())) {}
+  int64_t size() const override { return size_; }
+  int64_t label(int64_t index) const override { return source_->label(index); }
+  cv::Mat image(int64_t index, int in_chans) const override { return source_->image(index, in_chans); }
+  const std::vector<std::string>& classes() const override { return source_->classes(); }
+
+ private:
+  std::shared_ptr<const ImageSource> source_;
+  int64_t size_;
+};
+
 struct LoaderOptions {
   int64_t batch_size = 64;
-  bool train = true;       // random transforms and a shuffled order; else eval transforms in order
-  bool drop_last = true;   // only when training
+  bool train = true;      // random transforms and a shuffled order; else eval transforms in order
+  bool drop_last = true;  // only when training
   int workers = 2;
-  int prefetch = 4;        // batches ready ahead of the consumer, at most
+  int prefetch = 4;  // batches ready ahead of the consumer, at most
   uint64_t seed = 0;
   bool skip_errors = true;  // data.on_error: skip (warn once per file, count) or fail
   bool pin_memory = false;
@@ -109,8 +124,8 @@ class DataLoader {
   std::vector<std::thread> workers_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
-  int64_t claimed_ = 0;    // next batch index a worker takes
-  int64_t consumed_ = 0;   // next batch index next() returns
+  int64_t claimed_ = 0;   // next batch index a worker takes
+  int64_t consumed_ = 0;  // next batch index next() returns
   bool stopping_ = false;
   std::map<int64_t, std::optional<Batch>> ready_;
   std::exception_ptr error_;

@@ -3,14 +3,15 @@
 #include <fmt/format.h>
 
 #include <cmath>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 
+#include "common/device.h"
 #include "common/files.h"
+#include "eval/figures.h"
 
 namespace vitlab {
 
-EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device) {
+EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device,
+                    at::ScalarType amp) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -21,7 +22,11 @@ EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t nu
   while (auto batch = loader.next()) {
     torch::Tensor x = batch->images.to(device, /*non_blocking=*/true);
     torch::Tensor y = batch->labels.to(device, /*non_blocking=*/true);
-    torch::Tensor logits = model.forward(x).to(torch::kFloat);
+    torch::Tensor logits;
+    {
+      Autocast autocast(device, amp);
+      logits = model.forward(x).to(torch::kFloat);
+    }
     loss_sum += torch::nn::functional::cross_entropy(logits, y).item<double>() * y.size(0);
     const int64_t k = std::min<int64_t>(5, num_classes);
     torch::Tensor topk = std::get<1>(logits.topk(k, 1));
@@ -54,33 +59,22 @@ nlohmann::json EvalResult::to_json(const std::vector<std::string>& classes) cons
 namespace {
 
 // The confusion matrix as a heatmap, rows normalised to the class's images.
-std::string confusion_png(const torch::Tensor& confusion, const std::vector<std::string>& classes, const std::string& title) {
-  const int n = static_cast<int>(confusion.size(0));
-  const int cell = std::max(12, std::min(48, 640 / std::max(n, 1))), left = 150, top = 60;
-  cv::Mat img(top + n * cell + 110, std::max(left + n * cell + 20, 780), CV_8UC3, cv::Scalar(255, 255, 255));
+std::string confusion_png(const torch::Tensor& confusion, const std::vector<std::string>& classes,
+                          const std::string& title) {
+  const auto n = static_cast<int>(confusion.size(0));
   torch::Tensor rows = confusion.to(torch::kDouble);
   rows = rows / rows.sum(1, true).clamp_min(1);
-  cv::Mat values(n, n, CV_8U);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) values.at<uint8_t>(i, j) = static_cast<uint8_t>(std::lround(255 * rows[i][j].item<double>()));
-  cv::Mat colored;
-  cv::applyColorMap(values, colored, cv::COLORMAP_VIRIDIS);
-  cv::resize(colored, colored, cv::Size(n * cell, n * cell), 0, 0, cv::INTER_NEAREST);
-  colored.copyTo(img(cv::Rect(left, top, n * cell, n * cell)));
-  const auto font = cv::FONT_HERSHEY_SIMPLEX;
-  cv::putText(img, title, {10, 25}, font, 0.6, {0, 0, 0}, 1, cv::LINE_AA);
-  cv::putText(img, "predicted class (columns), true class (rows); row-normalised", {10, 48}, font, 0.4, {60, 60, 60}, 1,
-              cv::LINE_AA);
-  for (int i = 0; i < n && cell >= 12; ++i) {
-    cv::putText(img, classes.at(i).substr(0, 18), {5, top + i * cell + cell / 2 + 4}, font, 0.4, {0, 0, 0}, 1, cv::LINE_AA);
-    cv::Mat label(cell, 110, CV_8UC3, cv::Scalar(255, 255, 255)), rotated;
-    cv::putText(label, classes.at(i).substr(0, 16), {2, cell / 2 + 4}, font, 0.4, {0, 0, 0}, 1, cv::LINE_AA);
-    cv::rotate(label, rotated, cv::ROTATE_90_COUNTERCLOCKWISE);
-    rotated.copyTo(img(cv::Rect(left + i * cell, top + n * cell, cell, 110)));
-  }
-  std::vector<uchar> png;
-  cv::imencode(".png", img, png);
-  return std::string(png.begin(), png.end());
+  HeatmapOptions o;
+  o.title = title;
+  o.subtitle = "row-normalised: the share of each true class predicted as each class";
+  o.x_label = "predicted class";
+  o.y_label = "true class";
+  for (const auto& c : classes) o.row_labels.push_back(c.substr(0, 18));
+  o.col_labels = o.row_labels;
+  o.vmin = 0.0;
+  o.vmax = 1.0;
+  o.cell = std::max(12, std::min(48, 640 / std::max(n, 1)));
+  return heatmap_png(rows, o);
 }
 
 }  // namespace

@@ -17,15 +17,17 @@ namespace vitlab {
 struct EvalResult {
   int64_t images = 0;
   double loss = 0.0;
-  double top1 = 0.0;  // percent
-  double top5 = 0.0;  // percent
-  torch::Tensor confusion;  // int64 [num_classes, num_classes]: row = true class, column = predicted
+  double top1 = 0.0;              // percent
+  double top5 = 0.0;              // percent
+  torch::Tensor confusion;        // int64 [num_classes, num_classes]: row = true class, column = predicted
   std::vector<double> per_class;  // percent; NaN for a class with no images
 
   nlohmann::json to_json(const std::vector<std::string>& classes) const;
 };
 
-EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device);
+// amp: the autocast dtype (Undefined: fp32).
+EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device,
+                    at::ScalarType amp = at::ScalarType::Undefined);
 
 // metrics.json, per_class.csv, confusion.csv and confusion.png in dir.
 void write_eval_outputs(const EvalResult& result, const std::vector<std::string>& classes,

@@ -126,7 +126,8 @@ VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o, const std::vec
   });
 }
 
-torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn) {
+torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn,
+                                                      std::vector<torch::Tensor>* block_outputs) {
   TORCH_CHECK(x.dim() == 4, "expected an image batch [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.size(1) == options_.in_chans, "input has ", x.size(1), " channels, the model expects ",
               options_.in_chans, " (model.in_chans)");
@@ -137,6 +138,7 @@ torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vect
     torch::Tensor map;
     x = block(x, attn ? &map : nullptr);
     if (attn) attn->push_back(map);
+    if (block_outputs) block_outputs->push_back(x);
   }
   return options_.global_pool == "avg" ? x : norm(x);
 }

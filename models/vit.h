@@ -81,8 +81,10 @@ class VisionTransformerImpl : public torch::nn::Module {
   explicit VisionTransformerImpl(const ViTOptions& options);
 
   torch::Tensor forward(const torch::Tensor& x);
-  // attn: when not null, receives each block's attention map ([B, H, T, T]).
-  torch::Tensor forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn = nullptr);
+  // attn: when not null, receives each block's attention map ([B, H, T, T]);
+  // block_outputs: each block's output tokens ([B, T, D], before the final norm).
+  torch::Tensor forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn = nullptr,
+                                 std::vector<torch::Tensor>* block_outputs = nullptr);
   torch::Tensor forward_head(const torch::Tensor& features);
   // Logits and the stacked maps [L, B, H, T, T].
   std::pair<torch::Tensor, torch::Tensor> forward_with_attention(const torch::Tensor& x);

@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include "analysis/study.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "data/loader.h"
@@ -23,7 +24,8 @@ std::vector<Override> sets(std::initializer_list<const char*> items) {
 const char* kTiny =
     " --set model.name=vit_tiny_patch16_224 --set model.img_size=28 --set model.patch_size=7 --set model.in_chans=1"
     " --set model.embed_dim=32 --set model.depth=2 --set model.num_heads=2 --set 'aug.mean=[0.5]' --set 'aug.std=[0.5]'"
-    " --set 'aug.auto_augment=\"\"' --set aug.mixup=0.2 --set aug.cutmix=0 --set aug.reprob=0.25 --set train.batch_size=16"
+    " --set 'aug.auto_augment=\"\"' --set aug.mixup=0.2 --set aug.cutmix=0 --set aug.reprob=0.25 --set "
+    "train.batch_size=16"
     " --set schedule.warmup_epochs=1 --set data.workers=2 --threads 1";
 
 }  // namespace
@@ -32,15 +34,19 @@ TEST_CASE("train config: unknown sections and keys, bad values, and a YAML round
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.epoch=3"})),
                     Catch::Contains("unknown key 'train.epoch'") && Catch::Contains("did you mean 'train.epochs'"));
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"trian.epochs=3"})), Catch::Contains("model, data, optim"));
-  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.batch_size=0"})), Catch::Contains("train.batch_size must be >= 1"));
-  CHECK_THROWS_WITH(TrainConfig::load("", sets({"optim.opt=adam"})), Catch::Contains("optim.opt must be one of adamw, sgd"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.batch_size=0"})),
+                    Catch::Contains("train.batch_size must be >= 1"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"optim.opt=adam"})),
+                    Catch::Contains("optim.opt must be one of adamw, sgd"));
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"data.type=imagefolder"})), Catch::Contains("data.root is required"));
-  CHECK_THROWS_WITH(TrainConfig::load("", sets({"aug.scale=0.5"})), Catch::Contains("aug.scale: expected a list of numbers"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"aug.scale=0.5"})),
+                    Catch::Contains("aug.scale: expected a list of numbers"));
   TempDir dir;
   write_file_atomic(dir / "bad.yaml", "model: {name: deepvit_S}\ntrainn: {}\n");
   CHECK_THROWS_WITH(TrainConfig::load(dir / "bad.yaml", {}), Catch::Contains("bad.yaml: unknown section 'trainn'"));
 
-  TrainConfig c = TrainConfig::load(fixture("../../configs/fashion_mnist_vit.yaml"), sets({"train.epochs=3", "model.depth=2"}));
+  TrainConfig c =
+      TrainConfig::load(fixture("../../configs/fashion_mnist_vit.yaml"), sets({"train.epochs=3", "model.depth=2"}));
   CHECK(c.train.epochs == 3);
   CHECK(c.model_overrides["depth"].as<int>() == 2);
   write_file_atomic(dir / "resolved.yaml", c.to_yaml());
@@ -55,7 +61,7 @@ TEST_CASE("a tiny model overfits a small batch") {
   torch::Tensor x = set.images.narrow(0, 0, 32).permute({0, 3, 1, 2}).to(torch::kFloat) / 255.0;
   torch::Tensor y = set.labels.narrow(0, 0, 32);
   Model m = create_model("vit_tiny_patch16_224", YAML::Load("{img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 32, "
-                                                           "depth: 2, num_heads: 2, num_classes: 10}"));
+                                                            "depth: 2, num_heads: 2, num_classes: 10}"));
   torch::optim::AdamW opt(m.module->parameters(), torch::optim::AdamWOptions(3e-3));
   double first = 0, last = 0;
   for (int step = 0; step < 150; ++step) {
@@ -129,10 +135,11 @@ TEST_CASE("vitlab train and eval end to end on an ImageFolder with bad files") {
   auto j = nlohmann::json::parse(ev.output.substr(ev.output.find('{')));
   CHECK(j["images"] == 64);
   CHECK(j["top1"].get<double>() >= 0.0);
-  for (const char* f : {"metrics.json", "per_class.csv", "confusion.csv", "confusion.png"}) CHECK(fs::exists(dir / "eval" / f));
+  for (const char* f : {"metrics.json", "per_class.csv", "confusion.csv", "confusion.png"})
+    CHECK(fs::exists(dir / "eval" / f));
 
-  RunResult bad = run_cli("train --set data.type=imagefolder --set data.root=" + (dir / "nothing").string() + " --out " +
-                          (dir / "run2").string());
+  RunResult bad = run_cli("train --set data.type=imagefolder --set data.root=" + (dir / "nothing").string() +
+                          " --out " + (dir / "run2").string());
   CHECK(bad.status == 1);
   CHECK_THAT(bad.output, Catch::Contains("not a directory"));
 }
@@ -151,12 +158,14 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
     return out + std::string(static_cast<const char*>(c.data_ptr()), c.numel());
   };
   for (const char* split : {"train", "t10k"}) {
-    write_file_atomic(dir / "fm" / (std::string(split) + "-images-idx3-ubyte"), idx(train.images.narrow(0, 0, 256).squeeze(-1)));
+    write_file_atomic(dir / "fm" / (std::string(split) + "-images-idx3-ubyte"),
+                      idx(train.images.narrow(0, 0, 256).squeeze(-1)));
     write_file_atomic(dir / "fm" / (std::string(split) + "-labels-idx1-ubyte"), idx(train.labels.narrow(0, 0, 256)));
   }
   const std::string data = " --set data.root=" + (dir / "fm").string();
   REQUIRE(run_cli("train" + base + data + " --set train.epochs=4 --out " + (dir / "straight").string()).status == 0);
-  RunResult first = run_cli("train" + base + data + " --set train.epochs=4 --stop-after 2 --out " + (dir / "split").string());
+  RunResult first =
+      run_cli("train" + base + data + " --set train.epochs=4 --stop-after 2 --out " + (dir / "split").string());
   REQUIRE(first.status == 0);
   CHECK_THAT(first.output, Catch::Contains("stopped after epoch 2 of 4"));
   RunResult r = run_cli("train" + base + data + " --set train.epochs=4 --resume --out " + (dir / "split").string());
@@ -169,16 +178,27 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
 }
 
 TEST_CASE("every config in configs/ loads and resolves its model and transforms") {
-  int n = 0;
+  int n = 0, studies = 0;
   for (const auto& e : fs::directory_iterator(fixture("../../configs"))) {
     INFO(e.path());
-    TrainConfig c = TrainConfig::load(e.path(), {});
-    ModelSpec spec = resolve_model(c.model, c.model_overrides);
-    CHECK_NOTHROW(c.transforms(spec.config["img_size"], spec.config["in_chans"]));
-    CHECK_NOTHROW(c.mixup(spec.config["num_classes"]));
+    std::vector<TrainConfig> configs;
+    if (YAML::LoadFile(e.path().string())["study"]) {
+      StudyConfig study = StudyConfig::load(e.path(), {});
+      for (const auto& f : study.families)
+        for (int64_t depth : study.depths) configs.push_back(study.member_config(f, depth));
+      ++studies;
+    } else {
+      configs.push_back(TrainConfig::load(e.path(), {}));
+    }
+    for (const auto& c : configs) {
+      ModelSpec spec = resolve_model(c.model, c.model_overrides);
+      CHECK_NOTHROW(c.transforms(spec.config["img_size"], spec.config["in_chans"]));
+      CHECK_NOTHROW(c.mixup(spec.config["num_classes"]));
+    }
     ++n;
   }
-  CHECK(n >= 3);
+  CHECK(n >= 6);
+  CHECK(studies == 3);
 }
 
 TEST_CASE("a non-finite loss stops training with the step named") {

@@ -23,6 +23,7 @@ void DataConfig::validate() const {
   if (type != "fashion_mnist" && root.empty()) fail("data.root is required for data.type {}", type);
   if (workers < 1) fail("data.workers must be >= 1, got {}", workers);
   if (prefetch < 1) fail("data.prefetch must be >= 1, got {}", prefetch);
+  if (train_limit < 0) fail("data.train_limit must be >= 0 (0: all), got {}", train_limit);
 }
 
 void OptimConfig::validate() const {
@@ -46,7 +47,9 @@ void RunConfig::validate() const {
   if (epochs < 1) fail("train.epochs must be >= 1, got {}", epochs);
   if (batch_size < 1) fail("train.batch_size must be >= 1, got {}", batch_size);
   if (seed < 0) fail("train.seed must be >= 0, got {}", seed);
-  one_of("train.device", device, {"cpu", "cuda"});
+  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0)
+    fail("train.device must be cpu, cuda or cuda:N, got '{}'", device);
+  one_of("train.amp", amp, {"off", "bf16", "fp16"});
   if (threads < 0) fail("train.threads must be >= 0 (0: all CPUs), got {}", threads);
   if (grad_accum < 1) fail("train.grad_accum must be >= 1, got {}", grad_accum);
   if (!(ema_decay > 0 && ema_decay < 1)) fail("train.ema_decay must be in (0, 1), got {}", ema_decay);
@@ -66,7 +69,11 @@ TrainConfig TrainConfig::load(const std::filesystem::path& file, const std::vect
     if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
     if (!root.IsMap()) fail("{}: expected a map of sections ({})", file.string(), fmt::join(kSections, ", "));
   }
-  const std::string where = file.empty() ? "config" : file.string();
+  return from_yaml(root, overrides, file.empty() ? "config" : file.string());
+}
+
+TrainConfig TrainConfig::from_yaml(const YAML::Node& root, const std::vector<Override>& overrides,
+                                   const std::string& where) {
   for (const auto& kv : root) {
     const auto name = kv.first.as<std::string>();
     if (std::find(kSections.begin(), kSections.end(), name) == kSections.end()) {
@@ -131,10 +138,14 @@ TransformOptions TrainConfig::transforms(int64_t img_size, int64_t in_chans) con
   TransformOptions t;
   t.img_size = img_size;
   t.in_chans = in_chans;
-  if (!aug.mean.empty()) t.mean = aug.mean;
-  else if (in_chans == 1) t.mean = {0.5};
-  if (!aug.std.empty()) t.std = aug.std;
-  else if (in_chans == 1) t.std = {0.5};
+  if (!aug.mean.empty())
+    t.mean = aug.mean;
+  else if (in_chans == 1)
+    t.mean = {0.5};
+  if (!aug.std.empty())
+    t.std = aug.std;
+  else if (in_chans == 1)
+    t.std = {0.5};
   t.scale = aug.scale;
   t.ratio = aug.ratio;
   t.interpolation = aug.interpolation;
@@ -158,7 +169,8 @@ MixupOptions TrainConfig::mixup(int64_t num_classes) const {
   if (m.mixup_alpha < 0 || m.cutmix_alpha < 0) fail("aug.mixup and aug.cutmix must be >= 0 (0: off)");
   if (m.prob < 0 || m.prob > 1) fail("aug.mixup_prob must be in [0, 1], got {}", m.prob);
   if (m.switch_prob < 0 || m.switch_prob > 1) fail("aug.mixup_switch_prob must be in [0, 1], got {}", m.switch_prob);
-  if (m.label_smoothing < 0 || m.label_smoothing >= 1) fail("aug.smoothing must be in [0, 1), got {}", m.label_smoothing);
+  if (m.label_smoothing < 0 || m.label_smoothing >= 1)
+    fail("aug.smoothing must be in [0, 1), got {}", m.label_smoothing);
   return m;
 }
 

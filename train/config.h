@@ -21,6 +21,7 @@ struct DataConfig {
   std::string on_error = "skip";       // skip | fail: unreadable images
   int64_t workers = 2;
   int64_t prefetch = 4;
+  int64_t train_limit = 0;  // > 0: train on the first N images only (quick studies)
 
   template <class F>
   void visit(F&& f) {
@@ -31,6 +32,7 @@ struct DataConfig {
     f("on_error", on_error);
     f("workers", workers);
     f("prefetch", prefetch);
+    f("train_limit", train_limit);
   }
   void validate() const;
 };
@@ -41,8 +43,8 @@ struct OptimConfig {
   double weight_decay = 0.05;  // not on biases, norms, pos_embed, cls_token
   double momentum = 0.9;       // sgd
   double eps = 1e-8;
-  double clip_grad = 0.0;      // max gradient norm; 0: off
-  int64_t lr_base_size = 0;    // > 0: lr scaled by effective batch / lr_base_size (timm)
+  double clip_grad = 0.0;    // max gradient norm; 0: off
+  int64_t lr_base_size = 0;  // > 0: lr scaled by effective batch / lr_base_size (timm)
 
   template <class F>
   void visit(F&& f) {
@@ -114,9 +116,10 @@ struct RunConfig {
   int64_t epochs = 10;
   int64_t batch_size = 64;
   int64_t seed = 0;
-  std::string device = "cpu";
-  int64_t threads = 0;       // 0: all logical CPUs
-  int64_t grad_accum = 1;    // micro-batches per optimizer step
+  std::string device = "cpu";  // cpu | cuda | cuda:N
+  std::string amp = "off";     // off | bf16 | fp16 (CUDA, with loss scaling)
+  int64_t threads = 0;         // 0: all logical CPUs
+  int64_t grad_accum = 1;      // micro-batches per optimizer step
   bool ema = false;
   double ema_decay = 0.9998;
   int64_t log_interval = 50;  // steps between plain log lines (no terminal)
@@ -132,6 +135,7 @@ struct RunConfig {
     f("batch_size", batch_size);
     f("seed", seed);
     f("device", device);
+    f("amp", amp);
     f("threads", threads);
     f("grad_accum", grad_accum);
     f("ema", ema);
@@ -145,7 +149,7 @@ struct RunConfig {
 };
 
 struct TrainConfig {
-  std::string model = "vit_tiny_patch16_224";  // model.name
+  std::string model = "vit_tiny_patch16_224";       // model.name
   YAML::Node model_overrides{YAML::NodeType::Map};  // the other model.* keys, checked by the model registry
   DataConfig data;
   OptimConfig optim;
@@ -155,6 +159,9 @@ struct TrainConfig {
 
   // The file (may be empty: defaults), then the overrides; every key checked.
   static TrainConfig load(const std::filesystem::path& file, const std::vector<Override>& overrides);
+  // The same from a parsed map of sections; `where` names it in errors.
+  static TrainConfig from_yaml(const YAML::Node& root, const std::vector<Override>& overrides,
+                               const std::string& where);
   // The resolved configuration, every key, as `vitlab train --config` reads it.
   std::string to_yaml() const;
   // Transforms for a model with this image size and channel count.

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "common/runtime.h"
@@ -41,6 +42,7 @@ DataSplits open_data(const DataConfig& data) {
     s.val = std::make_shared<FolderSource>(std::move(val));
   }
   s.classes = s.train->classes();
+  if (data.train_limit > 0) s.train = std::make_shared<SubsetSource>(s.train, data.train_limit);
   return s;
 }
 
@@ -133,7 +135,33 @@ struct RunState {
   int64_t step = 0;   // optimizer steps taken
   double best_top1 = -1.0;
   std::vector<std::string> csv_rows;
+  double loss_scale = 65536.0;  // fp16 only
+  int64_t scale_growth_tracker = 0;
+  int64_t skipped_steps = 0;
 };
+
+// fp16 loss scaling as torch.cuda.amp.GradScaler does it: a step whose
+// unscaled gradients hold inf/NaN is skipped and the scale halved; after
+// 2000 clean steps in a row the scale doubles.
+bool unscale_and_check(torch::nn::Module& model, RunState& st) {
+  const double inv = 1.0 / st.loss_scale;
+  std::vector<torch::Tensor> norms;
+  for (auto& p : model.parameters()) {
+    if (!p.grad().defined()) continue;
+    p.mutable_grad().mul_(inv);
+    norms.push_back(p.grad().abs().max().to(torch::kFloat));
+  }
+  const bool finite = norms.empty() || torch::stack(norms).max().isfinite().item<bool>();
+  if (!finite) {
+    st.loss_scale *= 0.5;
+    st.scale_growth_tracker = 0;
+    ++st.skipped_steps;
+  } else if (++st.scale_growth_tracker == 2000) {
+    st.loss_scale *= 2.0;
+    st.scale_growth_tracker = 0;
+  }
+  return finite;
+}
 
 std::string csv_header(bool ema) {
   return std::string("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr") +
@@ -157,11 +185,20 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
     std::lock_guard<std::mutex> lock(gen.mutex());
     rng = gen.get_state();
   }
-  write_file_atomic(tmp / "rng.safetensors", serialize_safetensors({{"cpu", rng}}));
+  StateDict rng_state{{"cpu", rng}};
+  if (torch::cuda::is_available()) {
+    auto gen = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rng_state["cuda"] = gen.get_state();
+  }
+  write_file_atomic(tmp / "rng.safetensors", serialize_safetensors(rng_state));
   nlohmann::json j = {{"epoch", st.epoch},
                       {"step", st.step},
                       {"best_top1", st.best_top1},
                       {"csv_rows", st.csv_rows},
+                      {"loss_scale", st.loss_scale},
+                      {"scale_growth_tracker", st.scale_growth_tracker},
+                      {"skipped_steps", st.skipped_steps},
                       {"vitlab", version()}};
   write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
   fs::path old = dir;
@@ -180,14 +217,23 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
     for (auto& [k, v] : ema->state) v.copy_(e.at(k));
   }
   torch::load(opt, (dir / "optimizer.pt").string());
-  torch::Tensor rng = read_weights(dir / "rng.safetensors").at("cpu");
+  const StateDict rng = read_weights(dir / "rng.safetensors");
   {
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng);
+    gen.set_state(rng.at("cpu"));
+  }
+  if (rng.count("cuda") && torch::cuda::is_available()) {
+    auto gen = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rng.at("cuda"));
   }
   nlohmann::json j = nlohmann::json::parse(read_file(dir / "state.json"));
-  return {j["epoch"], j["step"], j["best_top1"], j["csv_rows"].get<std::vector<std::string>>()};
+  RunState st{j["epoch"], j["step"], j["best_top1"], j["csv_rows"].get<std::vector<std::string>>()};
+  st.loss_scale = j.value("loss_scale", st.loss_scale);
+  st.scale_growth_tracker = j.value("scale_growth_tracker", int64_t(0));
+  st.skipped_steps = j.value("skipped_steps", int64_t(0));
+  return st;
 }
 
 // A progress bar on a terminal, plain lines every log_interval steps otherwise.
@@ -219,9 +265,9 @@ class Progress {
 double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64_t stop_after) {
   const auto wall_start = std::chrono::steady_clock::now();
   const int threads = configure_threads(static_cast<int>(cfg.train.threads));
-  if (cfg.train.device == "cuda" && !torch::cuda::is_available())
-    fail("train.device is cuda but this LibTorch build sees no CUDA device");
-  const torch::Device device(cfg.train.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  const torch::Device device = parse_device(cfg.train.device, "train.device");
+  const at::ScalarType amp = parse_amp(cfg.train.amp, device, "train.amp");
+  const bool fp16 = amp == at::kHalf;
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
 
   DataSplits data = open_data(cfg.data);
@@ -303,21 +349,27 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       } else if (mix.label_smoothing > 0) {
         target = smooth_one_hot(y, num_classes, mix.label_smoothing);
       }
-      torch::Tensor logits, attn;
-      if (cfg.train.cos_reg > 0)
-        std::tie(logits, attn) = model.vision->forward_with_attention(x);
-      else
-        logits = model.vision->forward(x);
-      torch::Tensor loss = target.defined() ? soft_target_cross_entropy(logits, target)
-                                            : torch::nn::functional::cross_entropy(logits, y);
-      if (attn.defined()) loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn, cfg.train.cos_reg_pairs);
+      torch::Tensor loss;
+      {
+        Autocast autocast(device, amp);
+        torch::Tensor logits, attn;
+        if (cfg.train.cos_reg > 0)
+          std::tie(logits, attn) = model.vision->forward_with_attention(x);
+        else
+          logits = model.vision->forward(x);
+        logits = logits.to(torch::kFloat);
+        loss = target.defined() ? soft_target_cross_entropy(logits, target)
+                                : torch::nn::functional::cross_entropy(logits, y);
+        if (attn.defined())
+          loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn.to(torch::kFloat), cfg.train.cos_reg_pairs);
+      }
       const double loss_value = loss.item<double>();
       if (!std::isfinite(loss_value)) {
         const fs::path last = run_dir / "checkpoint-last";
         fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1,
              fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet");
       }
-      (loss / static_cast<double>(cfg.train.grad_accum)).backward();
+      (loss * ((fp16 ? st.loss_scale : 1.0) / static_cast<double>(cfg.train.grad_accum))).backward();
       loss_sum += loss_value;
       ++loss_count;
       ++batch_index;
@@ -325,10 +377,14 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       if (batch_index % cfg.train.grad_accum == 0) {
         lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
         for (auto& g : opt->param_groups()) g.options().set_lr(lr);
-        if (cfg.optim.clip_grad > 0) torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
-        opt->step();
+        const bool apply = !fp16 || unscale_and_check(*model.module, st);
+        if (apply) {
+          if (cfg.optim.clip_grad > 0)
+            torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
+          opt->step();
+          if (ema) ema->update();
+        }
         opt->zero_grad();
-        if (ema) ema->update();
         ++st.step;
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size / elapsed : 0.0;
@@ -346,13 +402,13 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     if (loss_count == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
     train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device);
+    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device, amp);
     if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
     std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1,
                                   loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, lr);
     if (ema) {
       load_state(*ema_model.module, ema->state);
-      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device);
+      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp);
       row += fmt::format(",{:.6f},{:.4f},{:.4f}", ee.loss, ee.top1, ee.top5);
     }
     st.csv_rows.push_back(row);
@@ -373,14 +429,13 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   const int64_t skipped = train_loader.skipped() + val_loader.skipped();
-  nlohmann::json summary = {{"model", spec.name},
-                            {"epochs", st.epoch},
-                            {"steps", st.step},
-                            {"best_top1", st.best_top1},
-                            {"skipped_files", skipped},
-                            {"wall_seconds", wall},
-                            {"train_images_per_sec", train_seconds > 0 ? samples_seen / train_seconds : 0.0},
-                            {"threads", threads}};
+  nlohmann::json summary = {
+      {"model", spec.name},       {"epochs", st.epoch},
+      {"steps", st.step},         {"best_top1", st.best_top1},
+      {"skipped_files", skipped}, {"skipped_steps", st.skipped_steps},
+      {"device", device.str()},   {"amp", cfg.train.amp},
+      {"wall_seconds", wall},     {"train_images_per_sec", train_seconds > 0 ? samples_seen / train_seconds : 0.0},
+      {"threads", threads}};
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
   if (st.epoch < cfg.train.epochs)
     fmt::print("stopped after epoch {} of {}; continue with --resume\n", st.epoch, cfg.train.epochs);

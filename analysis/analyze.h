@@ -1,0 +1,53 @@
+#pragma once
+// `vitlab analyze`: runs a vision model over images, measures attention
+// collapse (analysis/similarity.h) and writes the numbers and figures. What
+// each output means is in docs/ANALYSIS.md.
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "analysis/similarity.h"
+#include "data/loader.h"
+#include "models/registry.h"
+
+namespace vitlab {
+
+struct AnalyzeOptions {
+  SimilarityOptions similarity;
+  int64_t batch_size = 32;                         // images per forward pass for a tensor input (a loader has its own)
+  int64_t limit = 0;                               // analyse at most this many images (the first ones); 0: all
+  torch::Device device = torch::kCPU;              // the model is moved here; the analysis runs here too
+  at::ScalarType amp = at::ScalarType::Undefined;  // autocast dtype of the forward passes; Undefined: fp32
+  int64_t visualize = 4;                           // the first images get attention overlays
+  bool features = true;                            // also the cross-layer similarity of block outputs
+  // The normalisation the inputs went through (TransformOptions::mean/std),
+  // undone for the overlays; empty: each image is stretched to [0, 1].
+  std::vector<double> mean, std;
+  std::string model_name;  // names the model in figure titles and summary.json; empty: Model::name
+
+  void validate() const;  // errors name the option and the expectation
+};
+
+struct AnalyzeReport {
+  SimilarityResult similarity;
+  double forward_seconds = 0.0;    // forward passes with attention capture (what the analysis consumes)
+  double analysis_seconds = 0.0;   // accumulating similarities and the overlay maps
+  double output_seconds = 0.0;     // drawing figures, writing files
+  nlohmann::json summary;          // what summary.json holds
+  std::vector<std::string> files;  // names written in the output directory
+};
+
+// Runs the model (a ViT or DeepViT, built and loaded, e.g. create_model +
+// load_weights) in eval mode without gradients over `images` [N, C, H, W]
+// (float, normalised as the model expects) and writes into `out`:
+// similarity.pt, summary.json, CSVs and PNGs, all made visible together.
+AnalyzeReport analyze(Model& model, const torch::Tensor& images, const AnalyzeOptions& options,
+                      const std::filesystem::path& out);
+// The same over a loader's batches (eval transforms, in order); labels are unused.
+AnalyzeReport analyze(Model& model, DataLoader& loader, const AnalyzeOptions& options,
+                      const std::filesystem::path& out);
+
+}  // namespace vitlab

@@ -1,0 +1,295 @@
+#include "analysis/similarity.h"
+
+#include <ATen/Parallel.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/error.h"
+
+namespace vitlab {
+
+void SimilarityOptions::validate() const {
+  if (!(tau >= -1.0 && tau <= 1.0)) fail("analysis.tau must be a cosine in [-1, 1], got {}", tau);
+  if (!(similar_threshold >= -1.0 && similar_threshold <= 1.0))
+    fail("analysis.similar_threshold must be a cosine in [-1, 1], got {}", similar_threshold);
+  if (chunk < 0) fail("analysis.chunk must be >= 0 images (0: sized by chunk_bytes), got {}", chunk);
+  if (chunk_bytes < 1) fail("analysis.chunk_bytes must be >= 1, got {}", chunk_bytes);
+  if (!(eps > 0.0)) fail("analysis.eps must be > 0, got {}", eps);
+}
+
+SimilarityAccumulator::SimilarityAccumulator(int64_t layers, int64_t heads, int64_t tokens, SimilarityOptions options,
+                                             torch::Device device)
+    : L_(layers), H_(heads), T_(tokens), options_(options), device_(device) {
+  options_.validate();
+  if (L_ < 1 || H_ < 1 || T_ < 1)
+    fail("similarity: layers, heads and tokens must be >= 1, got {}, {} and {}", L_, H_, T_);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble).device(device_);
+  m_sum_ = torch::zeros({H_ * T_, L_, L_}, f64);
+  above_tau_ = torch::zeros({L_, L_}, f64.dtype(torch::kLong));
+  head_sum_ = torch::zeros({L_, H_, H_}, f64);
+  feature_sum_ = torch::zeros({L_, L_}, f64);
+}
+
+int64_t SimilarityAccumulator::chunk_images(int64_t feature_dim) const {
+  if (options_.chunk > 0) return options_.chunk;
+  // Per image, the scratch memory: the columns of all blocks side by side
+  // [T, H, L, T], their cosines [T, H, L, L] with the >= tau mask (all
+  // float32), one block's head cosines, and the features' stack
+  // [T, L, D] with its cosines.
+  const int64_t L = L_, H = H_, T = T_;
+  const int64_t per_image =
+      4 * L * H * T * T + 8 * T * H * L * L + 4 * T * H * H + 4 * (L * T * feature_dim + T * L * L);
+  return std::clamp<int64_t>(options_.chunk_bytes / per_image, 1, std::max<int64_t>(1, (int64_t{1} << 24) / (T * H)));
+}
+
+void SimilarityAccumulator::add(const torch::Tensor& attn, const torch::Tensor& features) {
+  if (attn.dim() != 5) fail("similarity: expected attention maps [L, B, H, T, T], got shape {}", attn.sizes().vec());
+  std::vector<torch::Tensor> blocks = attn.unbind(0), feature_blocks;
+  if (features.defined()) {
+    if (features.dim() != 4)
+      fail("similarity: expected block outputs [L, B, T, D], got shape {}", features.sizes().vec());
+    feature_blocks = features.unbind(0);
+  }
+  add(blocks, feature_blocks);
+}
+
+namespace {
+
+// A view of `shape` on buffer's memory, (re)allocated only when it grows.
+torch::Tensor scratch(torch::Tensor& buffer, torch::IntArrayRef shape, torch::ScalarType dtype,
+                      const torch::Device& device) {
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  if (!buffer.defined() || buffer.numel() < numel)
+    buffer = torch::empty({numel}, torch::TensorOptions().dtype(dtype).device(device));
+  return buffer.narrow(0, 0, numel).view(shape);
+}
+
+// X[b, t, h, l, :] = column t of block l's map a[b, h, :, :], i.e. X's
+// block-l slice [n, T, H, T] is a permuted copy of a [n, H, T, T]. On the
+// CPU a tiled transpose: the generic strided copy reads each column with a
+// cache miss per element and costs more than the matrix products.
+void copy_columns(const torch::Tensor& a, torch::Tensor& X, int64_t l) {
+  if (!a.device().is_cpu() || a.scalar_type() != torch::kFloat || !a.is_contiguous()) {
+    X.select(3, l).copy_(a.permute({0, 3, 1, 2}));
+    return;
+  }
+  const int64_t n = a.size(0), H = a.size(1), T = a.size(2), L = X.size(3);
+  const float* src = a.data_ptr<float>();
+  float* dst = X.data_ptr<float>();
+  constexpr int64_t kTile = 32;
+  at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* map = src + bh * T * T;
+      for (int64_t i0 = 0; i0 < T; i0 += kTile)
+        for (int64_t t0 = 0; t0 < T; t0 += kTile)
+          for (int64_t t = t0; t < std::min(t0 + kTile, T); ++t) {
+            float* column = dst + (((b * T + t) * H + h) * L + l) * T;
+            for (int64_t i = i0; i < std::min(i0 + kTile, T); ++i) column[i] = map[i * T + t];
+          }
+    }
+  });
+}
+
+// Gram matrices [N, K, K] of dot products to cosines, in place: entry
+// (p, q) divided by max(||p||, eps) * max(||q||, eps), the norms taken from
+// the diagonal (so no separate normalising pass over the maps). Returns the
+// reciprocal norms [N, K] and whether all of them are finite (a 0-dim bool
+// tensor, so the caller syncs once per chunk).
+std::pair<torch::Tensor, torch::Tensor> gram_to_cosine(torch::Tensor& gram, double eps) {
+  torch::Tensor squares = gram.diagonal(0, 1, 2);
+  torch::Tensor finite = torch::isfinite(squares).all();
+  torch::Tensor inv = squares.clamp_min(0.0).sqrt().clamp_min(eps).reciprocal();
+  gram.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1)).clamp_(-1.0, 1.0);
+  return {inv, finite};
+}
+
+[[noreturn]] void fail_non_finite(const std::vector<torch::Tensor>& blocks, const char* what, const char* hint) {
+  for (size_t l = 0; l < blocks.size(); ++l)
+    if (!torch::isfinite(blocks[l]).all().item<bool>())
+      fail("{} contain non-finite values (NaN or Inf) in block {} {}", what, l, hint);
+  fail("{} overflow when squared (|values| > 1e19) {}", what, hint);
+}
+
+}  // namespace
+
+void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const std::vector<torch::Tensor>& features) {
+  const int64_t L = L_, H = H_, T = T_;
+  if (static_cast<int64_t>(attn.size()) != L)
+    fail("similarity: got attention maps of {} blocks, expected {}", attn.size(), L);
+  const int64_t B = attn[0].dim() == 4 ? attn[0].size(0) : -1;
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& a = attn[l];
+    if (a.dim() != 4 || a.size(0) != B || a.size(1) != H || a.size(2) != T || a.size(3) != T)
+      fail("similarity: block {}'s attention map has shape {}, expected [B, H, T, T] = [{}, {}, {}, {}]", l,
+           a.sizes().vec(), B, H, T, T);
+    if (!a.is_floating_point())
+      fail("similarity: attention maps must be floating point, got {}", c10::toString(a.scalar_type()));
+  }
+  const bool with_features = !features.empty();
+  if (with_features && static_cast<int64_t>(features.size()) != L)
+    fail("similarity: got block outputs of {} blocks, expected {}", features.size(), L);
+  if (images_ > 0 && with_features != (feature_images_ > 0))
+    fail("similarity: give block outputs with every batch or with none");
+  int64_t D = 0, TF = 0;
+  if (with_features) {
+    D = features[0].dim() == 3 ? features[0].size(2) : -1;
+    TF = features[0].dim() == 3 ? features[0].size(1) : -1;
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& f = features[l];
+      if (f.dim() != 3 || f.size(0) != B || f.size(1) != TF || f.size(2) != D || !f.is_floating_point())
+        fail("similarity: block {}'s output has shape {} ({}), expected float [B, T, D] = [{}, {}, {}]", l,
+             f.sizes().vec(), c10::toString(f.scalar_type()), B, TF, D);
+    }
+  }
+  if (B == 0) return;
+
+  const int64_t chunk = chunk_images(D);
+  const double eps = options_.eps;
+  // This batch's sums, added to the totals only once all of it is checked:
+  // a batch with a non-finite map leaves the accumulator as it was.
+  torch::Tensor m_sum = torch::zeros_like(m_sum_), above_tau = torch::zeros_like(above_tau_);
+  torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    // X [n, T(column), H, L, T(row)]: column t of every block side by side,
+    // the one copy made of the maps.
+    // (Filled block by block: torch::stack of permuted views may pick a
+    // channels-last layout.)
+    torch::Tensor X = scratch(columns_, {n, T, H, L, T}, torch::kFloat, device_);
+    for (int64_t l = 0; l < L; ++l) copy_columns(attn[l].narrow(0, b0, n), X, l);
+    // Cross-layer: every pair of blocks for each (image, column, head) in one bmm.
+    torch::Tensor flat = X.view({n * T * H, L, T});
+    torch::Tensor G = scratch(gram_, {n * T * H, L, L}, torch::kFloat, device_);
+    at::bmm_out(G, flat, flat.transpose(1, 2));
+    auto [inv_norm, finite] = gram_to_cosine(G, eps);
+    if (!finite.item<bool>())
+      fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+    // Sums over the chunk's images as products with a ones vector (a plain
+    // reduction over the outer dim is several times slower on the CPU); in
+    // float32 over a few images, then float64 across chunks. The counts are
+    // exact: chunk_images keeps n*T*H below 2^24.
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
+    m_sum += torch::mm(torch::ones({1, n}, f32), G.view({n, T * H * L * L})).view({T * H, L, L}).to(torch::kDouble);
+    torch::Tensor mask = scratch(mask_, {n * T * H, L * L}, torch::kFloat, device_);
+    at::ge_out(mask, G.view({n * T * H, L * L}), options_.tau);
+    above_tau += torch::mm(torch::ones({1, n * T * H}, f32), mask).view({L, L}).round().to(torch::kLong);
+    // Inter-head: every pair of heads for each (image, column), one bmm per
+    // block on a strided view of X (no copy); the norms are the ones above.
+    inv_norm = inv_norm.reshape({n * T, H, L});
+    for (int64_t l = 0; l < L; ++l) {
+      torch::Tensor Y = X.select(3, l).view({n * T, H, T});
+      torch::Tensor GH = torch::bmm(Y, Y.transpose(1, 2));  // [n*T, H, H]
+      torch::Tensor inv = inv_norm.select(2, l);
+      GH.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1)).clamp_(-1.0, 1.0);
+      head_sum[l] += at::sum(GH, {0}, false, torch::kDouble);
+    }
+    if (with_features) {
+      torch::Tensor F = scratch(feature_columns_, {n, TF, L, D}, torch::kFloat, device_);
+      for (int64_t l = 0; l < L; ++l) F.select(2, l).copy_(features[l].narrow(0, b0, n));
+      F = F.view({n * TF, L, D});
+      torch::Tensor GF = scratch(feature_gram_, {n * TF, L, L}, torch::kFloat, device_);  // [n*T, L, L]
+      at::bmm_out(GF, F, F.transpose(1, 2));
+      const torch::Tensor features_finite = gram_to_cosine(GF, eps).second;
+      if (!features_finite.item<bool>()) fail_non_finite(features, "block outputs", "(weights overflow?)");
+      feature_sum += at::sum(GF, {0}, false, torch::kDouble);
+    }
+  }
+  m_sum_ += m_sum;
+  above_tau_ += above_tau;
+  head_sum_ += head_sum;
+  images_ += B;
+  if (with_features) {
+    feature_sum_ += feature_sum;
+    feature_tokens_ += B * TF;
+    feature_images_ += B;
+  }
+}
+
+SimilarityResult SimilarityAccumulator::result() const {
+  if (images_ == 0) fail("similarity: no images were analysed (an empty input or data split?)");
+  const int64_t L = L_, H = H_, T = T_;
+  SimilarityResult r;
+  r.images = images_;
+  r.layers = L;
+  r.heads = H;
+  r.tokens = T;
+  r.options = options_;
+  const auto cpu = [](const torch::Tensor& t) { return t.to(torch::kCPU).contiguous(); };
+  torch::Tensor mean = m_sum_ / static_cast<double>(images_);  // [T*H, L, L]
+  r.M = cpu(mean.view({T, H, L, L}).permute({2, 3, 1, 0}).to(torch::kFloat));
+  r.S = cpu(mean.mean(0));
+  r.adjacent = L > 1 ? r.S.diagonal(1).contiguous() : torch::zeros({0}, torch::kDouble);
+  r.ratio = cpu(above_tau_.to(torch::kDouble) / static_cast<double>(images_ * H * T));
+  r.similar_blocks = r.adjacent.ge(options_.similar_threshold).sum().item<int64_t>();
+  r.similar_blocks_ratio = static_cast<double>(r.similar_blocks) / static_cast<double>(L);
+  r.inter_head = cpu(head_sum_ / static_cast<double>(images_ * T));
+  if (H > 1) {
+    torch::Tensor diag = r.inter_head.diagonal(0, 1, 2).sum(1);
+    r.inter_head_mean = (r.inter_head.sum({1, 2}) - diag) / static_cast<double>(H * (H - 1));
+  } else {
+    r.inter_head_mean = torch::full({L}, std::numeric_limits<double>::quiet_NaN(), torch::kDouble);
+  }
+  if (feature_images_ > 0) r.feature_similarity = cpu(feature_sum_ / static_cast<double>(feature_tokens_));
+  return r;
+}
+
+namespace {
+
+// A float tensor as nested JSON lists; NaN becomes null.
+nlohmann::json to_json_lists(const torch::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  torch::Tensor d = t.to(torch::kCPU, torch::kDouble).contiguous();
+  if (d.dim() == 0) {
+    const double v = d.item<double>();
+    return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
+  }
+  nlohmann::json out = nlohmann::json::array();
+  for (int64_t i = 0; i < d.size(0); ++i) out.push_back(to_json_lists(d[i]));
+  return out;
+}
+
+nlohmann::json number_or_null(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
+
+}  // namespace
+
+nlohmann::json SimilarityResult::to_json() const {
+  nlohmann::json j;
+  j["images"] = images;
+  j["layers"] = layers;
+  j["heads"] = heads;
+  j["tokens"] = tokens;
+  j["parameters"] = {{"tau", options.tau}, {"similar_threshold", options.similar_threshold}, {"eps", options.eps}};
+  j["cross_layer"] = to_json_lists(S);
+  j["adjacent"] = to_json_lists(adjacent);
+  j["adjacent_mean"] = adjacent.numel() > 0 ? number_or_null(adjacent.mean().item<double>()) : nlohmann::json();
+  j["ratio"] = to_json_lists(ratio);
+  j["similar_blocks"] = similar_blocks;
+  j["similar_blocks_ratio"] = similar_blocks_ratio;
+  j["inter_head"] = to_json_lists(inter_head);
+  j["inter_head_mean"] = to_json_lists(inter_head_mean);
+  j["inter_head_mean_overall"] = heads > 1 ? number_or_null(inter_head_mean.mean().item<double>()) : nlohmann::json();
+  j["feature_similarity"] = to_json_lists(feature_similarity);
+  return j;
+}
+
+torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn) {
+  if (attn.empty()) fail("attention rollout: no blocks");
+  torch::Tensor rollout;
+  for (size_t l = 0; l < attn.size(); ++l) {
+    const auto& a = attn[l];
+    if (a.dim() != 4 || a.size(2) != a.size(3))
+      fail("attention rollout: block {}'s map has shape {}, expected [B, H, T, T]", l, a.sizes().vec());
+    torch::Tensor m = a.to(torch::kFloat).mean(1).clamp_min(0.0);
+    m = m + torch::eye(m.size(1), m.options());
+    m = m / m.sum(-1, /*keepdim=*/true);
+    rollout = rollout.defined() ? torch::bmm(m, rollout) : m;
+  }
+  return rollout;
+}
+
+}  // namespace vitlab

@@ -1,0 +1,96 @@
+#pragma once
+// Attention collapse as the DeepViT paper (Zhou et al. 2021, §3) measures it:
+// the cross-layer similarity of attention maps, accumulated over a stream of
+// batches with memory independent of the number of images. Definitions and
+// choices are in docs/ANALYSIS.md.
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+#include <vector>
+
+namespace vitlab {
+
+struct SimilarityOptions {
+  // An (image, head, token) entry counts as similar in ratio[p, q] when its
+  // per-image cosine is >= tau.
+  double tau = 0.9;
+  // Block k (k >= 1) is a similar block when S[k-1, k] >= similar_threshold.
+  double similar_threshold = 0.9;
+  // Images per batched matrix product; 0: as many as keep the chunk's
+  // scratch memory (kept for reuse between batches) under chunk_bytes.
+  int64_t chunk = 0;
+  int64_t chunk_bytes = int64_t{256} << 20;
+  // Columns are divided by max(||column||, eps), as torch.nn.functional.normalize:
+  // an all-zero column has cosine 0 with everything, itself included.
+  double eps = 1e-8;
+
+  void validate() const;  // errors name the option and the expectation
+};
+
+struct SimilarityResult {
+  int64_t images = 0;
+  int64_t layers = 0, heads = 0, tokens = 0;
+  SimilarityOptions options;
+  // All tensors on the CPU. M is float32, the summaries float64.
+  torch::Tensor M;                    // [L, L, H, T]: mean over images of cos(A^p_{h,:,t}, A^q_{h,:,t})
+  torch::Tensor S;                    // [L, L]: mean of M over heads and tokens
+  torch::Tensor adjacent;             // [L-1]: S[k-1, k] for k = 1..L-1
+  torch::Tensor ratio;                // [L, L]: share of (image, head, token) entries with cosine >= tau
+  int64_t similar_blocks = 0;         // blocks k >= 1 with S[k-1, k] >= similar_threshold
+  double similar_blocks_ratio = 0.0;  // similar_blocks / L
+  torch::Tensor inter_head;       // [L, H, H]: cos between heads g, h of the same column, mean over tokens and images
+  torch::Tensor inter_head_mean;  // [L]: mean of inter_head's off-diagonal entries (NaN with one head)
+  torch::Tensor feature_similarity;  // [L, L]: token-wise cosine of block outputs; undefined without features
+
+  // Everything but M, as nested lists; parameters included.
+  nlohmann::json to_json() const;
+};
+
+// Streams batches of attention maps (and optionally block outputs) into
+// O(L²·H·T) accumulators on `device`. Sums are float32 over the few images
+// of a chunk and float64 across chunks, so the result does not depend on how
+// the images were split into batches (to ~1e-7). Not thread-safe.
+class SimilarityAccumulator {
+ public:
+  SimilarityAccumulator(int64_t layers, int64_t heads, int64_t tokens, SimilarityOptions options = {},
+                        torch::Device device = torch::kCPU);
+
+  // attn: [L, B, H, T, T] (the map that multiplies V; rows are output tokens);
+  // features: [L, B, T, D] block outputs, or undefined. Any float dtype and
+  // device; the work happens on the accumulator's device. Either give
+  // features with every batch or with none.
+  void add(const torch::Tensor& attn, const torch::Tensor& features = {});
+  // The same with one tensor per block ([B, H, T, T] and [B, T, D]), as
+  // VisionTransformerImpl::forward_features collects them (no stacked copy).
+  void add(const std::vector<torch::Tensor>& attn, const std::vector<torch::Tensor>& features = {});
+
+  int64_t images() const { return images_; }
+  // An error when no image was added.
+  SimilarityResult result() const;
+
+ private:
+  int64_t chunk_images(int64_t feature_dim) const;
+
+  int64_t L_, H_, T_;
+  SimilarityOptions options_;
+  torch::Device device_;
+  int64_t images_ = 0;
+  int64_t feature_images_ = 0;
+  torch::Tensor m_sum_;        // float64 [T*H, L, L]: sum over images of the per-image cosines
+  torch::Tensor above_tau_;    // int64 [L, L]: entries with cosine >= tau
+  torch::Tensor head_sum_;     // float64 [L, H, H]: sum over images and tokens
+  torch::Tensor feature_sum_;  // float64 [L, L]: sum over images and tokens
+  int64_t feature_tokens_ = 0;
+  // Scratch memory reused from chunk to chunk: fresh allocations of this
+  // size cost more in page faults than the matrix products themselves.
+  torch::Tensor columns_, gram_, mask_, feature_columns_, feature_gram_;
+};
+
+// Attention rollout (Abnar & Zuidema 2020) of per-block maps [B, H, T, T]:
+// per block the head mean, negative entries clamped to 0 (re-attention maps
+// may have them), plus the identity, rows renormalised to sum 1; then the
+// product over blocks, last block leftmost. Returns [B, T, T]: row i says how
+// much each input token flows into output token i.
+torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn);
+
+}  // namespace vitlab

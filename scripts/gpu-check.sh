@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds vitlab against the CUDA PyTorch of a GPU machine and checks it there:
+# the whole test suite (with its CUDA cases: fixture parity on the GPU in fp32
+# and bf16, training steps in bf16 and fp16), then a Fashion-MNIST training
+# run on the GPU. Needs the .gpu folder made by scripts/gpu-prepare.sh on a
+# Debian machine, and python3 with torch, CMake, Ninja, nvcc and g++ here.
+# Logs and results go to $OUT (default runs/gpu-check).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+G=$root/.gpu
+OUT=${OUT:-$root/runs/gpu-check}
+BUILD=${BUILD:-build-cuda}
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$OUT"
+[ -f "$G/opencv/.done" ] && [ -f "$G/sysroot/.done" ] || { echo "gpu-check: run scripts/gpu-prepare.sh first (on Debian)"; exit 1; }
+
+step() { echo "== $(date +%T) $*"; }
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+
+# The built-in dataset where vitlab looks for it.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  mkdir -p /usr/share/datasets && cp -r "$G/fashion-mnist" /usr/share/datasets/fashion-mnist
+fi
+export LD_LIBRARY_PATH="$G/sysroot/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+
+step "configure and build ($BUILD)"
+torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+VITLAB_SKIP_DEPS=1 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$torch_prefix;$G/sysroot/usr;$G/opencv" -DZLIB_ROOT="$G/sysroot/usr" \
+  > "$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
+grep -i "torch\|cuda" "$OUT/configure.log" | head -20 || true
+cmake --build "$BUILD" -j "$JOBS" > "$OUT/build.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build.log" | head -80; exit 1; }
+bin=$BUILD/bin/vitlab
+"$bin" --version
+[ "${BUILD_ONLY:-0}" = 1 ] && exit 0
+
+step "test suite (CUDA cases included)"
+(cd "$BUILD" && ctest -j "$JOBS" --output-on-failure) > "$OUT/ctest.log" 2>&1 && ok=1 || ok=0
+tail -15 "$OUT/ctest.log"
+"$BUILD/bin/vitlab_tests" "CUDA*" -s 2>&1 | grep -E "fp32|bf16|passed|failed" | head -20 || true
+[ "$ok" = 1 ] || { echo "gpu-check: tests failed (see $OUT/ctest.log)"; exit 1; }
+
+step "Fashion-MNIST on the GPU: configs/fashion_mnist_vit.yaml, bf16"
+"$bin" train --config configs/fashion_mnist_vit.yaml --device cuda --amp bf16 --set data.workers=8 \
+  --set train.log_interval=200 --set train.epochs="${FMNIST_EPOCHS:-10}" --out "$OUT/fmnist_bf16" > "$OUT/fmnist_bf16.log" 2>&1
+tail -3 "$OUT/fmnist_bf16.log"
+echo "gpu-check: all passed"

@@ -1,0 +1,441 @@
+// Attention-collapse analysis: the similarity measures against the fixtures
+// and hand-built cases, streaming, `analyze` end to end, and the figures.
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cstdlib>
+#include <limits>
+#include <opencv2/imgcodecs.hpp>
+
+#include "analysis/analyze.h"
+#include "analysis/similarity.h"
+#include "common/device.h"
+#include "common/files.h"
+#include "eval/evaluate.h"
+#include "eval/figures.h"
+#include "io/torch_file.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+namespace {
+
+const char* kFixtures[] = {"vit_timm_small", "deepvit_official_small", "deepvit_official_S_style"};
+
+Model fixture_model(const std::string& name) {
+  YAML::Node node = YAML::Load(manifest()[name]["config"].dump());
+  node.remove("layer_norm_eps");
+  Model m = create_model(name.rfind("deepvit", 0) == 0 ? "deepvit_S" : "vit_base_patch16_224", node);
+  load_weights(m, fixture(name + ".safetensors"));
+  m.module->eval();
+  return m;
+}
+
+SimilarityResult similarity_of(const torch::Tensor& attn, const torch::Tensor& features = {},
+                               SimilarityOptions options = {}) {
+  SimilarityAccumulator acc(attn.size(0), attn.size(2), attn.size(3), options);
+  acc.add(attn, features);
+  return acc.result();
+}
+
+// Row-stochastic random maps [L, B, H, T, T] and features [L, B, T, D].
+std::pair<torch::Tensor, torch::Tensor> random_maps(int64_t L, int64_t B, int64_t H, int64_t T, int64_t D) {
+  torch::manual_seed(7);
+  return {torch::randn({L, B, H, T, T}).mul(2).softmax(-1), torch::randn({L, B, T, D})};
+}
+
+cv::Mat decode(const fs::path& path) {
+  const std::string bytes = read_file(path);
+  return cv::imdecode(cv::Mat(1, static_cast<int>(bytes.size()), CV_8U, const_cast<char*>(bytes.data())),
+                      cv::IMREAD_UNCHANGED);
+}
+
+void check_same(const SimilarityResult& a, const SimilarityResult& b, double tol) {
+  CHECK(a.images == b.images);
+  CHECK(max_abs_diff(a.M, b.M) <= tol);
+  CHECK(max_abs_diff(a.S, b.S) <= tol);
+  CHECK(max_abs_diff(a.ratio, b.ratio) <= tol);
+  CHECK(max_abs_diff(a.inter_head, b.inter_head) <= tol);
+  CHECK(max_abs_diff(a.feature_similarity, b.feature_similarity) <= tol);
+  CHECK(a.similar_blocks == b.similar_blocks);
+}
+
+}  // namespace
+
+TEST_CASE("similarity reproduces every fixture's similarity.pt from its attention maps") {
+  for (const char* name : kFixtures) {
+    INFO(name);
+    torch::Tensor attn = read_torch_tensor(fixture(std::string(name) + ".attn.pt"));
+    torch::Tensor ref = read_torch_tensor(fixture(std::string(name) + ".similarity.pt"));
+    SimilarityResult r = similarity_of(attn);
+    REQUIRE(r.M.sizes() == ref.sizes());
+    CHECK(r.M.scalar_type() == torch::kFloat);
+    const double diff = max_abs_diff(r.M, ref);
+    CHECK(diff <= manifest()[name]["tolerance"]["similarity_max_abs"].get<double>());
+    // The summaries are M's means.
+    CHECK(max_abs_diff(r.S, ref.to(torch::kDouble).mean({2, 3})) <= 1e-5);
+    CHECK(r.images == attn.size(1));
+  }
+}
+
+TEST_CASE("similarity of hand-built maps has the known answers") {
+  // L=3, B=2, H=2, T=4. Blocks 0 and 1 are the same map, with the same
+  // columns in both heads; block 2's columns live on rows 0 and 1 only,
+  // where blocks 0 and 1 are zero, and its two heads on different rows.
+  torch::manual_seed(3);
+  const int64_t B = 2, H = 2, T = 4;
+  torch::Tensor base = torch::zeros({B, 1, T, T});
+  base.narrow(2, 2, 2).copy_(torch::rand({B, 1, 2, T}).add(0.1));
+  base = base.expand({B, H, T, T}).contiguous();
+  torch::Tensor other = torch::zeros({B, H, T, T});
+  other.select(1, 0).select(1, 0).copy_(torch::rand({B, T}).add(0.1));
+  other.select(1, 1).select(1, 1).copy_(torch::rand({B, T}).add(0.1));
+  torch::Tensor attn = torch::stack({base, base, other});
+  torch::Tensor features = torch::randn({1, B, T, 8}).expand({3, B, T, 8}).clone();
+  features[2].neg_();
+
+  SimilarityOptions o;
+  o.tau = 0.95;
+  SimilarityResult r = similarity_of(attn, features, o);
+  auto S = [&](int p, int q) { return r.S[p][q].item<double>(); };
+  CHECK(S(0, 1) == Approx(1.0).margin(1e-6));
+  CHECK(S(1, 0) == Approx(1.0).margin(1e-6));
+  CHECK(S(0, 2) == Approx(0.0).margin(1e-6));
+  CHECK(S(1, 2) == Approx(0.0).margin(1e-6));
+  for (int p = 0; p < 3; ++p) CHECK(S(p, p) == Approx(1.0).margin(1e-6));
+  CHECK(r.adjacent.size(0) == 2);
+  CHECK(r.adjacent[0].item<double>() == Approx(1.0).margin(1e-6));
+  CHECK(r.adjacent[1].item<double>() == Approx(0.0).margin(1e-6));
+  CHECK(r.ratio[0][1].item<double>() == 1.0);
+  CHECK(r.ratio[0][2].item<double>() == 0.0);
+  CHECK(r.similar_blocks == 1);
+  CHECK(r.similar_blocks_ratio == Approx(1.0 / 3));
+  // Identical heads in blocks 0 and 1, orthogonal heads in block 2.
+  CHECK(r.inter_head_mean[0].item<double>() == Approx(1.0).margin(1e-6));
+  CHECK(r.inter_head_mean[2].item<double>() == Approx(0.0).margin(1e-6));
+  CHECK(r.inter_head[2][0][0].item<double>() == Approx(1.0).margin(1e-6));
+  // Features: the same in blocks 0 and 1, negated in block 2.
+  CHECK(r.feature_similarity[0][1].item<double>() == Approx(1.0).margin(1e-6));
+  CHECK(r.feature_similarity[0][2].item<double>() == Approx(-1.0).margin(1e-6));
+
+  const nlohmann::json j = r.to_json();
+  CHECK(j["similar_blocks"] == 1);
+  CHECK(j["parameters"]["tau"] == 0.95);
+  CHECK(j["cross_layer"].size() == 3);
+  CHECK(j["inter_head"][2].size() == 2);
+
+  // An all-zero column has cosine 0 with everything, itself included.
+  torch::Tensor zero = attn.clone();
+  zero[1].zero_();
+  SimilarityResult z = similarity_of(zero);
+  CHECK(z.S[1][1].item<double>() == 0.0);
+  CHECK(z.S[0][1].item<double>() == 0.0);
+  CHECK(z.S[0][0].item<double>() == Approx(1.0).margin(1e-6));
+}
+
+TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same result") {
+  auto [attn, features] = random_maps(4, 7, 3, 10, 16);
+  const SimilarityResult once = similarity_of(attn, features);
+  for (int64_t batch : {1, 3, 7}) {
+    for (int64_t chunk : {0, 2}) {
+      INFO("batch " << batch << ", chunk " << chunk);
+      SimilarityOptions o;
+      o.chunk = chunk;
+      SimilarityAccumulator acc(4, 3, 10, o);
+      for (int64_t b = 0; b < 7; b += batch) {
+        const int64_t n = std::min<int64_t>(batch, 7 - b);
+        acc.add(attn.narrow(1, b, n), features.narrow(1, b, n));
+      }
+      check_same(acc.result(), once, 1e-6);
+    }
+  }
+  // Per-block tensors, as forward_features collects them.
+  SimilarityAccumulator acc(4, 3, 10);
+  acc.add(attn.unbind(0), features.unbind(0));
+  check_same(acc.result(), once, 1e-6);
+}
+
+TEST_CASE("similarity: non-finite maps, bad shapes and options are clear errors") {
+  auto [attn, features] = random_maps(2, 2, 2, 5, 4);
+  SimilarityAccumulator acc(2, 2, 5);
+  torch::Tensor nan = attn.clone();
+  nan[1][0][1][2][3] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(acc.add(nan), Catch::Contains("attention maps contain non-finite values") &&
+                                      Catch::Contains("block 1") && Catch::Contains("weights overflow?"));
+  torch::Tensor inf = attn.clone();
+  inf[0][1][0][0][0] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH(acc.add(inf), Catch::Contains("non-finite values") && Catch::Contains("block 0"));
+  CHECK_THROWS_WITH(acc.add(attn.narrow(3, 0, 4)), Catch::Contains("expected [B, H, T, T]"));
+  CHECK_THROWS_WITH(acc.add(attn.narrow(0, 0, 1)), Catch::Contains("got attention maps of 1 blocks, expected 2"));
+  CHECK_THROWS_WITH(acc.result(), Catch::Contains("no images were analysed"));
+  acc.add(attn);  // the failed batches left nothing behind
+  CHECK(max_abs_diff(acc.result().M, similarity_of(attn).M) == 0.0);
+  CHECK_THROWS_WITH(acc.add(attn, features), Catch::Contains("with every batch or with none"));
+  SimilarityOptions o;
+  o.tau = 2.0;
+  CHECK_THROWS_WITH(SimilarityAccumulator(2, 2, 5, o),
+                    Catch::Contains("analysis.tau must be a cosine in [-1, 1], got 2"));
+  o = {};
+  o.chunk = -1;
+  CHECK_THROWS_WITH(o.validate(), Catch::Contains("analysis.chunk must be >= 0"));
+}
+
+TEST_CASE("attention rollout of identity and uniform maps") {
+  const int64_t T = 5;
+  torch::Tensor eye = torch::eye(T).expand({2, 3, T, T});
+  CHECK(max_abs_diff(attention_rollout({eye, eye, eye}), torch::eye(T).expand({2, T, T})) < 1e-6);
+  torch::Tensor uniform = torch::full({1, 2, T, T}, 1.0 / T);
+  torch::Tensor r = attention_rollout({uniform, uniform});
+  CHECK(max_abs_diff(r.sum(-1), torch::ones({1, T})) < 1e-6);
+  // (U + I)/2 twice: the diagonal keeps 1/4 + 3/(4T).
+  CHECK(r[0][0][0].item<double>() == Approx(0.25 + 0.75 / T));
+}
+
+TEST_CASE("forward_features returns each block's output for ViT and DeepViT") {
+  for (const char* name : kFixtures) {
+    INFO(name);
+    Model m = fixture_model(name);
+    torch::Tensor x = read_torch_tensor(fixture(std::string(name) + ".input.pt"));
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> maps, outputs;
+    torch::Tensor features = m.vision->forward_features(x, &maps, &outputs);
+    const int64_t L = m.config["depth"], D = m.config["embed_dim"];
+    REQUIRE(static_cast<int64_t>(outputs.size()) == L);
+    REQUIRE(static_cast<int64_t>(maps.size()) == L);
+    for (const auto& o : outputs) CHECK(o.sizes() == torch::IntArrayRef({x.size(0), maps[0].size(2), D}));
+    // The last block's output is what the final norm sees.
+    CHECK(max_abs_diff(m.vision->norm(outputs.back()), features) < 1e-6);
+    CHECK(max_abs_diff(m.vision->forward_head(features), read_torch_tensor(fixture(std::string(name) + ".logits.pt"))) <
+          1e-4);
+    CHECK(max_abs_diff(torch::stack(maps), read_torch_tensor(fixture(std::string(name) + ".attn.pt"))) < 1e-5);
+  }
+}
+
+TEST_CASE("analyze writes every output for a fixture model") {
+  Model m = fixture_model("vit_timm_small");
+  torch::Tensor x = read_torch_tensor(fixture("vit_timm_small.input.pt"));
+  torch::Tensor images = torch::cat({x, x.flip(3), x.flip(2)});  // 6 images
+  TempDir dir;
+  AnalyzeOptions o;
+  o.batch_size = 4;
+  o.visualize = 3;
+  o.mean = {0.5, 0.5, 0.5};
+  o.std = {0.25, 0.25, 0.25};
+  AnalyzeReport report = analyze(m, images, o, dir / "out");
+
+  const std::vector<std::string> expected = {"similarity.pt",        "cross_layer.csv",        "cross_layer_ratio.csv",
+                                             "adjacent.csv",         "inter_head_mean.csv",    "feature_similarity.csv",
+                                             "cross_layer.png",      "cross_layer_heads.png",  "adjacent.png",
+                                             "inter_head.png",       "feature_similarity.png", "attention_image0.png",
+                                             "attention_image1.png", "attention_image2.png",   "summary.json"};
+  CHECK(report.files.size() == expected.size());
+  for (const auto& f : expected) {
+    INFO(f);
+    CHECK(std::find(report.files.begin(), report.files.end(), f) != report.files.end());
+    REQUIRE(fs::exists(dir / "out" / f));
+    if (fs::path(f).extension() == ".png") {
+      cv::Mat png = decode(dir / "out" / f);
+      REQUIRE(!png.empty());
+      CHECK(png.channels() == 3);
+      CHECK(png.cols >= 300);
+      CHECK(png.rows >= 200);
+      CHECK(png.cols <= 2400);
+      CHECK(png.rows <= 2000);
+    }
+  }
+  for (const auto& entry : fs::directory_iterator(dir / "out"))  // nothing staged is left behind
+    CHECK(entry.path().filename().string().find(".tmp.") == std::string::npos);
+  // Attention overlays: input, 4 heads, their mean and the rollout at 160 px, four to a row.
+  cv::Mat overlay = decode(dir / "out" / "attention_image0.png");
+  CHECK(overlay.cols >= 4 * 160);
+  CHECK(overlay.rows >= 2 * 160);
+
+  torch::Tensor M = read_torch_tensor(dir / "out" / "similarity.pt");
+  CHECK(M.sizes() == torch::IntArrayRef({3, 3, 4, 17}));
+  CHECK(M.scalar_type() == torch::kFloat);
+  CHECK(max_abs_diff(M, report.similarity.M) == 0.0);
+
+  const auto summary = nlohmann::json::parse(read_file(dir / "out" / "summary.json"));
+  CHECK(summary["images"] == 6);
+  CHECK(summary["model"] == "vit_base_patch16_224");
+  CHECK(summary["class_token"] == true);
+  CHECK(summary["re_attention_blocks"].empty());
+  CHECK(summary["parameters"]["tau"] == 0.9);
+  CHECK(summary["cross_layer"].size() == 3);
+  CHECK(summary["adjacent"].size() == 2);
+  CHECK(summary["inter_head"].size() == 3);
+  CHECK(summary["feature_similarity"].size() == 3);
+  CHECK(summary["timing"]["forward_seconds"].get<double>() > 0.0);
+  CHECK(summary["timing"].contains("analysis_seconds"));
+  CHECK(read_file(dir / "out" / "adjacent.csv").rfind("k,similarity,ratio\n1,", 0) == 0);
+
+  // The fixture's own two images through the model: its similarity.pt again.
+  o.limit = 2;
+  o.visualize = 0;
+  o.features = false;
+  AnalyzeReport two = analyze(m, images, o, dir / "two");
+  CHECK(two.similarity.images == 2);
+  CHECK(max_abs_diff(two.similarity.M, read_torch_tensor(fixture("vit_timm_small.similarity.pt"))) <= 1e-5);
+  CHECK(!fs::exists(dir / "two" / "feature_similarity.csv"));
+  CHECK(!fs::exists(dir / "two" / "attention_image0.png"));
+}
+
+TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
+  TempDir dir;
+  {
+    Model m = fixture_model("deepvit_official_S_style");
+    torch::Tensor x = read_torch_tensor(fixture("deepvit_official_S_style.input.pt"));
+    AnalyzeOptions o;
+    o.visualize = 1;
+    AnalyzeReport r = analyze(m, x, o, dir / "deepvit");
+    CHECK(r.summary["re_attention_blocks"] == nlohmann::json({3, 4}));
+    CHECK(max_abs_diff(r.similarity.M, read_torch_tensor(fixture("deepvit_official_S_style.similarity.pt"))) <= 1e-5);
+  }
+  {
+    Model m = create_model("vit_tiny_patch16_224", YAML::Load("{img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, "
+                                                              "num_heads: 2, class_token: false, global_pool: avg}"));
+    torch::manual_seed(0);
+    AnalyzeOptions o;
+    o.visualize = 1;
+    AnalyzeReport r = analyze(m, torch::randn({3, 3, 32, 32}), o, dir / "avg");
+    CHECK(r.summary["class_token"] == false);
+    CHECK(r.similarity.M.sizes() == torch::IntArrayRef({2, 2, 2, 16}));
+    CHECK(fs::exists(dir / "avg" / "attention_image0.png"));
+  }
+  Model m = fixture_model("vit_timm_small");
+  AnalyzeOptions o;
+  CHECK_THROWS_WITH(analyze(m, torch::zeros({2, 3, 16, 16}), o, dir / "bad"),
+                    Catch::Contains("the model expects [N, 3, 32, 32]"));
+  CHECK_THROWS_WITH(analyze(m, torch::zeros({0, 3, 32, 32}), o, dir / "bad"), Catch::Contains("no images"));
+  torch::Tensor nan = torch::full({1, 3, 32, 32}, std::numeric_limits<float>::quiet_NaN());
+  m.module->train();  // analyze runs in eval mode and gives the caller's mode back, also after an error
+  CHECK_THROWS_WITH(analyze(m, nan, o, dir / "bad"), Catch::Contains("non-finite"));
+  CHECK(m.module->is_training());
+  CHECK(!fs::exists(dir / "bad"));
+  o.batch_size = 0;
+  CHECK_THROWS_WITH(analyze(m, torch::zeros({1, 3, 32, 32}), o, dir / "bad"),
+                    Catch::Contains("batch size must be >= 1"));
+}
+
+TEST_CASE("figures: heatmaps, grids, line plots and overlays decode at sensible sizes") {
+  auto size_of = [](const std::string& png) {
+    cv::Mat m =
+        cv::imdecode(cv::Mat(1, static_cast<int>(png.size()), CV_8U, const_cast<char*>(png.data())), cv::IMREAD_COLOR);
+    REQUIRE(!m.empty());
+    return m.size();
+  };
+  HeatmapOptions h;
+  h.title = "a title";
+  h.x_label = "block q";
+  h.y_label = "block p";
+  h.cell = 40;
+  const cv::Size small = size_of(heatmap_png(torch::rand({3, 3}), h));
+  const cv::Size big = size_of(heatmap_png(torch::rand({10, 10}), h));
+  CHECK(big.width - small.width >= 7 * 40 - 8);  // the colour bar's labels may differ in width
+  CHECK(big.height - small.height == 7 * 40);
+  h.row_labels = {"a", "b"};
+  CHECK_THROWS_WITH(heatmap_png(torch::rand({3, 3}), h), Catch::Contains("2 tick labels for 3 rows"));
+  CHECK_THROWS_WITH(heatmap_png(torch::rand({3}), {}), Catch::Contains("expected a non-empty matrix [R, C]"));
+  // NaN cells and a flat matrix draw.
+  CHECK(size_of(heatmap_png(torch::full({2, 2}, std::nan("")), {})).width > 0);
+  CHECK(size_of(heatmap_png(torch::ones({2, 2}), {})).width > 0);
+
+  HeatmapGridOptions g;
+  g.panel_titles = {"one", "two", "three"};
+  g.columns = 3;
+  CHECK(size_of(heatmap_grid_png(torch::rand({3, 4, 4}), g)).width >= 3 * 180);
+
+  LinePlotOptions p;
+  p.title = "curve";
+  p.threshold = 0.9;
+  p.threshold_label = "threshold";
+  CHECK(size_of(line_plot_png({{"a", {1, 2, 3}, {0.5, 0.7, 0.95}}, {"b", {1, 2}, {0.1, 0.2}}}, p)) ==
+        cv::Size(p.width, p.height));
+  CHECK_THROWS_WITH(line_plot_png({{"a", {1, 2}, {1}}}, p), Catch::Contains("2 x values and 1 y values"));
+
+  OverlayOptions ov;
+  ov.title = "head 0";
+  CHECK(size_of(overlay_png(torch::rand({3, 32, 32}), torch::rand({4, 4}), ov)).width >= 160);
+  CHECK(size_of(overlay_png(torch::rand({1, 28, 28}), {}, ov)).height >= 160);
+}
+
+// Not part of the suite (hidden tag): writes figures to look at, e.g.
+//   VITLAB_PREVIEW_DIR=runs/analysis-preview build/bin/vitlab_tests "analysis figures preview"
+TEST_CASE("analysis figures preview", "[.]") {
+  const char* dir = std::getenv("VITLAB_PREVIEW_DIR");
+  if (!dir) return;
+  const fs::path out(dir);
+  {
+    Model m = fixture_model("vit_timm_small");
+    torch::Tensor x = read_torch_tensor(fixture("vit_timm_small.input.pt"));
+    AnalyzeOptions o;
+    o.visualize = 1;
+    analyze(m, torch::cat({x, x.flip(3)}), o, out / "vit_timm_small");
+  }
+  {
+    Model m = fixture_model("deepvit_official_S_style");
+    torch::Tensor x = read_torch_tensor(fixture("deepvit_official_S_style.input.pt"));
+    AnalyzeOptions o;
+    o.visualize = 1;
+    analyze(m, x, o, out / "deepvit_official_S_style");
+  }
+  {
+    // A deeper random model at a realistic figure size: 12 blocks, 6 heads, 8x8 patches.
+    torch::manual_seed(0);
+    Model m =
+        create_model("deepvit_patch16_224_re_attn_16b",
+                     YAML::Load("{img_size: 32, patch_size: 4, depth: 12, embed_dim: 48, num_heads: 6, in_chans: 1, "
+                                "apply_transform: 'last:4'}"));
+    AnalyzeOptions o;
+    o.visualize = 1;
+    o.mean = {0.5};
+    o.std = {0.5};
+    analyze(m, torch::rand({4, 1, 32, 32}).sub(0.5).div(0.5), o, out / "random_deepvit_12");
+  }
+  {
+    // The paper's depth and head count (tiny otherwise): tick labels thin out.
+    torch::manual_seed(0);
+    Model m = create_model("vit_patch16_224_32b", YAML::Load("{img_size: 32, patch_size: 8, embed_dim: 48}"));
+    AnalyzeOptions o;
+    o.visualize = 1;
+    analyze(m, torch::randn({2, 3, 32, 32}), o, out / "random_vit_32");
+  }
+  {
+    EvalResult r;
+    r.images = 1000;
+    r.confusion = torch::randint(0, 5, {10, 10}, torch::kLong) + torch::eye(10, torch::kLong) * 80;
+    for (int c = 0; c < 10; ++c) r.per_class.push_back(80.0);
+    const std::vector<std::string> classes = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                              "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
+    write_eval_outputs(r, classes, out / "confusion", "vit on fashion_mnist (1000 images): top-1 80.00%");
+  }
+}
+
+// Not part of the suite (hidden tag): the analysis's cost against the
+// forward passes it consumes, for the DeepViT paper's 32-block models at 224
+// (random weights: the cost does not depend on them).
+//   VITLAB_BENCH_IMAGES=12 VITLAB_BENCH_BATCH=4 build/bin/vitlab_tests "analysis overhead benchmark"
+// (VITLAB_BENCH_DEVICE=cuda to run it on a GPU).
+TEST_CASE("analysis overhead benchmark", "[.]") {
+  const char* images_env = std::getenv("VITLAB_BENCH_IMAGES");
+  if (!images_env) return;
+  const int64_t n = std::stoll(images_env);
+  const char* batch_env = std::getenv("VITLAB_BENCH_BATCH");
+  const char* device_env = std::getenv("VITLAB_BENCH_DEVICE");
+  for (const char* preset : {"vit_patch16_224_32b", "deepvit_patch16_224_re_attn_32b"}) {
+    torch::manual_seed(0);
+    Model m = create_model(preset);
+    AnalyzeOptions o;
+    o.batch_size = batch_env ? std::stoll(batch_env) : n;
+    o.device = parse_device(device_env ? device_env : "cpu");
+    o.visualize = 1;
+    TempDir dir;
+    AnalyzeReport r = analyze(m, torch::randn({n, 3, 224, 224}), o, dir / "out");
+    std::printf(
+        "%s on %s, %lld images in batches of %lld, %d threads: forward %.3f s, analysis %.3f s (%.1f%%), "
+        "outputs %.3f s\n",
+        preset, o.device.str().c_str(), static_cast<long long>(n), static_cast<long long>(o.batch_size),
+        torch::get_num_threads(), r.forward_seconds, r.analysis_seconds, 100.0 * r.analysis_seconds / r.forward_seconds,
+        r.output_seconds);
+  }
+}

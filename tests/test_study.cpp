@@ -1,0 +1,74 @@
+// `vitlab study` end to end on a tiny budget, and its config checks.
+#include <catch2/catch.hpp>
+
+#include "analysis/study.h"
+#include "common/files.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+namespace {
+
+const char* kTinyStudy = R"(study:
+  families:
+    ViT: {model: vit_patch16_224_16b}
+    DeepViT: {model: deepvit_patch16_224_re_attn_16b}
+  depths: [2]
+  analysis: {images: 24, batch_size: 10}
+model: {img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 16, num_heads: 2, mlp_ratio: 2}
+data: {type: fashion_mnist, workers: 1, train_limit: 256}
+optim: {lr: 1.0e-3}
+schedule: {warmup_epochs: 0}
+aug: {mean: [0.5], std: [0.5], auto_augment: "", color_jitter: 0, reprob: 0, mixup: 0, cutmix: 0}
+train: {epochs: 1, batch_size: 64}
+)";
+
+}  // namespace
+
+TEST_CASE("study config: members, overrides and clear errors") {
+  TempDir dir;
+  write_file_atomic(dir / "s.yaml", kTinyStudy);
+  StudyConfig c =
+      StudyConfig::load(dir / "s.yaml", {parse_override("study.depths=[1,3]"), parse_override("train.epochs=2")});
+  REQUIRE(c.families.size() == 2);
+  CHECK(c.depths == std::vector<int64_t>{1, 3});
+  TrainConfig m = c.member_config(c.families[1], 3);
+  CHECK(m.model == "deepvit_patch16_224_re_attn_16b");
+  CHECK(m.model_overrides["depth"].as<int>() == 3);
+  CHECK(m.model_overrides["embed_dim"].as<int>() == 16);
+  CHECK(m.train.epochs == 2);
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.depth=[2]")}),
+                    Catch::Contains("study.depths or study.analysis.KEY"));
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.image=3")}),
+                    Catch::Contains("unknown key 'study.analysis.image'") && Catch::Contains("images"));
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("model.dept=3")}), Catch::Contains("model.dept"));
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.depths=[0]")}),
+                    Catch::Contains("positive integers"));
+  write_file_atomic(dir / "plain.yaml", "train: {epochs: 1}\n");
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "plain.yaml", {}), Catch::Contains("needs a 'study' section"));
+}
+
+TEST_CASE("a two-member study completes, reports both, and a rerun skips them") {
+  TempDir dir;
+  write_file_atomic(dir / "s.yaml", kTinyStudy);
+  RunResult r = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  const std::string report = read_file(dir / "out" / "REPORT.md");
+  CHECK_THAT(report, Catch::Contains("| ViT | 2 |") && Catch::Contains("| DeepViT | 2 |"));
+  for (const char* f : {"top1_vs_depth.png", "similar_blocks_vs_depth.png", "adjacent_similarity.png",
+                        "cross_layer_heatmaps.png", "members/ViT_d2/model.safetensors",
+                        "members/DeepViT_d2/analysis/similarity.pt", "members/DeepViT_d2/analysis/summary.json"})
+    CHECK(fs::exists(dir / "out" / f));
+  const auto trained = fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors");
+
+  RunResult again =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string());
+  INFO(again.output);
+  REQUIRE(again.status == 0);
+  CHECK_THAT(again.output,
+             Catch::Contains("ViT_d2 is trained, skipping") && Catch::Contains("DeepViT_d2 is trained, skipping"));
+  CHECK(fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors") == trained);
+  CHECK(read_file(dir / "out" / "REPORT.md").find("| DeepViT | 2 |") != std::string::npos);
+}
