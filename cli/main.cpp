@@ -208,8 +208,8 @@ std::vector<Override> data_spec_overrides(const std::string& spec) {
 
 void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
   if (a.checkpoint.empty() == a.model.empty()) fail("give either --checkpoint RUN_DIR or --model NAME --weights FILE");
-  if (a.input.empty() == a.data.empty() && a.checkpoint.empty()) fail("give either --input X.pt or --data SPEC");
   if (!a.input.empty() && !a.data.empty()) fail("give either --input X.pt or --data SPEC, not both");
+  if (a.input.empty() && a.data.empty() && a.checkpoint.empty()) fail("give either --input X.pt or --data SPEC");
   fs::path config = a.config, weights = a.weights;
   if (!a.checkpoint.empty()) {
     if (config.empty()) config = fs::path(a.checkpoint) / "config.yaml";

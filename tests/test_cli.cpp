@@ -119,3 +119,24 @@ TEST_CASE("bad input: clear error, non-zero exit, no output left behind") {
     CHECK(empty_dir(out));
   }
 }
+
+TEST_CASE("vitlab analyze on a fixture reproduces its similarity and writes the figures") {
+  TempDir dir;
+  const std::string name = "deepvit_official_S_style";
+  RunResult r = run_cli(fmt::format("analyze {} --weights {} --input {} --batch 3 --out {}", kSmall,
+                                    fixture(name + ".safetensors").string(), fixture(name + ".input.pt").string(),
+                                    (dir / "out").string()));
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("similar blocks") && Catch::Contains("% of the forward passes"));
+  const torch::Tensor m = read_torch_tensor(dir / "out" / "similarity.pt");
+  CHECK(max_abs_diff(m, read_torch_tensor(fixture(name + ".similarity.pt"))) <= 1e-5);
+  for (const char* f : {"summary.json", "cross_layer.png", "adjacent.png", "inter_head.png", "cross_layer.csv"})
+    CHECK(fs::exists(dir / "out" / f));
+
+  RunResult both = run_cli(fmt::format("analyze {} --weights {} --input x.pt --data fashion_mnist --out {}", kSmall,
+                                       fixture(name + ".safetensors").string(), (dir / "bad").string()));
+  CHECK(both.status == 1);
+  CHECK_THAT(both.output, Catch::Contains("not both"));
+  CHECK_FALSE(fs::exists(dir / "bad"));
+}
