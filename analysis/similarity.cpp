@@ -4,8 +4,11 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "common/error.h"
 
@@ -27,7 +30,7 @@ SimilarityAccumulator::SimilarityAccumulator(int64_t layers, int64_t heads, int6
   if (L_ < 1 || H_ < 1 || T_ < 1)
     fail("similarity: layers, heads and tokens must be >= 1, got {}, {} and {}", L_, H_, T_);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble).device(device_);
-  m_sum_ = torch::zeros({H_ * T_, L_, L_}, f64);
+  m_sum_ = torch::zeros({L_, L_, H_, T_}, f64);
   above_tau_ = torch::zeros({L_, L_}, f64.dtype(torch::kLong));
   head_sum_ = torch::zeros({L_, H_, H_}, f64);
   feature_sum_ = torch::zeros({L_, L_}, f64);
@@ -68,33 +71,6 @@ torch::Tensor scratch(torch::Tensor& buffer, torch::IntArrayRef shape, torch::Sc
   return buffer.narrow(0, 0, numel).view(shape);
 }
 
-// X[b, t, h, l, :] = column t of block l's map a[b, h, :, :], i.e. X's
-// block-l slice [n, T, H, T] is a permuted copy of a [n, H, T, T]. On the
-// CPU a tiled transpose: the generic strided copy reads each column with a
-// cache miss per element and costs more than the matrix products.
-void copy_columns(const torch::Tensor& a, torch::Tensor& X, int64_t l) {
-  if (!a.device().is_cpu() || a.scalar_type() != torch::kFloat || !a.is_contiguous()) {
-    X.select(3, l).copy_(a.permute({0, 3, 1, 2}));
-    return;
-  }
-  const int64_t n = a.size(0), H = a.size(1), T = a.size(2), L = X.size(3);
-  const float* src = a.data_ptr<float>();
-  float* dst = X.data_ptr<float>();
-  constexpr int64_t kTile = 32;
-  at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float* map = src + bh * T * T;
-      for (int64_t i0 = 0; i0 < T; i0 += kTile)
-        for (int64_t t0 = 0; t0 < T; t0 += kTile)
-          for (int64_t t = t0; t < std::min(t0 + kTile, T); ++t) {
-            float* column = dst + (((b * T + t) * H + h) * L + l) * T;
-            for (int64_t i = i0; i < std::min(i0 + kTile, T); ++i) column[i] = map[i * T + t];
-          }
-    }
-  });
-}
-
 // Gram matrices [N, K, K] of dot products to cosines, in place: entry
 // (p, q) divided by max(||p||, eps) * max(||q||, eps), the norms taken from
 // the diagonal (so no separate normalising pass over the maps). Returns the
@@ -115,7 +91,211 @@ std::pair<torch::Tensor, torch::Tensor> gram_to_cosine(torch::Tensor& gram, doub
   fail("{} overflow when squared (|values| > 1e19) {}", what, hint);
 }
 
+// The CPU path: cosines between the columns of K maps [T, T] (row-major),
+// 8 columns at a time, with a 4x2 tile of maps' dot products accumulated
+// row by row in registers. LibTorch 1.13's CPU bmm on the equivalent
+// [L, T] x [T, L] Gram matrices, after a transposed copy of the maps, took
+// 2.5 times as long (docs/BENCHMARKS.md). GCC/Clang vector types; compiled
+// for AVX2+FMA and for the baseline, picked at load time.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define VITLAB_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VITLAB_CLONES
+#endif
+
+constexpr int64_t kW = 8, kP = 4, kQ = 2;
+static_assert(kP % kQ == 0, "tiles starting on the diagonal cover every pair");
+typedef float Lanes __attribute__((vector_size(kW * sizeof(float))));
+
+// An unaligned load. Returned by value, which keeps the tile in registers;
+// GCC's note that this ABI differs between clones is moot: it is inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// dots[p][q][w] = sum over rows r of columns[p][r * 8 + w] * columns[q][r * 8 + w]
+// for every p, q < K (both halves of the symmetric matrix).
+VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t rows, float* dots) {
+  for (int64_t p0 = 0; p0 < K; p0 += kP)
+    for (int64_t q0 = p0; q0 < K; q0 += kQ) {
+      // Past the last block, the tile repeats block K - 1 and drops the result.
+      const float* a[kP];
+      const float* b[kQ];
+      for (int64_t i = 0; i < kP; ++i) a[i] = columns[std::min(p0 + i, K - 1)];
+      for (int64_t j = 0; j < kQ; ++j) b[j] = columns[std::min(q0 + j, K - 1)];
+      Lanes acc[kP][kQ] = {};
+      for (int64_t r = 0; r < rows * kW; r += kW) {
+        Lanes x[kP], y[kQ];
+        for (int64_t i = 0; i < kP; ++i) x[i] = load_lanes(a[i] + r);
+        for (int64_t j = 0; j < kQ; ++j) y[j] = load_lanes(b[j] + r);
+        for (int64_t i = 0; i < kP; ++i)
+          for (int64_t j = 0; j < kQ; ++j) acc[i][j] += x[i] * y[j];
+      }
+      for (int64_t i = 0; i < kP && p0 + i < K; ++i)
+        for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
+          // Plain float memory (heap blocks need not be 32-byte aligned), from
+          // a copy: taking acc's address would keep the tile out of registers.
+          const Lanes v = acc[i][j];
+          std::memcpy(dots + ((p0 + i) * K + q0 + j) * kW, &v, sizeof v);
+          std::memcpy(dots + ((q0 + j) * K + p0 + i) * kW, &v, sizeof v);
+        }
+    }
+}
+
+#pragma GCC diagnostic pop
+
+// Every map's columns as [block][map][row][8] (blocks of 8 columns, the
+// last one overlapping the one before when 8 does not divide T), read row
+// by row: the products then stream through contiguous memory instead of
+// touching a cache line per row and map.
+VITLAB_CLONES void pack_columns(const float* const* maps, int64_t K, int64_t T, float* packed) {
+  const int64_t blocks = (T + kW - 1) / kW;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < T; ++r) {
+      const float* row = maps[k] + r * T;
+      for (int64_t i = 0; i < blocks; ++i)
+        std::memcpy(packed + ((i * K + k) * T + r) * kW, row + std::min(i * kW, T - kW), sizeof(Lanes));
+    }
+}
+
+// The cosines of one block of 8 columns (from t0, the first `skip` of them
+// already added with the previous block) from their dot products, added as
+// add_column_cosines says. inv: scratch of K * 8 floats.
+VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t t0, int64_t skip, float eps, float* sum,
+                                     int64_t pq_stride, float tau, int64_t* above, float* inv) {
+  for (int64_t p = 0; p < K; ++p)
+    for (int64_t w = 0; w < kW; ++w) {
+      const float square = dots[(p * K + p) * kW + w];
+      if (!std::isfinite(square)) return false;
+      inv[p * kW + w] = 1.0f / std::max(std::sqrt(std::max(square, 0.0f)), eps);
+    }
+  for (int64_t p = 0; p < K; ++p)
+    for (int64_t q = 0; q < K; ++q) {
+      const float* d = dots + (p * K + q) * kW;
+      // In a local array first, min/max rather than clamp: so that the
+      // loop vectorises.
+      float c[kW];
+      int32_t count = 0;
+      for (int64_t w = 0; w < kW; ++w) {
+        c[w] = std::min(std::max(d[w] * inv[p * kW + w] * inv[q * kW + w], -1.0f), 1.0f);
+        count += (w >= skip) & (c[w] >= tau);
+      }
+      float* out = sum + (p * K + q) * pq_stride + t0;
+      for (int64_t w = skip; w < kW; ++w) out[w] += c[w];
+      if (above) above[p * K + q] += count;
+    }
+  return true;
+}
+
+// Adds cos(maps[p][:, t], maps[q][:, t]) for every p, q < K and column t to
+// sum[(p * K + q) * pq_stride + t], and counts those >= tau in
+// above[p * K + q] when above is not null. Columns are divided by
+// max(norm, eps) as in gram_to_cosine. Returns false when a column's norm
+// is not finite. Needs T >= 8; dots and packed are scratch.
+bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float eps, float* sum, int64_t pq_stride,
+                        float tau, int64_t* above, std::vector<float>& dots, std::vector<float>& packed) {
+  const int64_t blocks = (T + kW - 1) / kW;
+  dots.resize(static_cast<size_t>(K * K * kW + K * kW));  // the dot products, then the reciprocal norms
+  packed.resize(static_cast<size_t>(blocks * K * T * kW));
+  pack_columns(maps, K, T, packed.data());
+  std::vector<const float*> columns(K);
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int64_t k = 0; k < K; ++k) columns[k] = packed.data() + (i * K + k) * T * kW;
+    column_dots(columns.data(), K, T, dots.data());
+    const int64_t t0 = std::min(i * kW, T - kW);
+    if (!add_block_cosines(dots.data(), K, t0, i * kW - t0, eps, sum, pq_stride, tau, above, dots.data() + K * K * kW))
+      return false;
+  }
+  return true;
+}
+
+// add()'s CPU path for float32 maps: parallel over heads for the
+// cross-layer cosines and over blocks for the inter-head ones, so that no
+// two threads add to the same sums.
+void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& m_sum,
+                  torch::Tensor& above_tau, torch::Tensor& head_sum) {
+  const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1), T = attn[0].size(2);
+  const auto eps = static_cast<float>(o.eps), tau = static_cast<float>(o.tau);
+  std::vector<const float*> base;
+  for (const auto& a : attn) base.push_back(a.data_ptr<float>());
+  torch::Tensor above = torch::zeros({H, L, L}, torch::kLong);
+  float* sum_data = m_sum.data_ptr<float>();
+  int64_t* above_data = above.data_ptr<int64_t>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> maps(L);
+    std::vector<float> dots, packed;
+    for (int64_t h = begin; h < end; ++h)
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t l = 0; l < L; ++l) maps[l] = base[l] + (b * H + h) * T * T;
+        if (!add_column_cosines(maps.data(), L, T, eps, sum_data + h * T, H * T, tau, above_data + h * L * L, dots,
+                                packed))
+          finite = false;
+      }
+  });
+  if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+  above_tau += above.sum(0).to(above_tau.options());
+
+  torch::Tensor heads = torch::zeros({L, H, H}, torch::kDouble);
+  double* heads_data = heads.data_ptr<double>();
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> maps(H);
+    std::vector<float> dots, packed, columns(H * H * T);  // float32 over one image's columns, then float64
+    for (int64_t l = begin; l < end; ++l)
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) maps[h] = base[l] + (b * H + h) * T * T;
+        std::fill(columns.begin(), columns.end(), 0.0f);
+        add_column_cosines(maps.data(), H, T, eps, columns.data(), T, tau, nullptr, dots, packed);
+        for (int64_t k = 0; k < H * H; ++k)
+          heads_data[l * H * H + k] += std::accumulate(columns.begin() + k * T, columns.begin() + (k + 1) * T, 0.0f);
+      }
+  });
+  head_sum += heads.to(head_sum.options());
+}
+
 }  // namespace
+
+// The maps' part of add() for images [b0, b0 + n) on any device: batched
+// matrix products on a transposed copy of the maps.
+void SimilarityAccumulator::add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n,
+                                           torch::Tensor& m_sum, torch::Tensor& above_tau, torch::Tensor& head_sum) {
+  const int64_t L = L_, H = H_, T = T_;
+  // X [n, T(column), H, L, T(row)]: column t of every block side by side,
+  // the one copy made of the maps.
+  // (Filled block by block: torch::stack of permuted views may pick a
+  // channels-last layout.)
+  torch::Tensor X = scratch(columns_, {n, T, H, L, T}, torch::kFloat, device_);
+  for (int64_t l = 0; l < L; ++l) X.select(3, l).copy_(attn[l].narrow(0, b0, n).permute({0, 3, 1, 2}));
+  // Cross-layer: every pair of blocks for each (image, column, head) in one bmm.
+  torch::Tensor flat = X.view({n * T * H, L, T});
+  torch::Tensor G = scratch(gram_, {n * T * H, L, L}, torch::kFloat, device_);
+  at::bmm_out(G, flat, flat.transpose(1, 2));
+  auto [inv_norm, finite] = gram_to_cosine(G, options_.eps);
+  if (!finite.item<bool>())
+    fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+  // Sums over the chunk's images as products with a ones vector (a plain
+  // reduction over the outer dim is several times slower on the CPU), in
+  // float32. The counts are exact: chunk_images keeps n*T*H below 2^24.
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
+  m_sum += torch::mm(torch::ones({1, n}, f32), G.view({n, T * H * L * L})).view({T, H, L, L}).permute({2, 3, 1, 0});
+  torch::Tensor mask = scratch(mask_, {n * T * H, L * L}, torch::kFloat, device_);
+  at::ge_out(mask, G.view({n * T * H, L * L}), options_.tau);
+  above_tau += torch::mm(torch::ones({1, n * T * H}, f32), mask).view({L, L}).round().to(torch::kLong);
+  // Inter-head: every pair of heads for each (image, column), one bmm per
+  // block on a strided view of X (no copy); the norms are the ones above.
+  inv_norm = inv_norm.reshape({n * T, H, L});
+  for (int64_t l = 0; l < L; ++l) {
+    torch::Tensor Y = X.select(3, l).view({n * T, H, T});
+    torch::Tensor GH = torch::bmm(Y, Y.transpose(1, 2));  // [n*T, H, H]
+    torch::Tensor inv = inv_norm.select(2, l);
+    GH.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1)).clamp_(-1.0, 1.0);
+    head_sum[l] += at::sum(GH, {0}, false, torch::kDouble);
+  }
+}
 
 void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const std::vector<torch::Tensor>& features) {
   const int64_t L = L_, H = H_, T = T_;
@@ -152,42 +332,18 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   const double eps = options_.eps;
   // This batch's sums, added to the totals only once all of it is checked:
   // a batch with a non-finite map leaves the accumulator as it was.
-  torch::Tensor m_sum = torch::zeros_like(m_sum_), above_tau = torch::zeros_like(above_tau_);
+  // m_sum is float32: sums over one batch's images, added to the float64
+  // total once per batch.
+  torch::Tensor m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
+  torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
+  const bool cpu_kernel = device_.is_cpu() && T >= kW && std::all_of(attn.begin(), attn.end(), [](const auto& a) {
+                            return a.device().is_cpu() && a.scalar_type() == torch::kFloat && a.is_contiguous();
+                          });
+  if (cpu_kernel) add_maps_cpu(attn, options_, m_sum, above_tau, head_sum);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    // X [n, T(column), H, L, T(row)]: column t of every block side by side,
-    // the one copy made of the maps.
-    // (Filled block by block: torch::stack of permuted views may pick a
-    // channels-last layout.)
-    torch::Tensor X = scratch(columns_, {n, T, H, L, T}, torch::kFloat, device_);
-    for (int64_t l = 0; l < L; ++l) copy_columns(attn[l].narrow(0, b0, n), X, l);
-    // Cross-layer: every pair of blocks for each (image, column, head) in one bmm.
-    torch::Tensor flat = X.view({n * T * H, L, T});
-    torch::Tensor G = scratch(gram_, {n * T * H, L, L}, torch::kFloat, device_);
-    at::bmm_out(G, flat, flat.transpose(1, 2));
-    auto [inv_norm, finite] = gram_to_cosine(G, eps);
-    if (!finite.item<bool>())
-      fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
-    // Sums over the chunk's images as products with a ones vector (a plain
-    // reduction over the outer dim is several times slower on the CPU); in
-    // float32 over a few images, then float64 across chunks. The counts are
-    // exact: chunk_images keeps n*T*H below 2^24.
-    const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
-    m_sum += torch::mm(torch::ones({1, n}, f32), G.view({n, T * H * L * L})).view({T * H, L, L}).to(torch::kDouble);
-    torch::Tensor mask = scratch(mask_, {n * T * H, L * L}, torch::kFloat, device_);
-    at::ge_out(mask, G.view({n * T * H, L * L}), options_.tau);
-    above_tau += torch::mm(torch::ones({1, n * T * H}, f32), mask).view({L, L}).round().to(torch::kLong);
-    // Inter-head: every pair of heads for each (image, column), one bmm per
-    // block on a strided view of X (no copy); the norms are the ones above.
-    inv_norm = inv_norm.reshape({n * T, H, L});
-    for (int64_t l = 0; l < L; ++l) {
-      torch::Tensor Y = X.select(3, l).view({n * T, H, T});
-      torch::Tensor GH = torch::bmm(Y, Y.transpose(1, 2));  // [n*T, H, H]
-      torch::Tensor inv = inv_norm.select(2, l);
-      GH.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1)).clamp_(-1.0, 1.0);
-      head_sum[l] += at::sum(GH, {0}, false, torch::kDouble);
-    }
+    if (!cpu_kernel) add_maps_chunk(attn, b0, n, m_sum, above_tau, head_sum);
     if (with_features) {
       torch::Tensor F = scratch(feature_columns_, {n, TF, L, D}, torch::kFloat, device_);
       for (int64_t l = 0; l < L; ++l) F.select(2, l).copy_(features[l].narrow(0, b0, n));
@@ -220,9 +376,9 @@ SimilarityResult SimilarityAccumulator::result() const {
   r.tokens = T;
   r.options = options_;
   const auto cpu = [](const torch::Tensor& t) { return t.to(torch::kCPU).contiguous(); };
-  torch::Tensor mean = m_sum_ / static_cast<double>(images_);  // [T*H, L, L]
-  r.M = cpu(mean.view({T, H, L, L}).permute({2, 3, 1, 0}).to(torch::kFloat));
-  r.S = cpu(mean.mean(0));
+  torch::Tensor mean = m_sum_ / static_cast<double>(images_);  // [L, L, H, T]
+  r.M = cpu(mean.to(torch::kFloat));
+  r.S = cpu(mean.mean({2, 3}));
   r.adjacent = L > 1 ? r.S.diagonal(1).contiguous() : torch::zeros({0}, torch::kDouble);
   r.ratio = cpu(above_tau_.to(torch::kDouble) / static_cast<double>(images_ * H * T));
   r.similar_blocks = r.adjacent.ge(options_.similar_threshold).sum().item<int64_t>();

@@ -47,8 +47,8 @@ struct SimilarityResult {
 };
 
 // Streams batches of attention maps (and optionally block outputs) into
-// O(L²·H·T) accumulators on `device`. Sums are float32 over the few images
-// of a chunk and float64 across chunks, so the result does not depend on how
+// O(L²·H·T) accumulators on `device`. Sums are float32 over the images of a
+// batch and float64 across batches, so the result does not depend on how
 // the images were split into batches (to ~1e-7). Not thread-safe.
 class SimilarityAccumulator {
  public:
@@ -70,20 +70,23 @@ class SimilarityAccumulator {
 
  private:
   int64_t chunk_images(int64_t feature_dim) const;
+  void add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n, torch::Tensor& m_sum,
+                      torch::Tensor& above_tau, torch::Tensor& head_sum);
 
   int64_t L_, H_, T_;
   SimilarityOptions options_;
   torch::Device device_;
   int64_t images_ = 0;
   int64_t feature_images_ = 0;
-  torch::Tensor m_sum_;        // float64 [T*H, L, L]: sum over images of the per-image cosines
+  torch::Tensor m_sum_;        // float64 [L, L, H, T]: sum over images of the per-image cosines
   torch::Tensor above_tau_;    // int64 [L, L]: entries with cosine >= tau
   torch::Tensor head_sum_;     // float64 [L, H, H]: sum over images and tokens
   torch::Tensor feature_sum_;  // float64 [L, L]: sum over images and tokens
   int64_t feature_tokens_ = 0;
   // Scratch memory reused from chunk to chunk: fresh allocations of this
   // size cost more in page faults than the matrix products themselves.
-  torch::Tensor columns_, gram_, mask_, feature_columns_, feature_gram_;
+  torch::Tensor batch_sum_, columns_, gram_, mask_, feature_columns_, feature_gram_;
+  std::vector<float> packed_;  // one image's maps, packed for the CPU path
 };
 
 // Attention rollout (Abnar & Zuidema 2020) of per-block maps [B, H, T, T]:

@@ -1,6 +1,7 @@
 // Attention-collapse analysis: the similarity measures against the fixtures
 // and hand-built cases, streaming, `analyze` end to end, and the figures.
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <limits>
@@ -153,6 +154,28 @@ TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same
   SimilarityAccumulator acc(4, 3, 10);
   acc.add(attn.unbind(0), features.unbind(0));
   check_same(acc.result(), once, 1e-6);
+}
+
+TEST_CASE("similarity: the CPU kernel agrees with the batched-product path") {
+  // float32 contiguous CPU maps with T >= 8 take the kernel; the same maps
+  // in float64 take the bmm path. Shapes cover partial tiles (L, H not
+  // multiples of 4 or 2) and column blocks (T not a multiple of 8), signed
+  // maps (re-attention) and an all-zero column.
+  for (auto [L, H, T] : std::vector<std::array<int64_t, 3>>{{1, 1, 8}, {3, 5, 13}, {6, 2, 20}, {9, 3, 17}}) {
+    INFO("L " << L << ", H " << H << ", T " << T);
+    torch::manual_seed(11);
+    torch::Tensor attn = torch::randn({L, 3, H, T, T});
+    torch::Tensor softmaxed = attn.narrow(0, 0, (L + 1) / 2);
+    softmaxed.copy_(softmaxed.softmax(-1));
+    attn.select(1, 1).select(2, 0).select(2, T - 1).zero_();  // column T-1 of head 0, image 1, every block
+    const torch::Tensor features = torch::randn({L, 3, T, 4});
+    SimilarityOptions o;
+    o.tau = 0.3;
+    const SimilarityResult kernel = similarity_of(attn, features, o);
+    const SimilarityResult reference = similarity_of(attn.to(torch::kDouble), features, o);
+    check_same(kernel, reference, 2e-6);
+    CHECK(kernel.ratio.sum().item<double>() > 0.0);
+  }
 }
 
 TEST_CASE("similarity: non-finite maps, bad shapes and options are clear errors") {
