@@ -18,6 +18,7 @@
 #include "eval/evaluate.h"
 #include "io/torch_file.h"
 #include "models/registry.h"
+#include "train/distributed.h"
 #include "train/trainer.h"
 
 namespace {
@@ -446,6 +447,17 @@ int main(int argc, char** argv) {
   add_threads(study_cmd, common);
   add_device(study_cmd, common);
 
+  int launch_nproc = 1, launch_port = 0;
+  std::vector<std::string> launch_args;
+  auto* launch_cmd = app.add_subcommand(
+      "launch", "Run a subcommand as N data-parallel processes on this machine (as torchrun --standalone)");
+  launch_cmd->add_option("--nproc", launch_nproc, "Processes (ranks)")->required()->check(CLI::PositiveNumber);
+  launch_cmd->add_option("--master-port", launch_port, "Rendezvous port on 127.0.0.1 (0: a free one)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  launch_cmd->add_option("command", launch_args, "After --: the subcommand and its options, e.g. -- train --config F")
+      ->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -463,6 +475,7 @@ int main(int argc, char** argv) {
     if (*eval_cmd) run_eval(ev, common);
     if (*analyze_cmd) run_analyze(an, common);
     if (*study_cmd) run_study_cmd(st, common);
+    if (*launch_cmd) return vitlab::launch_local(launch_nproc, launch_port, launch_args);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

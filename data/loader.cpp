@@ -54,13 +54,21 @@ DataLoader::DataLoader(std::shared_ptr<const ImageSource> source, TransformOptio
   if (options_.workers < 1) fail("data.workers must be >= 1, got {}", options_.workers);
   if (options_.prefetch < 1) fail("data.prefetch must be >= 1, got {}", options_.prefetch);
   if (source_->size() == 0) fail("the dataset has no samples");
+  if (options_.world_size < 1 || options_.rank < 0 || options_.rank >= options_.world_size)
+    fail("data loader: rank {} of world size {} is out of range", options_.rank, options_.world_size);
   transform_.validate();
 }
 
 DataLoader::~DataLoader() { stop(); }
 
+int64_t DataLoader::shard_size() const {
+  const int64_t n = source_->size(), w = options_.world_size, r = options_.rank;
+  if (options_.train) return (n + w - 1) / w;
+  return r < n ? (n - r + w - 1) / w : 0;
+}
+
 int64_t DataLoader::num_batches() const {
-  const int64_t n = source_->size(), b = options_.batch_size;
+  const int64_t n = shard_size(), b = options_.batch_size;
   return options_.train && options_.drop_last ? n / b : (n + b - 1) / b;
 }
 
@@ -88,6 +96,12 @@ void DataLoader::begin_epoch(int64_t epoch) {
     // Fisher-Yates with our own draws: the order depends on (seed, epoch) only.
     std::mt19937_64 rng(mix_seed(options_.seed, static_cast<uint64_t>(epoch), ~0ULL));
     for (size_t i = order_.size(); i > 1; --i) std::swap(order_[i - 1], order_[rng() % i]);
+  }
+  if (options_.world_size > 1) {
+    const int64_t n = static_cast<int64_t>(order_.size()), w = options_.world_size;
+    std::vector<int64_t> shard;
+    for (int64_t i = options_.rank; i < (options_.train ? shard_size() * w : n); i += w) shard.push_back(order_[i % n]);
+    order_ = std::move(shard);
   }
   claimed_ = consumed_ = 0;
   stopping_ = false;

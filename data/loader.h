@@ -81,6 +81,12 @@ struct LoaderOptions {
   uint64_t seed = 0;
   bool skip_errors = true;  // data.on_error: skip (warn once per file, count) or fail
   bool pin_memory = false;
+  // Data-parallel shard, as PyTorch's DistributedSampler: each epoch's order
+  // (the same on every rank) padded by wrapping around to a multiple of
+  // world_size when training, then every world_size-th sample from rank.
+  // Evaluation is not padded: the ranks' counts add up to the split.
+  int rank = 0;
+  int world_size = 1;
 };
 
 struct Batch {
@@ -100,6 +106,7 @@ class DataLoader {
 
   int64_t num_batches() const;
   int64_t num_samples() const { return source_->size(); }
+  int64_t shard_size() const;  // the samples this rank sees per epoch
   const ImageSource& source() const { return *source_; }
 
   // Starts an epoch's workers; next() then yields its batches in order and

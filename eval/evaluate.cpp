@@ -11,7 +11,7 @@
 namespace vitlab {
 
 EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device,
-                    at::ScalarType amp) {
+                    at::ScalarType amp, const SumAcrossRanks& sum_across) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
@@ -38,6 +38,15 @@ EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t nu
     r.images += y.size(0);
   }
   model.train(was_training);
+  if (sum_across) {
+    std::vector<torch::Tensor> sums{
+        torch::tensor({loss_sum, top1, top5, static_cast<double>(r.images)}, torch::kDouble), r.confusion};
+    sum_across(sums);
+    loss_sum = sums[0][0].item<double>();
+    top1 = sums[0][1].item<double>();
+    top5 = sums[0][2].item<double>();
+    r.images = sums[0][3].item<int64_t>();
+  }
   if (r.images == 0) return r;
   r.loss = loss_sum / r.images;
   r.top1 = 100.0 * top1 / r.images;

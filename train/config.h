@@ -128,6 +128,9 @@ struct RunConfig {
   double cos_reg = 0.0;
   int64_t cos_reg_pairs = 0;
   bool drop_last = true;
+  // Data-parallel runs (torchrun, vitlab launch): seconds a collective waits
+  // for the other ranks before the run fails (a rank died or hangs).
+  double dist_timeout = 300.0;
 
   template <class F>
   void visit(F&& f) {
@@ -144,6 +147,7 @@ struct RunConfig {
     f("cos_reg", cos_reg);
     f("cos_reg_pairs", cos_reg_pairs);
     f("drop_last", drop_last);
+    f("dist_timeout", dist_timeout);
   }
   void validate() const;
 };

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "common/device.h"
 #include "common/error.h"
@@ -15,6 +16,7 @@
 #include "eval/evaluate.h"
 #include "io/safetensors.h"
 #include "models/registry.h"
+#include "train/distributed.h"
 
 namespace vitlab {
 
@@ -264,17 +266,31 @@ class Progress {
 
 double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64_t stop_after) {
   const auto wall_start = std::chrono::steady_clock::now();
-  const int threads = configure_threads(static_cast<int>(cfg.train.threads));
-  const torch::Device device = parse_device(cfg.train.device, "train.device");
+  // A data-parallel rank when started by torchrun or vitlab launch; the
+  // processes on one machine share its CPUs unless train.threads says otherwise.
+  const DistEnv env = dist_env_from_environment();
+  int threads = static_cast<int>(cfg.train.threads);
+  if (threads == 0 && env.local_world_size > 1)
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
+  threads = configure_threads(threads);
+  torch::Device device = parse_device(cfg.train.device, "train.device");
+  if (device.is_cuda() && !device.has_index() && env.distributed())
+    device = torch::Device(torch::kCUDA, env.local_rank);
   const at::ScalarType amp = parse_amp(cfg.train.amp, device, "train.amp");
   const bool fp16 = amp == at::kHalf;
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+  ProcessGroup group(env, device,
+                     std::chrono::milliseconds(static_cast<int64_t>(std::ceil(cfg.train.dist_timeout * 1000.0))));
+  const bool main = group.main();  // only rank 0 logs and writes
 
   DataSplits data = open_data(cfg.data);
   const auto num_classes = static_cast<int64_t>(data.classes.size());
   ModelSpec spec = resolve_train_model(cfg, num_classes);
   Model model = build_model(spec);
   model.module->to(device);
+  const std::vector<torch::Tensor> parameters = model.module->parameters(), buffers = model.module->buffers();
+  group.broadcast(parameters, "the initial weights' broadcast");
+  group.broadcast(buffers, "the initial buffers' broadcast");
   const int64_t img_size = spec.config["img_size"], in_chans = spec.config["in_chans"];
 
   LoaderOptions lo;
@@ -285,6 +301,8 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   lo.skip_errors = cfg.data.on_error == "skip";
   lo.drop_last = cfg.train.drop_last;
   lo.pin_memory = device.is_cuda();
+  lo.rank = group.rank();
+  lo.world_size = group.size();
   const TransformOptions tf = cfg.transforms(img_size, in_chans);
   DataLoader train_loader(data.train, tf, lo);
   lo.train = false;
@@ -298,7 +316,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   const int64_t steps_per_epoch = batches / cfg.train.grad_accum, total_steps = steps_per_epoch * cfg.train.epochs;
   double base_lr = cfg.optim.lr;
   if (cfg.optim.lr_base_size > 0)
-    base_lr *= static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum) / cfg.optim.lr_base_size;
+    base_lr *= static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum * group.size()) / cfg.optim.lr_base_size;
   auto opt = make_optimizer(*model.module, cfg.optim, base_lr);
   std::unique_ptr<Ema> ema = cfg.train.ema ? std::make_unique<Ema>(*model.module, cfg.train.ema_decay) : nullptr;
   Model ema_model = cfg.train.ema ? build_model(spec) : Model{};
@@ -308,12 +326,13 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   RunState st;
   if (resume) {
     st = load_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get());
-    fmt::print(stderr, "resuming {} after epoch {} (step {})\n", run_dir.string(), st.epoch, st.step);
+    if (main) fmt::print(stderr, "resuming {} after epoch {} (step {})\n", run_dir.string(), st.epoch, st.step);
   }
-  write_file_atomic(run_dir / "config.yaml", cfg.to_yaml());
-  nlohmann::json classes_json = data.classes;
-  write_file_atomic(run_dir / "classes.json", classes_json.dump(2) + "\n");
-  {
+  std::ofstream steps_log;
+  if (main) {
+    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml());
+    nlohmann::json classes_json = data.classes;
+    write_file_atomic(run_dir / "classes.json", classes_json.dump(2) + "\n");
     // Keep the per-step log consistent with the checkpoint we resume from.
     std::string kept;
     if (resume && fs::exists(run_dir / "metrics.jsonl")) {
@@ -324,11 +343,16 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       }
     }
     write_file_atomic(run_dir / "metrics.jsonl", kept);
+    steps_log.open(run_dir / "metrics.jsonl", std::ios::app);
+    fmt::print(stderr, "training {} ({} parameters) on {} {} images, {} classes, {} threads, device {}{}\n", spec.name,
+               spec_parameters(spec), data.train->size(), cfg.data.type, num_classes, threads, device.str(),
+               group.size() > 1 ? fmt::format(", {} processes", group.size()) : "");
   }
-  std::ofstream steps_log(run_dir / "metrics.jsonl", std::ios::app);
-
-  fmt::print(stderr, "training {} ({} parameters) on {} {} images, {} classes, {} threads, device {}\n", spec.name,
-             spec_parameters(spec), data.train->size(), cfg.data.type, num_classes, threads, device.str());
+  // Evaluation: each rank takes its shard, the metrics are the whole split's.
+  const SumAcrossRanks sum_across =
+      group.size() > 1
+          ? SumAcrossRanks([&](std::vector<torch::Tensor>& t) { group.sum(t, "the evaluation all-reduce"); })
+          : SumAcrossRanks();
   Progress progress(cfg.train.log_interval);
   double samples_seen = 0, train_seconds = 0;
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
@@ -349,6 +373,9 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       } else if (mix.label_smoothing > 0) {
         target = smooth_one_hot(y, num_classes, mix.label_smoothing);
       }
+      // As DDP (broadcast_buffers): every rank starts the step with rank 0's
+      // buffers (BatchNorm running statistics).
+      group.broadcast(buffers, "the buffers' broadcast");
       torch::Tensor loss;
       {
         Autocast autocast(device, amp);
@@ -375,6 +402,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       ++batch_index;
       samples_seen += x.size(0);
       if (batch_index % cfg.train.grad_accum == 0) {
+        group.average_gradients(parameters);
         lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
         for (auto& g : opt->param_groups()) g.options().set_lr(lr);
         const bool apply = !fp16 || unscale_and_check(*model.module, st);
@@ -387,34 +415,43 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
         opt->zero_grad();
         ++st.step;
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size / elapsed : 0.0;
-        steps_log << nlohmann::json{{"epoch", epoch + 1},
-                                    {"step", st.step},
-                                    {"loss", loss_value},
-                                    {"lr", lr},
-                                    {"images_per_sec", ips}}
-                         .dump()
-                  << std::endl;
-        progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
+        const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size * group.size() / elapsed : 0.0;
+        if (main) {
+          steps_log << nlohmann::json{{"epoch", epoch + 1},
+                                      {"step", st.step},
+                                      {"loss", loss_value},
+                                      {"lr", lr},
+                                      {"images_per_sec", ips}}
+                           .dump()
+                    << std::endl;
+          progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
+        }
       }
     }
-    progress.end_epoch();
+    if (main) progress.end_epoch();
     if (loss_count == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
+    if (group.size() > 1) {  // the epoch's train loss over every rank's batches
+      std::vector<torch::Tensor> sums{torch::tensor({loss_sum, static_cast<double>(loss_count)}, torch::kDouble)};
+      group.sum(sums, "the train loss all-reduce");
+      loss_sum = sums[0][0].item<double>();
+      loss_count = sums[0][1].item<int64_t>();
+    }
     train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device, amp);
+    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device, amp, sum_across);
     if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
     std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1,
                                   loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, lr);
     if (ema) {
       load_state(*ema_model.module, ema->state);
-      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp);
+      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp, sum_across);
       row += fmt::format(",{:.6f},{:.4f},{:.4f}", ee.loss, ee.top1, ee.top5);
     }
     st.csv_rows.push_back(row);
     st.epoch = epoch + 1;
     const bool best = ev.top1 > st.best_top1;
     if (best) st.best_top1 = ev.top1;
+    if (!main) continue;
     std::string csv = csv_header(cfg.train.ema);
     for (const auto& r : st.csv_rows) csv += r + "\n";
     write_file_atomic(run_dir / "metrics.csv", csv);
@@ -425,17 +462,24 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                best ? " (best)" : "");
   }
 
+  if (!main) return st.best_top1;
   write_weights(run_dir / "model.safetensors", module_state(*model.module));
   if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   const int64_t skipped = train_loader.skipped() + val_loader.skipped();
   nlohmann::json summary = {
-      {"model", spec.name},       {"epochs", st.epoch},
-      {"steps", st.step},         {"best_top1", st.best_top1},
-      {"skipped_files", skipped}, {"skipped_steps", st.skipped_steps},
-      {"device", device.str()},   {"amp", cfg.train.amp},
-      {"wall_seconds", wall},     {"train_images_per_sec", train_seconds > 0 ? samples_seen / train_seconds : 0.0},
-      {"threads", threads}};
+      {"model", spec.name},
+      {"epochs", st.epoch},
+      {"steps", st.step},
+      {"best_top1", st.best_top1},
+      {"skipped_files", skipped},
+      {"skipped_steps", st.skipped_steps},
+      {"device", device.str()},
+      {"amp", cfg.train.amp},
+      {"wall_seconds", wall},
+      {"train_images_per_sec", train_seconds > 0 ? samples_seen * group.size() / train_seconds : 0.0},
+      {"threads", threads},
+      {"processes", group.size()}};
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
   if (st.epoch < cfg.train.epochs)
     fmt::print("stopped after epoch {} of {}; continue with --resume\n", st.epoch, cfg.train.epochs);

@@ -1,0 +1,308 @@
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "data/loader.h"
+#include "io/safetensors.h"
+#include "tests/helpers.h"
+#include "train/distributed.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+namespace {
+
+DistEnv parse(const std::map<std::string, std::string>& vars) {
+  return parse_dist_env([&](const char* name) -> const char* {
+    auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  });
+}
+
+// A tiny recipe with augmentation and dropout off, so that data parallelism
+// is the only difference between runs.
+void write_config(const fs::path& file, const std::string& data) {
+  std::ofstream(file) << "model: {name: vit_tiny_patch16_224, img_size: 28, patch_size: 7, in_chans: 1, "
+                         "embed_dim: 32, depth: 2, num_heads: 2}\n"
+                      << "data: " << data << "\n"
+                      << "optim: {lr: 1.0e-3, clip_grad: 1.0}\n"
+                         "schedule: {warmup_epochs: 0.5}\n"
+                         "aug: {scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip: 0.0, auto_augment: '', color_jitter: 0.0, "
+                         "reprob: 0.0, mixup: 0.0, cutmix: 0.0, smoothing: 0.0, crop_pct: 1.0}\n"
+                         "train: {epochs: 2, batch_size: 16, threads: 1, log_interval: 1}\n";
+}
+
+// dir/cfg.yaml: the tiny recipe on an ImageFolder of 64 + 64 Fashion-MNIST images in dir/data.
+void write_image_folder_config(const TempDir& dir) {
+  REQUIRE(
+      run_cli(fmt::format("data export --dataset fashion_mnist --out {} --limit 64", (dir / "data").string())).status ==
+      0);
+  write_config(dir / "cfg.yaml", fmt::format("{{type: imagefolder, root: {}, workers: 1}}", (dir / "data").string()));
+}
+
+// Starts `vitlab ARGS` as one rank of a 2-process group, output to `log`.
+pid_t start_rank(int rank, int port, const std::vector<std::string>& args, const fs::path& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    ::setenv("RANK", std::to_string(rank).c_str(), 1);
+    ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+    ::setenv("WORLD_SIZE", "2", 1);
+    ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+    ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+    std::vector<char*> argv{const_cast<char*>(VITLAB_BIN)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(VITLAB_BIN, argv.data());
+    std::_Exit(127);
+  }
+  return pid;
+}
+
+// The exit status of pid, or -1 if it is still running after `seconds`.
+int wait_exit(pid_t pid, double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (;;) {
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid)
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (std::chrono::steady_clock::now() > deadline) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+bool wait_for_file(const fs::path& file, double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (fs::exists(file) && fs::file_size(file) > 0) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("torchrun environment: parsed, and bad values are errors naming the variable") {
+  DistEnv single = parse({});
+  CHECK_FALSE(single.distributed());
+  CHECK(single.rank == 0);
+
+  DistEnv e = parse({{"WORLD_SIZE", "4"},
+                     {"RANK", "3"},
+                     {"LOCAL_RANK", "1"},
+                     {"LOCAL_WORLD_SIZE", "2"},
+                     {"MASTER_ADDR", "node0"},
+                     {"MASTER_PORT", "29400"},
+                     {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                     {"TORCHELASTIC_RESTART_COUNT", "2"}});
+  CHECK(e.distributed());
+  CHECK(e.world_size == 4);
+  CHECK(e.rank == 3);
+  CHECK(e.local_rank == 1);
+  CHECK(e.local_world_size == 2);
+  CHECK(e.master_addr == "node0");
+  CHECK(e.master_port == 29400);
+  CHECK(e.agent_store);
+  CHECK(e.restart_count == 2);
+  CHECK(parse({{"WORLD_SIZE", "2"}, {"RANK", "1"}}).local_world_size == 2);  // torchrun always sets it; launch too
+
+  const std::map<std::string, std::string> ok = {{"WORLD_SIZE", "2"}, {"RANK", "0"}};
+  auto with = [&](const std::string& k, const std::string& v) {
+    auto m = ok;
+    m[k] = v;
+    return m;
+  };
+  CHECK_THROWS_WITH(parse(with("WORLD_SIZE", "two")), Catch::Contains("WORLD_SIZE") && Catch::Contains("integer"));
+  CHECK_THROWS_WITH(parse(with("WORLD_SIZE", "0")), Catch::Contains("WORLD_SIZE"));
+  CHECK_THROWS_WITH(parse(with("RANK", "2")), Catch::Contains("RANK=\"2\"") && Catch::Contains("[0, 1]"));
+  CHECK_THROWS_WITH(parse(with("RANK", "-1")), Catch::Contains("RANK"));
+  CHECK_THROWS_WITH(parse(with("MASTER_PORT", "70000")), Catch::Contains("MASTER_PORT"));
+  CHECK_THROWS_WITH(parse(with("MASTER_PORT", "29500x")), Catch::Contains("MASTER_PORT"));
+  CHECK_THROWS_WITH(parse(with("MASTER_ADDR", "")), Catch::Contains("MASTER_ADDR is empty"));
+  CHECK_THROWS_WITH(parse(with("TORCHELASTIC_USE_AGENT_STORE", "maybe")),
+                    Catch::Contains("TORCHELASTIC_USE_AGENT_STORE"));
+  CHECK_THROWS_WITH(parse({{"WORLD_SIZE", "2"}, {"RANK", "1"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "1"}}),
+                    Catch::Contains("LOCAL_RANK=1 must be below LOCAL_WORLD_SIZE=1"));
+  CHECK_THROWS_WITH(parse({{"WORLD_SIZE", "2"}}), Catch::Contains("RANK is not"));
+}
+
+TEST_CASE("data loader shards like DistributedSampler") {
+  ImageSet set;
+  set.images = torch::arange(11, torch::kUInt8).view({11, 1, 1, 1});
+  set.labels = torch::arange(11);
+  set.classes = {"a"};
+  auto source = std::make_shared<MemorySource>(set);
+  TransformOptions tf;
+  tf.img_size = 1;
+  tf.in_chans = 1;
+  tf.scale = {1.0, 1.0};
+  tf.ratio = {1.0, 1.0};
+  tf.hflip = 0.0;
+  tf.crop_pct = 1.0;
+  tf.mean = {0.0};
+  tf.std = {1.0};
+  auto labels_of = [&](bool train, int rank, int world) {
+    LoaderOptions o;
+    o.train = train;
+    o.drop_last = false;
+    o.batch_size = 4;
+    o.rank = rank;
+    o.world_size = world;
+    DataLoader loader(source, tf, o);
+    loader.begin_epoch(3);
+    std::vector<int64_t> out;
+    while (auto b = loader.next())
+      for (int64_t i = 0; i < b->labels.size(0); ++i) out.push_back(b->labels[i].item<int64_t>());
+    CHECK(static_cast<int64_t>(out.size()) == loader.shard_size());
+    return out;
+  };
+  // Training: the one-process order, padded by wrapping to 12, dealt out.
+  const std::vector<int64_t> all = labels_of(true, 0, 1);
+  const std::vector<int64_t> r0 = labels_of(true, 0, 2), r1 = labels_of(true, 1, 2);
+  REQUIRE(r0.size() == 6);
+  REQUIRE(r1.size() == 6);
+  for (size_t i = 0; i < 6; ++i) {
+    CHECK(r0[i] == all[2 * i]);
+    CHECK(r1[i] == all[(2 * i + 1) % 11]);
+  }
+  // Evaluation: no padding, the shards partition the split.
+  const std::vector<int64_t> e0 = labels_of(false, 0, 3), e1 = labels_of(false, 1, 3), e2 = labels_of(false, 2, 3);
+  CHECK(e0 == std::vector<int64_t>{0, 3, 6, 9});
+  CHECK(e1 == std::vector<int64_t>{1, 4, 7, 10});
+  CHECK(e2 == std::vector<int64_t>{2, 5, 8});
+}
+
+TEST_CASE("2 ranks with Gloo on loopback end with the weights of 1 process at the doubled batch") {
+  TempDir dir;
+  write_image_folder_config(dir);
+  RunResult one =
+      run_cli(fmt::format("train --config {} --out {}", (dir / "cfg.yaml").string(), (dir / "one").string()));
+  INFO(one.output);
+  REQUIRE(one.status == 0);
+  RunResult two = run_cli(fmt::format("launch --nproc 2 -- train --config {} --set train.batch_size=8 --out {}",
+                                      (dir / "cfg.yaml").string(), (dir / "two").string()));
+  INFO(two.output);
+  REQUIRE(two.status == 0);
+  CHECK_THAT(two.output, Catch::Contains("2 processes"));
+  const StateDict a = read_weights(dir / "one" / "model.safetensors");
+  const StateDict b = read_weights(dir / "two" / "model.safetensors");
+  REQUIRE(a.size() == b.size());
+  double diff = 0.0;
+  for (const auto& [k, v] : a) diff = std::max(diff, max_abs_diff(v, b.at(k)));
+  CHECK(diff <= 1e-5);
+  CHECK(max_abs_diff(a.at("head.weight"),
+                     read_weights(dir / "one" / "checkpoint-last" / "model.safetensors").at("head.weight")) == 0.0);
+  // Only rank 0 wrote: one line per optimizer step (64 images / 16 per step, 2 epochs), one summary.
+  std::ifstream steps(dir / "two" / "metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(steps, line);) ++lines;
+  CHECK(lines == 8);
+  const auto summary = nlohmann::json::parse(read_file(dir / "two" / "summary.json"));
+  CHECK(summary["processes"] == 2);
+  // The train loss is every rank's, evaluation covers the whole split: the
+  // metrics of the single process.
+  auto rows = [](const fs::path& csv) {
+    std::vector<std::vector<double>> out;
+    std::ifstream in(csv);
+    std::string line;
+    std::getline(in, line);
+    while (std::getline(in, line)) {
+      std::vector<double> row;
+      std::stringstream fields(line);
+      for (std::string f; std::getline(fields, f, ',');) row.push_back(std::stod(f));
+      out.push_back(row);
+    }
+    return out;
+  };
+  const auto r1 = rows(dir / "one" / "metrics.csv"), r2 = rows(dir / "two" / "metrics.csv");
+  REQUIRE(r1.size() == 2);
+  REQUIRE(r2.size() == 2);
+  for (size_t e = 0; e < 2; ++e)
+    for (size_t c = 0; c < r1[e].size(); ++c) CHECK(r2[e][c] == Approx(r1[e][c]).margin(2e-6));
+}
+
+TEST_CASE("ranks rendezvous through torchrun's agent store when TORCHELASTIC_USE_AGENT_STORE is set") {
+  TempDir dir;
+  write_image_folder_config(dir);
+  // The agent: a TCPStore server that the ranks join as clients, under the
+  // key prefix of restart 1.
+  c10d::TCPStoreOptions o;
+  o.port = 0;
+  o.isServer = true;
+  o.waitWorkers = false;
+  c10d::TCPStore agent("127.0.0.1", o);
+  ::setenv("TORCHELASTIC_USE_AGENT_STORE", "True", 1);
+  ::setenv("TORCHELASTIC_RESTART_COUNT", "1", 1);
+  const std::vector<std::string> args = {"train",          "--config", (dir / "cfg.yaml").string(), "--set",
+                                         "train.epochs=1", "--out",    (dir / "run").string()};
+  const pid_t r0 = start_rank(0, agent.getPort(), args, dir / "r0.log");
+  const pid_t r1 = start_rank(1, agent.getPort(), args, dir / "r1.log");
+  ::unsetenv("TORCHELASTIC_USE_AGENT_STORE");
+  ::unsetenv("TORCHELASTIC_RESTART_COUNT");
+  const int s0 = wait_exit(r0, 60), s1 = wait_exit(r1, 60);
+  if (s0 < 0) ::kill(r0, SIGKILL);
+  if (s1 < 0) ::kill(r1, SIGKILL);
+  INFO(read_file(dir / "r0.log") + read_file(dir / "r1.log"));
+  CHECK(s0 == 0);
+  CHECK(s1 == 0);
+  CHECK(fs::exists(dir / "run" / "model.safetensors"));
+  CHECK(agent.getNumKeys() > 0);  // the ranks rendezvoused through the agent
+}
+
+TEST_CASE("a rank that dies or hangs makes the other exit with a clear error within train.dist_timeout") {
+  TempDir dir;
+  write_config(dir / "cfg.yaml", "{type: fashion_mnist, workers: 1, train_limit: 20000}");
+  for (const bool hang : {false, true}) {
+    INFO((hang ? "rank 1 stopped (SIGSTOP)" : "rank 1 killed (SIGKILL)"));
+    const fs::path out = dir / (hang ? "hang" : "dead");
+    const std::vector<std::string> args = {"train",
+                                           "--config",
+                                           (dir / "cfg.yaml").string(),
+                                           "--set",
+                                           "train.batch_size=4",
+                                           "--set",
+                                           "train.dist_timeout=3",
+                                           "--out",
+                                           out.string()};
+    const int port = 29000 + static_cast<int>(::getpid() % 1000) + (hang ? 1 : 0);
+    const pid_t r0 = start_rank(0, port, args, dir / (hang ? "hang0.log" : "dead0.log"));
+    const pid_t r1 = start_rank(1, port, args, dir / (hang ? "hang1.log" : "dead1.log"));
+    // Both are training once rank 0 has logged a step.
+    const bool started = wait_for_file(out / "metrics.jsonl", 60);
+    ::kill(r1, hang ? SIGSTOP : SIGKILL);
+    const auto t0 = std::chrono::steady_clock::now();
+    const int status = wait_exit(r0, 30);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (status < 0) ::kill(r0, SIGKILL);
+    ::kill(r1, SIGKILL);
+    wait_exit(r1, 10);
+    wait_exit(r0, 10);
+    const std::string log = read_file(dir / (hang ? "hang0.log" : "dead0.log"));
+    INFO(log);
+    REQUIRE(started);
+    CHECK(status > 0);
+    CHECK(seconds < 3 + 10);
+    CHECK_THAT(log, Catch::Contains("another rank died or stopped answering"));
+  }
+}
+
+TEST_CASE("vitlab launch: bad arguments are clear errors") {
+  CHECK_THAT(run_cli("launch --nproc 0 -- models").output, Catch::Contains("--nproc"));
+  CHECK(run_cli("launch --nproc 2").status != 0);
+  RunResult r = run_cli("launch --nproc 2 -- no-such-command");
+  CHECK(r.status != 0);
+  CHECK_THAT(r.output, Catch::Contains("rank") && Catch::Contains("exited with status"));
+}

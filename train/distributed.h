@@ -1,0 +1,71 @@
+#pragma once
+// Data-parallel training on LibTorch's own c10d engine: a Gloo process group
+// (CPU tensors, and CUDA ones through host copies) or NCCL on CUDA builds
+// that have it, with the rendezvous torchrun sets up (RANK, WORLD_SIZE,
+// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, and its agent's store when
+// TORCHELASTIC_USE_AGENT_STORE is set). `vitlab launch` starts the same
+// processes on one machine without Python.
+#include <torch/torch.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace vitlab {
+
+struct DistEnv {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  int local_world_size = 1;  // ranks on this machine
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  bool agent_store = false;  // torchrun's agent hosts the store; every rank is a client
+  int restart_count = 0;     // TORCHELASTIC_RESTART_COUNT: the agent store's key prefix
+  bool distributed() const { return world_size > 1; }
+};
+
+// The torchrun environment, read through `get` (nullptr: unset). Without
+// WORLD_SIZE a single process. Bad values are errors naming the variable.
+DistEnv parse_dist_env(const std::function<const char*(const char*)>& get);
+DistEnv dist_env_from_environment();
+
+// One process's membership of the group. With world size 1 every
+// collective is a no-op. A peer that dies or stops answering makes the
+// collective fail within `timeout` with an error saying so.
+class ProcessGroup {
+ public:
+  ProcessGroup(const DistEnv& env, const torch::Device& device, std::chrono::milliseconds timeout);
+  ~ProcessGroup();
+  ProcessGroup(const ProcessGroup&) = delete;
+  ProcessGroup& operator=(const ProcessGroup&) = delete;
+
+  int rank() const { return env_.rank; }
+  int size() const { return env_.world_size; }
+  bool main() const { return env_.rank == 0; }
+
+  // In place, from rank 0.
+  void broadcast(const std::vector<torch::Tensor>& tensors, const char* what);
+  // In place: the sum over ranks.
+  void sum(std::vector<torch::Tensor>& tensors, const char* what);
+  // Every defined gradient of `params` replaced by its mean over ranks,
+  // flattened into buckets of about 25 MB that are all reduced at once.
+  void average_gradients(const std::vector<torch::Tensor>& params);
+  void barrier(const char* what);
+
+ private:
+  struct Impl;
+  DistEnv env_;
+  std::chrono::milliseconds timeout_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// `vitlab launch`: runs this executable nproc times with `args`, each with
+// the torchrun environment of one rank on this machine (MASTER_PORT free
+// when port is 0). When one exits with an error the others are stopped.
+// Returns the exit status to use: 0 when every rank succeeded.
+int launch_local(int nproc, int port, const std::vector<std::string>& args);
+
+}  // namespace vitlab
