@@ -1,10 +1,14 @@
 # vitlab entry points: `make` builds, `make test` runs the suite, `make demo`
-# runs the main job. Each installs missing Debian packages first.
+# runs the main job, `make bench` compares vitlab with PyTorch eager and
+# rewrites docs/BENCHMARKS.md. Each installs missing Debian packages first.
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
+# Debian's Python, which has python3-torch (not a virtualenv's).
+PYTHON ?= /usr/bin/python3
+BENCH_ARGS ?=
 
-.PHONY: all build deps test demo clean
+.PHONY: all build deps test demo bench clean
 
 all: build
 
@@ -21,6 +25,10 @@ test: build
 
 demo: build
 	@scripts/demo.sh $(BUILD)/bin/vitlab
+
+bench: build
+	@scripts/install-deps.sh --bench
+	@$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -8,6 +8,7 @@
 
 #include "analysis/analyze.h"
 #include "analysis/study.h"
+#include "bench/bench.h"
 #include "common/config.h"
 #include "common/device.h"
 #include "common/error.h"
@@ -292,6 +293,37 @@ void run_study_cmd(const StudyArgs& a, const CommonOptions& common) {
   fmt::print("study done: {}\n", report.string());
 }
 
+struct BenchArgs {
+  std::string model, mode = "infer", data;
+  int64_t batch = 32, steps = 20, warmup = 5, img_size = 224;
+  int workers = 1;
+  bool attention = false, gemm = false, loader = false;
+};
+
+// One JSON object on the last line of stdout.
+void run_bench(const BenchArgs& a, const CommonOptions& common) {
+  const torch::Device device = parse_device(common.device.empty() ? "cpu" : common.device, "--device");
+  nlohmann::json j;
+  if (a.gemm) {
+    j = bench_gemm(device);
+  } else if (a.loader) {
+    if (a.data.empty()) fail("bench --loader needs --data imagefolder:ROOT (or fashion_mnist, cifar10:ROOT)");
+    j = bench_loader({a.data, a.img_size, a.batch, a.steps, a.workers});
+  } else {
+    if (a.model.empty()) fail("bench needs --model NAME (or --gemm, or --loader --data SPEC)");
+    BenchOptions o;
+    o.mode = a.mode;
+    o.batch = a.batch;
+    o.steps = a.steps;
+    o.warmup = a.warmup;
+    o.device = device;
+    o.amp = parse_amp(common.amp.empty() ? "off" : common.amp, device, "--amp");
+    o.attention = a.attention;
+    j = bench_model(resolve_model(a.model, parse_overrides(common.sets)), o);
+  }
+  fmt::print("{}\n", j.dump());
+}
+
 struct EvalArgs {
   std::string checkpoint, model, weights, config, out;
 };
@@ -447,6 +479,32 @@ int main(int argc, char** argv) {
   add_threads(study_cmd, common);
   add_device(study_cmd, common);
 
+  BenchArgs be;
+  auto* bench_cmd = app.add_subcommand("bench", "Throughput of a model (infer or train), the data loader, or sgemm");
+  bench_cmd->add_option("--model", be.model, "Model preset (see `vitlab models`)");
+  bench_cmd->add_option("--set", common.sets, "Override a model key, e.g. --set model.depth=6 (repeatable)");
+  bench_cmd->add_option("--mode", be.mode, "infer, or train (forward, loss, backward, AdamW step)")
+      ->check(CLI::IsMember({"infer", "train"}))
+      ->capture_default_str();
+  bench_cmd->add_option("--batch", be.batch, "Images per step")->check(CLI::PositiveNumber)->capture_default_str();
+  bench_cmd->add_option("--steps", be.steps, "Timed steps")->check(CLI::PositiveNumber)->capture_default_str();
+  bench_cmd->add_option("--warmup", be.warmup, "Untimed steps first")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  bench_cmd->add_flag("--attention", be.attention, "Also capture every block's attention maps");
+  bench_cmd->add_flag("--gemm", be.gemm, "Measure the float32 matrix-multiply peak instead");
+  bench_cmd->add_flag("--loader", be.loader, "Measure the data loader (decode + training transforms) instead");
+  bench_cmd->add_option("--data", be.data,
+                        "--loader: imagefolder:ROOT (its train split), fashion_mnist or cifar10:ROOT");
+  bench_cmd->add_option("--workers", be.workers, "--loader: decoding threads")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench_cmd->add_option("--img-size", be.img_size, "--loader: output image size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  add_threads(bench_cmd, common);
+  add_device(bench_cmd, common);
+
   int launch_nproc = 1, launch_port = 0;
   std::vector<std::string> launch_args;
   auto* launch_cmd = app.add_subcommand(
@@ -475,6 +533,7 @@ int main(int argc, char** argv) {
     if (*eval_cmd) run_eval(ev, common);
     if (*analyze_cmd) run_analyze(an, common);
     if (*study_cmd) run_study_cmd(st, common);
+    if (*bench_cmd) run_bench(be, common);
     if (*launch_cmd) return vitlab::launch_local(launch_nproc, launch_port, launch_args);
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());

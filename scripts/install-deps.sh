@@ -11,6 +11,9 @@ packages=(
   libgloo-dev   # the headers of LibTorch's Gloo process group (distributed training)
 )
 
+# `make bench` only: PyTorch eager and torchvision for the side-by-side.
+[ "${1:-}" = --bench ] && packages+=(python3-torch python3-torchvision python3-pil)
+
 [ "${VITLAB_SKIP_DEPS:-0}" = 1 ] && exit 0
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "install-deps: not a Debian-based system; install the equivalents of: ${packages[*]}" >&2

@@ -1,0 +1,199 @@
+#include "bench/bench.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "common/device.h"
+#include "common/error.h"
+#include "common/runtime.h"
+#include "train/trainer.h"
+
+namespace vitlab {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+double peak_rss_mb() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // kilobytes on Linux
+}
+
+void sync(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? -1 : device.index());
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+double forward_macs(const ModelSpec& spec) {
+  if (spec.family != "vit" && spec.family != "deepvit")
+    fail("bench: FLOPs are counted for ViT and DeepViT models, not {} ({})", spec.name, spec.family);
+  const nlohmann::json& c = spec.config;
+  const double img = c["img_size"].get<double>(), patch = c["patch_size"].get<double>();
+  const double D = c["embed_dim"].get<double>(), H = c["num_heads"].get<double>();
+  const double mlp = c["mlp_ratio"].get<double>(), classes = c["num_classes"].get<double>();
+  const double patches = (img / patch) * (img / patch);
+  const double T = patches + (c["class_token"].get<bool>() ? 1 : 0);
+  double macs = patches * c["in_chans"].get<double>() * patch * patch * D;  // patch embedding
+  const auto depth = c["depth"].get<int64_t>();
+  for (int64_t l = 0; l < depth; ++l) {
+    macs += T * D * 3 * D;        // qkv
+    macs += 2 * T * T * D;        // q k^T and attn v over all heads
+    macs += T * D * D;            // projection
+    macs += 2 * T * D * mlp * D;  // fc1, fc2
+    if (spec.family == "deepvit" && c["apply_transform"][l].get<bool>()) macs += H * H * T * T;  // Θ mixes heads
+  }
+  return macs + D * classes;
+}
+
+nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
+  if (o.mode != "infer" && o.mode != "train") fail("bench: --mode must be infer or train, got {}", o.mode);
+  if (o.batch < 1 || o.steps < 1 || o.warmup < 0)
+    fail("bench: --batch and --steps must be >= 1 and --warmup >= 0, got {}, {} and {}", o.batch, o.steps, o.warmup);
+  Model model = build_model(spec);
+  if (!model.vision) fail("bench: {} is not an image model", spec.name);
+  model.module->to(o.device);
+  const bool train = o.mode == "train";
+  model.module->train(train);
+  const int64_t img = spec.config["img_size"], chans = spec.config["in_chans"], classes = spec.config["num_classes"];
+  torch::manual_seed(0);
+  const torch::Tensor x = torch::randn({o.batch, chans, img, img}).to(o.device);
+  const torch::Tensor y = torch::randint(classes, {o.batch}, torch::kInt64).to(o.device);
+  torch::optim::AdamW opt(model.module->parameters(), torch::optim::AdamWOptions(1e-4).weight_decay(0.05));
+
+  auto step = [&] {
+    if (train) {
+      torch::Tensor logits;
+      {
+        Autocast autocast(o.device, o.amp);
+        logits = o.attention ? model.vision->forward_with_attention(x).first : model.vision->forward(x);
+      }
+      torch::Tensor loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+    } else {
+      torch::NoGradGuard no_grad;
+      Autocast autocast(o.device, o.amp);
+      if (o.attention)
+        model.vision->forward_with_attention(x);
+      else
+        model.vision->forward(x);
+    }
+    sync(o.device);
+  };
+  for (int64_t i = 0; i < o.warmup; ++i) step();
+  std::vector<double> ms;
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const auto s = Clock::now();
+    step();
+    ms.push_back(1000.0 * seconds_since(s));
+  }
+  const double total = seconds_since(t0);
+
+  const double flop_per_step = 2.0 * forward_macs(spec) * o.batch * (train ? 3.0 : 1.0);
+  const double peak = o.peak_gflops > 0 ? o.peak_gflops : bench_gemm(o.device)["gflops"].get<double>();
+  const double achieved = flop_per_step * o.steps / total / 1e9;
+  nlohmann::json j = {{"model", spec.name},
+                      {"mode", o.mode},
+                      {"batch", o.batch},
+                      {"steps", o.steps},
+                      {"warmup", o.warmup},
+                      {"attention", o.attention},
+                      {"device", o.device.str()},
+                      {"amp", o.amp == at::ScalarType::Undefined ? "off" : c10::toString(o.amp)},
+                      {"threads", at::get_num_threads()},
+                      {"libtorch", TORCH_VERSION},
+                      {"vitlab", version()},
+                      {"images_per_sec", o.batch * o.steps / total},
+                      {"step_ms_median", median(ms)},
+                      {"step_ms_min", *std::min_element(ms.begin(), ms.end())},
+                      {"peak_rss_mb", peak_rss_mb()},
+                      {"gflop_per_step", flop_per_step / 1e9},
+                      {"achieved_gflops", achieved},
+                      {"gemm_peak_gflops", peak},
+                      {"mfu", achieved / peak}};
+  if (o.device.is_cuda()) j["peak_gpu_mb"] = nullptr;  // not measured yet
+  return j;
+}
+
+nlohmann::json bench_gemm(const torch::Device& device) {
+  double best = 0;
+  int64_t best_n = 0;
+  for (int64_t n : {256, 512, 1024}) {
+    const torch::Tensor a = torch::randn({n, n}).to(device), b = torch::randn({n, n}).to(device);
+    torch::Tensor c = torch::mm(a, b);  // warm-up
+    sync(device);
+    int64_t reps = 0;
+    const auto t0 = Clock::now();
+    do {
+      torch::mm_out(c, a, b);
+      sync(device);
+      ++reps;
+    } while (seconds_since(t0) < 0.3);
+    const double gflops = 2.0 * n * n * n * reps / seconds_since(t0) / 1e9;
+    if (gflops > best) {
+      best = gflops;
+      best_n = n;
+    }
+  }
+  return {{"gflops", best},
+          {"size", best_n},
+          {"threads", at::get_num_threads()},
+          {"device", device.str()},
+          {"libtorch", TORCH_VERSION}};
+}
+
+nlohmann::json bench_loader(const LoaderBenchOptions& o) {
+  if (o.batch < 1 || o.steps < 1 || o.workers < 1)
+    fail("bench: --batch, --steps and --workers must be >= 1, got {}, {} and {}", o.batch, o.steps, o.workers);
+  TrainConfig cfg;
+  const auto colon = o.data.find(':');
+  cfg.data.type = o.data.substr(0, colon);
+  if (colon != std::string::npos) cfg.data.root = o.data.substr(colon + 1);
+  cfg.data.validate();
+  // The transforms torchvision's usual training pipeline has: random resized
+  // crop, flip, normalise.
+  cfg.aug.auto_augment = "";
+  cfg.aug.color_jitter = 0.0;
+  cfg.aug.reprob = 0.0;
+  DataSplits data = open_data(cfg.data);
+  LoaderOptions lo;
+  lo.batch_size = o.batch;
+  lo.workers = o.workers;
+  DataLoader loader(data.train, cfg.transforms(o.img_size, 3), lo);
+  if (loader.num_batches() < o.steps + 1)
+    fail("bench: {} has {} batches of {}, fewer than --steps {} + 1", o.data, loader.num_batches(), o.batch, o.steps);
+  loader.begin_epoch(0);
+  loader.next();  // warm-up: threads started, first images decoded
+  const auto t0 = Clock::now();
+  int64_t images = 0;
+  for (int64_t i = 0; i < o.steps; ++i)
+    if (auto batch = loader.next()) images += batch->images.size(0);
+  const double total = seconds_since(t0);
+  return {{"data", o.data},
+          {"batch", o.batch},
+          {"steps", o.steps},
+          {"workers", o.workers},
+          {"img_size", o.img_size},
+          {"images_per_sec", images / total},
+          {"images_per_sec_per_worker", images / total / o.workers},
+          {"peak_rss_mb", peak_rss_mb()},
+          {"libtorch", TORCH_VERSION},
+          {"vitlab", version()}};
+}
+
+}  // namespace vitlab

@@ -1,0 +1,51 @@
+#pragma once
+// `vitlab bench`, in the spirit of timm's benchmark.py: warm-up steps, then
+// timed steps of inference or training (forward, loss, backward, AdamW
+// step), the data loader alone, or the machine's sgemm peak. Each returns
+// one JSON object; the side-by-side with PyTorch is bench/run.py.
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "models/registry.h"
+
+namespace vitlab {
+
+// Multiply-accumulates of one image's forward pass, counted from the
+// shapes: every matrix product (patch embedding, qkv, attention scores and
+// their product with V, projection, MLP, head, and re-attention's head
+// mixing Θ); norms, softmax, activations and DeepViT's CNN stem are not
+// counted. A training step is taken as 3 forward passes (backward = 2).
+double forward_macs(const ModelSpec& spec);
+
+struct BenchOptions {
+  std::string mode = "infer";  // infer | train
+  int64_t batch = 32;
+  int64_t steps = 20;
+  int64_t warmup = 5;
+  torch::Device device = torch::kCPU;
+  at::ScalarType amp = at::ScalarType::Undefined;
+  bool attention = false;  // also capture every block's attention maps
+  double peak_gflops = 0;  // sgemm peak for mfu; 0: measured with bench_gemm
+};
+
+nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& options);
+
+// The best float32 matrix-multiply rate (GFLOP/s) over a few square sizes,
+// with the current thread count.
+nlohmann::json bench_gemm(const torch::Device& device);
+
+struct LoaderBenchOptions {
+  std::string data;  // imagefolder:ROOT (its train split), fashion_mnist or cifar10:ROOT
+  int64_t img_size = 224;
+  int64_t batch = 32;
+  int64_t steps = 20;  // batches timed, after one warm-up batch
+  int workers = 1;
+};
+
+// Decode + training transforms (RandomResizedCrop, flip, normalise) through
+// the threaded loader.
+nlohmann::json bench_loader(const LoaderBenchOptions& options);
+
+}  // namespace vitlab

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""`make bench`: vitlab beside PyTorch eager on this machine, in one run.
+
+Each row runs `vitlab bench` and bench/torch_bench.py alternately (A B A B ...),
+each a fresh process with the same threads, batch and steps; the table gives
+the medians of images/s and the median of the pairs' ratios. The section of
+docs/BENCHMARKS.md between the `make bench` markers is rewritten.
+
+  bench/run.py [--reps 3] [--threads N] [--quick] [--only SUBSTRING] [--doc docs/BENCHMARKS.md]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+FMNIST_MODEL = ["model.img_size=28", "model.patch_size=4", "model.in_chans=1", "model.embed_dim=64",
+                "model.depth=6", "model.num_heads=4", "model.mlp_ratio=2", "model.num_classes=10"]
+
+
+def rows(quick):
+    s = 2 if quick else 1  # fewer steps with --quick
+    return [
+        # label, preset, --set keys, mode, batch, steps, warmup
+        ("vit_tiny_patch16_224 train", "vit_tiny_patch16_224", [], "train", 32, 6 // s, 2),
+        ("vit_tiny_patch16_224 infer", "vit_tiny_patch16_224", [], "infer", 32, 10 // s, 2),
+        ("vit_tiny_patch16_224 infer b1", "vit_tiny_patch16_224", [], "infer", 1, 40 // s, 5),
+        ("vit_small_patch16_224 train", "vit_small_patch16_224", [], "train", 32, 4 // s, 1),
+        ("vit_small_patch16_224 infer", "vit_small_patch16_224", [], "infer", 32, 6 // s, 2),
+        ("vit_small_patch16_224 infer b1", "vit_small_patch16_224", [], "infer", 1, 30 // s, 5),
+        ("fashion_mnist_vit.yaml model train", "vit_tiny_patch16_224", FMNIST_MODEL, "train", 128, 20 // s, 3),
+        ("deepvit_patch16_224_re_attn_16b train (PyTorch: plain ViT of its shape)",
+         "deepvit_patch16_224_re_attn_16b", [], "train", 32, 4 // s, 1),
+    ]
+
+
+def run_json(cmd):
+    """The JSON object a command prints: its last line, or all of it (vitlab info)."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    last = out.splitlines()[-1]
+    return json.loads(last if last.startswith("{") else out)
+
+
+def make_jpeg_folder(root, classes=10, per_class=48):
+    """An ImageFolder of 320x256 JPEGs (smooth random colour fields with noise)."""
+    from PIL import Image, ImageFilter
+    if os.path.isdir(os.path.join(root, "train")):
+        return
+    rng = random.Random(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class if split == "train" else 4):
+                small = Image.frombytes("RGB", (20, 16), bytes(rng.randrange(256) for _ in range(20 * 16 * 3)))
+                img = small.resize((320, 256), Image.BICUBIC).filter(ImageFilter.DETAIL)
+                img.save(os.path.join(d, f"{i}.jpg"), quality=90)
+
+
+def median_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vitlab", default=os.path.join(ROOT, "build", "bin", "vitlab"))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--quick", action="store_true", help="half the steps")
+    p.add_argument("--only", default="", help="rows whose label contains this")
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
+    p.add_argument("--data", default=os.path.join(ROOT, "runs", "bench", "jpeg"))
+    args = p.parse_args()
+    py = [sys.executable, os.path.join(ROOT, "bench", "torch_bench.py")]
+    t = str(args.threads)
+    gemm = run_json([args.vitlab, "bench", "--gemm", "--threads", t])
+    table = []
+    for label, preset, sets, mode, batch, steps, warmup in rows(args.quick):
+        if args.only not in label:
+            continue
+        set_args = [a for s in sets for a in ("--set", s)]
+        config = run_json([args.vitlab, "info", "--model", preset] + set_args)["config"]
+        common = ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--threads", t]
+        a_cmd = [args.vitlab, "bench", "--model", preset, "--mode", mode] + set_args + common
+        b_cmd = py + ["model", "--config", json.dumps(config), "--mode", mode] + common
+        a, b, mfu, rss_a, rss_b = [], [], [], [], []
+        for _ in range(args.reps):
+            ja = run_json(a_cmd)
+            jb = run_json(b_cmd)
+            a.append(ja["images_per_sec"])
+            b.append(jb["images_per_sec"])
+            mfu.append(ja["achieved_gflops"] / gemm["gflops"])
+            rss_a.append(ja["peak_rss_mb"])
+            rss_b.append(jb["peak_rss_mb"])
+            print(f"{label}: vitlab {a[-1]:.2f} img/s, pytorch {b[-1]:.2f} img/s", file=sys.stderr)
+        table.append((label, mode, batch, statistics.median(a), statistics.median(b), median_ratio(a, b),
+                      statistics.median(mfu), statistics.median(rss_a), statistics.median(rss_b)))
+    loader_row = None
+    if args.only in "data loader":
+        make_jpeg_folder(args.data)
+        la, lb = [], []
+        common = ["--batch", "32", "--steps", "10", "--workers", "1", "--img-size", "224"]
+        for _ in range(args.reps):
+            la.append(run_json([args.vitlab, "bench", "--loader", "--data", "imagefolder:" + args.data] + common)[
+                "images_per_sec_per_worker"])
+            lb.append(run_json(py + ["loader", "--data", args.data] + common)["images_per_sec_per_worker"])
+            print(f"loader: vitlab {la[-1]:.1f} img/s, pytorch {lb[-1]:.1f} img/s", file=sys.stderr)
+        loader_row = (statistics.median(la), statistics.median(lb), median_ratio(la, lb))
+
+    torch_version = run_json(py + ["model", "--config", json.dumps(
+        run_json([args.vitlab, "info", "--model", "vit_tiny_patch16_224", "--set", "model.img_size=32",
+                  "--set", "model.depth=1"])["config"]), "--batch", "1", "--steps", "1", "--warmup", "0"])["torch"]
+    lines = [BEGIN, "",
+             f"Written by `make bench` (`bench/run.py --reps {args.reps} --threads {t}"
+             f"{' --quick' if args.quick else ''}`), {datetime.date.today()}: {platform.node() or 'this machine'}, "
+             f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}; vitlab with LibTorch "
+             f"{gemm['libtorch']}, PyTorch {torch_version} (Python {platform.python_version()}) with "
+             f"torchvision's `VisionTransformer`; {t} threads both sides; float32; sgemm peak measured "
+             f"by `vitlab bench --gemm`: {gemm['gflops']:.0f} GFLOP/s.",
+             "",
+             "| row | mode | batch | vitlab img/s | PyTorch img/s | vitlab / PyTorch | vitlab MFU | peak RSS vitlab / PyTorch (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, mode, batch, a, b, ratio, mfu, ra, rb in table:
+        lines.append(f"| {label} | {mode} | {batch} | {a:.2f} | {b:.2f} | {ratio:.2f}× | {100 * mfu:.0f}% | "
+                     f"{ra:.0f} / {rb:.0f} |")
+    if loader_row:
+        a, b, ratio = loader_row
+        lines.append(f"| data loader, ImageFolder of 320×256 JPEGs, RandomResizedCrop 224 + flip + normalise, "
+                     f"per worker | — | 32 | {a:.1f} | {b:.1f} | {ratio:.2f}× | — | — |")
+    lines += ["", f"Medians of {args.reps} alternating runs per side; the ratio is the median of the pairs' ratios.",
+              "", END]
+    text = open(args.doc).read() if os.path.exists(args.doc) else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## vitlab vs PyTorch eager\n\n" + "\n".join(lines) + "\n"
+    tmp = args.doc + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.doc)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""The PyTorch-eager side of `make bench`: the same measurement as `vitlab bench`
+for torchvision's VisionTransformer (same depth, width, heads, patch, image
+size, batch, threads and steps) and for torchvision's ImageFolder + PIL
+transforms + DataLoader. Its last line is one JSON object, as vitlab's.
+
+  torch_bench.py model --config '{"img_size": 224, ...}' --mode train --batch 32 --steps 20 --warmup 5 --threads 2
+  torch_bench.py loader --data ROOT --batch 32 --steps 20 --workers 1 --img-size 224
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from torchvision import transforms
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_model(args):
+    c = json.loads(args.config)
+    torch.manual_seed(0)
+    model = torchvision.models.vision_transformer.VisionTransformer(
+        image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"], num_heads=c["num_heads"],
+        hidden_dim=c["embed_dim"], mlp_dim=int(c["embed_dim"] * c["mlp_ratio"]), num_classes=c["num_classes"])
+    if c["in_chans"] != 3:  # torchvision's ViT is RGB-only: swap its patch embedding
+        model.conv_proj = torch.nn.Conv2d(c["in_chans"], c["embed_dim"], c["patch_size"], c["patch_size"])
+    train = args.mode == "train"
+    model.train(train)
+    x = torch.randn(args.batch, c["in_chans"], c["img_size"], c["img_size"])
+    y = torch.randint(c["num_classes"], (args.batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step():
+        if train:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        else:
+            with torch.no_grad():  # faster than inference_mode() in Debian's 1.13 (measured)
+                model(x)
+
+    for _ in range(args.warmup):
+        step()
+    ms = []
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        s = time.perf_counter()
+        step()
+        ms.append(1000.0 * (time.perf_counter() - s))
+    total = time.perf_counter() - t0
+    return {"side": "pytorch", "mode": args.mode, "batch": args.batch, "steps": args.steps,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "images_per_sec": args.batch * args.steps / total, "step_ms_median": statistics.median(ms),
+            "step_ms_min": min(ms), "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_loader(args):
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(args.img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    data = torchvision.datasets.ImageFolder(args.data + "/train", transform=tf)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                         drop_last=True)
+    it = iter(loader)
+    next(it)  # warm-up: workers started, first images decoded
+    images = 0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        images += next(it)[0].shape[0]
+    total = time.perf_counter() - t0
+    return {"side": "pytorch", "batch": args.batch, "steps": args.steps, "workers": args.workers,
+            "images_per_sec": images / total, "images_per_sec_per_worker": images / total / args.workers,
+            "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model")
+    m.add_argument("--config", required=True, help="vitlab's resolved model config (vitlab info) as JSON")
+    m.add_argument("--mode", choices=["infer", "train"], default="infer")
+    l = sub.add_parser("loader")
+    l.add_argument("--data", required=True, help="ImageFolder root with a train/ split")
+    l.add_argument("--workers", type=int, default=1)
+    l.add_argument("--img-size", type=int, default=224)
+    for q in (m, l):
+        q.add_argument("--batch", type=int, default=32)
+        q.add_argument("--steps", type=int, default=20)
+        q.add_argument("--warmup", type=int, default=5)
+        q.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = bench_model(args) if args.what == "model" else bench_loader(args)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

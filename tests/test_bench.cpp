@@ -1,0 +1,57 @@
+#include <catch2/catch.hpp>
+
+#include "bench/bench.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+TEST_CASE("FLOPs of vit_tiny_patch16_224 and a DeepViT match a hand count") {
+  // 196 patches of 16x16x3 -> 192, T = 197; per block qkv 3*T*D^2, scores and
+  // attn*V 2*T^2*D, projection T*D^2, MLP 2*T*D*4D; head D*1000.
+  const double T = 197, D = 192;
+  const double per_block = 3 * T * D * D + 2 * T * T * D + T * D * D + 2 * T * D * 4 * D;
+  const double expected = 196.0 * 768 * D + 12 * per_block + D * 1000;
+  CHECK(forward_macs(resolve_model("vit_tiny_patch16_224")) == Approx(expected).epsilon(1e-12));
+  CHECK(expected / 1e9 == Approx(1.26).epsilon(0.01));  // timm's table: 1.26 GMACs
+  // Re-attention adds H^2 T^2 per block that has it.
+  const ModelSpec deep = resolve_model("deepvit_patch16_224_re_attn_16b");
+  YAML::Node plain;
+  plain["apply_transform"] = "none";
+  CHECK(forward_macs(deep) - forward_macs(resolve_model("deepvit_patch16_224_re_attn_16b", plain)) ==
+        Approx(16 * 12.0 * 12 * T * T).epsilon(1e-12));
+}
+
+TEST_CASE("vitlab bench runs a few steps and prints one JSON line with every field") {
+  for (const char* mode : {"infer", "train"}) {
+    INFO(mode);
+    RunResult r = run_cli(fmt::format(
+        "bench --model vit_tiny_patch16_224 --set model.img_size=32 --set model.depth=2 --mode {} --batch 2 "
+        "--steps 2 --warmup 1 --attention --threads 1",
+        mode));
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+    for (const char* key : {"images_per_sec", "step_ms_median", "step_ms_min", "peak_rss_mb", "gflop_per_step", "mfu",
+                            "gemm_peak_gflops", "model", "batch", "threads", "libtorch"})
+      CHECK(j.contains(key));
+    CHECK(j["images_per_sec"].get<double>() > 0);
+    CHECK(j["mfu"].get<double>() > 0);
+    CHECK(j["threads"] == 1);
+    CHECK(j["mode"] == mode);
+  }
+  RunResult g = run_cli("bench --gemm --threads 1");
+  REQUIRE(g.status == 0);
+  CHECK(nlohmann::json::parse(g.output)["gflops"].get<double>() > 0);
+  TempDir dir;
+  REQUIRE(
+      run_cli(fmt::format("data export --dataset fashion_mnist --out {} --limit 40", (dir / "data").string())).status ==
+      0);
+  RunResult l = run_cli(
+      fmt::format("bench --loader --data imagefolder:{} --batch 8 --steps 3 --img-size 32", (dir / "data").string()));
+  INFO(l.output);
+  REQUIRE(l.status == 0);
+  CHECK(nlohmann::json::parse(l.output.substr(l.output.rfind('{')))["images_per_sec"].get<double>() > 0);
+  CHECK(run_cli("bench --mode train").status != 0);  // no model
+  CHECK_THAT(run_cli("bench --loader").output, Catch::Contains("--data"));
+}
