@@ -20,9 +20,9 @@ PatchEmbedCNNImpl::PatchEmbedCNNImpl(int64_t img_size, int64_t patch_size, int64
     : img_size(img_size) {
   using torch::nn::Conv2dOptions;
   conv1 = register_module("conv1", torch::nn::Conv2d(Conv2dOptions(in_chans, 64, 7).stride(2).padding(3).bias(false)));
-  bn1 = register_module("bn1", torch::nn::BatchNorm2d(64));
+  bn1 = register_module("bn1", BatchNorm2d(64));
   conv2 = register_module("conv2", torch::nn::Conv2d(Conv2dOptions(64, 64, 3).stride(1).padding(1).bias(false)));
-  bn2 = register_module("bn2", torch::nn::BatchNorm2d(64));
+  bn2 = register_module("bn2", BatchNorm2d(64));
   proj =
       register_module("proj", torch::nn::Conv2d(Conv2dOptions(64, embed_dim, patch_size / 2).stride(patch_size / 2)));
 }

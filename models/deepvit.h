@@ -38,7 +38,7 @@ class PatchEmbedCNNImpl : public torch::nn::Module {
   PatchEmbedCNNImpl(int64_t img_size, int64_t patch_size, int64_t in_chans, int64_t embed_dim);
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, proj{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  BatchNorm2d bn1{nullptr}, bn2{nullptr};
   int64_t img_size;
 };
 TORCH_MODULE(PatchEmbedCNN);

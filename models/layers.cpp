@@ -63,7 +63,7 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o)
   if (o.re_attention) {
     reatten_matrix =
         register_module("reatten_matrix", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.num_heads, o.num_heads, 1)));
-    var_norm = register_module("var_norm", torch::nn::BatchNorm2d(o.num_heads));
+    var_norm = register_module("var_norm", BatchNorm2d(o.num_heads));
   }
 }
 
@@ -87,6 +87,80 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
     out = torch::matmul(a, v);
   }
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
+}
+
+namespace {
+
+SumAcrossProcesses& batch_norm_sync() {
+  static SumAcrossProcesses sum;
+  return sum;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Batch statistics over every process: the per-channel sums of x and x²
+// and the counts are summed across processes in the forward pass, the sums
+// of dy and dy·x̂ in the backward pass (as torch.nn.SyncBatchNorm). The
+// weight and bias gradients stay per process, to be averaged with the rest.
+struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                               torch::Tensor running_mean, torch::Tensor running_var, double eps, double momentum) {
+    const int64_t C = x.size(1);
+    const std::vector<int64_t> dims = {0, 2, 3}, shape = {1, C, 1, 1};
+    std::vector<torch::Tensor> stats = {torch::cat(
+        {x.sum(dims), (x * x).sum(dims), torch::full({1}, static_cast<double>(x.numel() / C), x.options())})};
+    batch_norm_sync()(stats);
+    const double total = stats[0][2 * C].item<double>();
+    torch::Tensor mean = stats[0].slice(0, 0, C) / total;
+    torch::Tensor var = (stats[0].slice(0, C, 2 * C) / total - mean * mean).clamp_min(0.0);
+    torch::Tensor invstd = (var + eps).rsqrt();
+    torch::Tensor xhat = (x - mean.view(shape)) * invstd.view(shape);
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype()), momentum);
+    running_var.mul_(1.0 - momentum)
+        .add_((var * (total / std::max(total - 1.0, 1.0))).to(running_var.dtype()), momentum);
+    ctx->save_for_backward({xhat, invstd, weight});
+    ctx->saved_data["total"] = total;
+    return xhat * weight.view(shape) + bias.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &xhat = saved[0], &invstd = saved[1], &weight = saved[2];
+    const double total = ctx->saved_data["total"].toDouble();
+    const torch::Tensor& dy = grads[0];
+    const int64_t C = dy.size(1);
+    const std::vector<int64_t> dims = {0, 2, 3}, shape = {1, C, 1, 1};
+    const torch::Tensor sum_dy = dy.sum(dims), sum_dy_xhat = (dy * xhat).sum(dims);
+    std::vector<torch::Tensor> sums = {torch::cat({sum_dy, sum_dy_xhat})};
+    batch_norm_sync()(sums);
+    const torch::Tensor mean_dy = sums[0].slice(0, 0, C) / total, mean_dy_xhat = sums[0].slice(0, C, 2 * C) / total;
+    torch::Tensor dx = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (invstd * weight).view(shape);
+    return {dx, sum_dy_xhat, sum_dy, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+void set_batch_norm_sync(SumAcrossProcesses sum) { batch_norm_sync() = std::move(sum); }
+
+BatchNorm2dImpl::BatchNorm2dImpl(int64_t channels, double eps, double momentum) : eps(eps), momentum(momentum) {
+  weight = register_parameter("weight", torch::ones({channels}));
+  bias = register_parameter("bias", torch::zeros({channels}));
+  running_mean = register_buffer("running_mean", torch::zeros({channels}));
+  running_var = register_buffer("running_var", torch::ones({channels}));
+  num_batches_tracked = register_buffer("num_batches_tracked", torch::zeros({}, torch::kLong));
+}
+
+torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "BatchNorm2d expects [N, C, H, W], got ", x.sizes());
+  if (!is_training()) return torch::batch_norm(x, weight, bias, running_mean, running_var, false, momentum, eps, true);
+  {
+    torch::NoGradGuard no_grad;
+    num_batches_tracked += 1;
+  }
+  if (batch_norm_sync()) return SyncBatchNormFunction::apply(x, weight, bias, running_mean, running_var, eps, momentum);
+  return torch::batch_norm(x, weight, bias, running_mean, running_var, true, momentum, eps, true);
 }
 
 }  // namespace vitlab

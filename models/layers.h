@@ -3,6 +3,9 @@
 // state_dict keys match (`attn.qkv`, `mlp.fc1`, `patch_embed.proj`, ...).
 #include <torch/torch.h>
 
+#include <functional>
+#include <vector>
+
 namespace vitlab {
 
 // timm's trunc_normal_: N(mean, std) truncated to [a, b] (absolute bounds).
@@ -49,6 +52,26 @@ struct AttentionOptions {
   double reatten_scale = 1.0;
 };
 
+// torch.nn.BatchNorm2d (the same parameters, buffers and names, eps 1e-5,
+// momentum 0.1) whose training-mode statistics can be taken over every
+// process of a data-parallel run, as torch.nn.SyncBatchNorm does, once
+// set_batch_norm_sync() has been given a way to sum across processes.
+class BatchNorm2dImpl : public torch::nn::Module {
+ public:
+  explicit BatchNorm2dImpl(int64_t channels, double eps = 1e-5, double momentum = 0.1);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  double eps, momentum;
+  torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
+};
+TORCH_MODULE(BatchNorm2d);
+
+// Sums tensors in place across the processes of a data-parallel run.
+using SumAcrossProcesses = std::function<void(std::vector<torch::Tensor>&)>;
+// Every BatchNorm2d in training mode synchronises its statistics through
+// `sum` until reset with an empty function (the default: per process).
+void set_batch_norm_sync(SumAcrossProcesses sum);
+
 // Multi-head self-attention with qkv in one Linear, as timm and the official
 // DeepViT code lay it out.
 class AttentionImpl : public torch::nn::Module {
@@ -61,7 +84,7 @@ class AttentionImpl : public torch::nn::Module {
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
   torch::nn::Dropout attn_drop{nullptr}, proj_drop{nullptr};
   torch::nn::Conv2d reatten_matrix{nullptr};
-  torch::nn::BatchNorm2d var_norm{nullptr};
+  BatchNorm2d var_norm{nullptr};
 };
 TORCH_MODULE(Attention);
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds vitlab against the CUDA PyTorch of a GPU machine and checks it there:
 # the whole test suite (with its CUDA cases: fixture parity on the GPU in fp32
-# and bf16, training steps in bf16 and fp16), then a Fashion-MNIST training
-# run on the GPU. Needs the .gpu folder made by scripts/gpu-prepare.sh on a
+# and bf16, training steps in bf16 and fp16), a Fashion-MNIST training run on
+# the GPU, and `vitlab bench` on CUDA beside timm. Needs the .gpu folder made by scripts/gpu-prepare.sh on a
 # Debian machine, and python3 with torch, CMake, Ninja, nvcc and g++ here.
 # Logs and results go to $OUT (default runs/gpu-check).
 set -euo pipefail
@@ -49,4 +49,37 @@ step "Fashion-MNIST on the GPU: configs/fashion_mnist_vit.yaml, bf16"
 "$bin" train --config configs/fashion_mnist_vit.yaml --device cuda --amp bf16 --set data.workers=8 \
   --set train.log_interval=200 --set train.epochs="${FMNIST_EPOCHS:-10}" --out "$OUT/fmnist_bf16" > "$OUT/fmnist_bf16.log" 2>&1
 tail -3 "$OUT/fmnist_bf16.log"
+
+step "vitlab bench on CUDA (bf16), beside timm under the same PyTorch when it is installed"
+for mode in train infer; do
+  "$bin" bench --model vit_base_patch16_224 --mode $mode --batch 64 --steps 20 --warmup 5 --device cuda --amp bf16 \
+    | tail -1 | tee -a "$OUT/bench.jsonl"
+done
+if python3 -c 'import timm' 2>/dev/null; then
+  python3 - <<'PY' | tee -a "$OUT/bench.jsonl"
+import json, statistics, time, timm, torch
+for mode in ("train", "infer"):
+    m = timm.create_model("vit_base_patch16_224").cuda().train(mode == "train")
+    x, y = torch.randn(64, 3, 224, 224, device="cuda"), torch.randint(1000, (64,), device="cuda")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            if mode == "train":
+                loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+            else:
+                with torch.no_grad():
+                    m(x)
+        if mode == "train":
+            opt.zero_grad(); loss.backward(); opt.step()
+        torch.cuda.synchronize()
+    for _ in range(5): step()
+    ms = []
+    for _ in range(20):
+        t = time.perf_counter(); step(); ms.append(1000 * (time.perf_counter() - t))
+    print(json.dumps({"side": "timm", "model": "vit_base_patch16_224", "mode": mode, "batch": 64,
+                      "images_per_sec": 64 * 1000 / statistics.mean(ms), "step_ms_median": statistics.median(ms)}))
+PY
+else
+  echo "gpu-check: timm is not installed here; only vitlab's numbers in $OUT/bench.jsonl"
+fi
 echo "gpu-check: all passed"

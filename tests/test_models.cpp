@@ -1,4 +1,7 @@
 #include <catch2/catch.hpp>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #include "io/torch_file.h"
 #include "models/registry.h"
@@ -6,6 +9,7 @@
 
 using namespace vitlab;
 using vitlab::test::fixture;
+using vitlab::test::max_abs_diff;
 
 namespace {
 
@@ -157,4 +161,104 @@ TEST_CASE("pos_embed is resampled like timm when loading at another image size")
     torch::NoGradGuard no_grad;
     CHECK(m.vision->forward(torch::randn({1, 3, grid * 8, grid * 8})).sizes() == torch::IntArrayRef({1, 10}));
   }
+}
+
+TEST_CASE("BatchNorm2d matches torch.nn.BatchNorm2d, and its synchronised form matches it within one process") {
+  torch::manual_seed(3);
+  vitlab::BatchNorm2d ours(5);
+  torch::nn::BatchNorm2d ref(5);
+  {
+    torch::NoGradGuard no_grad;
+    ours->weight.uniform_(0.5, 1.5);
+    ours->bias.uniform_(-0.5, 0.5);
+    ref->weight.copy_(ours->weight);
+    ref->bias.copy_(ours->bias);
+  }
+  std::vector<std::string> ours_names, ref_names;
+  for (const auto& item : ours->named_parameters()) ours_names.push_back(item.key());
+  for (const auto& item : ours->named_buffers()) ours_names.push_back(item.key());
+  for (const auto& item : ref->named_parameters()) ref_names.push_back(item.key());
+  for (const auto& item : ref->named_buffers()) ref_names.push_back(item.key());
+  CHECK(ours_names == ref_names);  // the state dict keys torch.nn.BatchNorm2d has
+
+  const torch::Tensor x = torch::randn({4, 5, 3, 6}) * 2 + 1, dy = torch::randn({4, 5, 3, 6});
+  for (const bool sync : {false, true}) {
+    INFO((sync ? "synchronised (sum across one process: the identity)" : "per process"));
+    if (sync) vitlab::set_batch_norm_sync([](std::vector<torch::Tensor>&) {});
+    for (int step = 0; step < 2; ++step) {
+      torch::Tensor xa = x.clone().requires_grad_(), xb = x.clone().requires_grad_();
+      torch::Tensor ya = ours(xa), yb = ref(xb);
+      CHECK(max_abs_diff(ya, yb) < 1e-5);
+      ya.backward(dy);
+      yb.backward(dy);
+      CHECK(max_abs_diff(xa.grad(), xb.grad()) < 1e-5);
+      CHECK(max_abs_diff(ours->weight.grad(), ref->weight.grad()) < 1e-4);
+      CHECK(max_abs_diff(ours->bias.grad(), ref->bias.grad()) < 1e-4);
+      CHECK(max_abs_diff(ours->running_mean, ref->running_mean) < 1e-6);
+      CHECK(max_abs_diff(ours->running_var, ref->running_var) < 1e-5);
+    }
+    vitlab::set_batch_norm_sync({});
+    ours->eval();
+    ref->eval();
+    CHECK(max_abs_diff(ours(x), ref(x)) < 1e-5);
+    ours->train();
+    ref->train();
+  }
+  CHECK(ours->num_batches_tracked.item<int64_t>() == ref->num_batches_tracked.item<int64_t>());
+}
+
+TEST_CASE("synchronised BatchNorm2d over two simulated ranks equals BatchNorm over their joint batch") {
+  // Two threads stand for two processes; the sum across them meets at a
+  // rendezvous, as the all-reduce of a process group does.
+  struct Rendezvous {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::vector<torch::Tensor> slots;
+    torch::Tensor total;
+    int64_t generation = 0;
+    void sum(std::vector<torch::Tensor>& t) {
+      std::unique_lock<std::mutex> lock(mutex);
+      const int64_t gen = generation;
+      slots.push_back(t[0].clone());
+      if (slots.size() == 2) {
+        total = slots[0] + slots[1];
+        slots.clear();
+        ++generation;
+        cv.notify_all();
+      } else {
+        cv.wait(lock, [&] { return generation != gen; });
+      }
+      t[0].copy_(total);
+    }
+  } rendezvous;
+  torch::manual_seed(5);
+  const torch::Tensor x = torch::randn({6, 3, 4, 5}) * 0.1 + 0.5, dy = torch::randn({6, 3, 4, 5});
+  vitlab::BatchNorm2d rank[2] = {vitlab::BatchNorm2d(3), vitlab::BatchNorm2d(3)};
+  torch::nn::BatchNorm2d ref(3);
+  vitlab::set_batch_norm_sync([&](std::vector<torch::Tensor>& t) { rendezvous.sum(t); });
+  torch::Tensor y[2], dx[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      torch::Tensor xr = x.narrow(0, 3 * r, 3).clone().requires_grad_();
+      y[r] = rank[r](xr);
+      y[r].backward(dy.narrow(0, 3 * r, 3));
+      dx[r] = xr.grad();
+    });
+  for (auto& t : threads) t.join();
+  vitlab::set_batch_norm_sync({});
+  torch::Tensor xf = x.clone().requires_grad_();
+  torch::Tensor yf = ref(xf);
+  yf.backward(dy);
+  CHECK(max_abs_diff(torch::cat({y[0], y[1]}), yf) < 1e-5);
+  CHECK(max_abs_diff(torch::cat({dx[0], dx[1]}), xf.grad()) < 1e-4);
+  CHECK(max_abs_diff(rank[0]->weight.grad() + rank[1]->weight.grad(), ref->weight.grad()) < 1e-4);
+  CHECK(max_abs_diff(rank[0]->bias.grad() + rank[1]->bias.grad(), ref->bias.grad()) < 1e-4);
+  for (int r = 0; r < 2; ++r) {
+    CHECK(max_abs_diff(rank[r]->running_mean, ref->running_mean) < 1e-6);
+    CHECK(max_abs_diff(rank[r]->running_var, ref->running_var) < 1e-6);
+  }
+  // Per-process statistics would not have matched.
+  vitlab::BatchNorm2d alone(3);
+  CHECK(max_abs_diff(alone(x.narrow(0, 0, 3)), yf.narrow(0, 0, 3)) > 1e-2);
 }

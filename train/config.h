@@ -131,6 +131,9 @@ struct RunConfig {
   // Data-parallel runs (torchrun, vitlab launch): seconds a collective waits
   // for the other ranks before the run fails (a rank died or hangs).
   double dist_timeout = 300.0;
+  // BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm) instead of
+  // per rank (DDP's default).
+  bool sync_bn = false;
 
   template <class F>
   void visit(F&& f) {
@@ -148,6 +151,7 @@ struct RunConfig {
     f("cos_reg_pairs", cos_reg_pairs);
     f("drop_last", drop_last);
     f("dist_timeout", dist_timeout);
+    f("sync_bn", sync_bn);
   }
   void validate() const;
 };

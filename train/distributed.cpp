@@ -12,11 +12,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 
 #include "common/error.h"
 
 #ifdef USE_C10D_GLOO
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -91,6 +94,10 @@ using Backend = c10d::ProcessGroup;
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<Backend> backend;
+  std::vector<std::unique_ptr<Bucket>> buckets;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::mutex mutex;  // autograd may run hooks on its device threads
+  bool armed = false;
 };
 
 ProcessGroup::ProcessGroup(const DistEnv& env, const torch::Device& device, std::chrono::milliseconds timeout)
@@ -181,42 +188,87 @@ void ProcessGroup::sum(std::vector<torch::Tensor>& tensors, const char* what) {
   }
 }
 
-void ProcessGroup::average_gradients(const std::vector<torch::Tensor>& params) {
+namespace {
+
+constexpr int64_t kBucketBytes = int64_t{25} << 20;  // DDP's default bucket_cap_mb
+
+}  // namespace
+
+struct ProcessGroup::Bucket {
+  std::vector<torch::Tensor> params;
+  int64_t pending = 0;  // gradients not accumulated yet in this backward pass
+  torch::Tensor flat;
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>& params) {
   if (!impl_) return;
-  constexpr int64_t kBucketBytes = int64_t{25} << 20;  // DDP's default bucket_cap_mb
-  std::vector<std::vector<torch::Tensor>> buckets;
   int64_t bytes = kBucketBytes;
-  for (const auto& p : params) {
-    const torch::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    const bool fits = !buckets.empty() && buckets.back().front().scalar_type() == g.scalar_type() &&
-                      buckets.back().front().device() == g.device() && bytes + g.nbytes() <= kBucketBytes;
-    if (!fits) {
-      buckets.emplace_back();
+  for (auto it = params.rbegin(); it != params.rend(); ++it) {
+    const torch::Tensor& p = *it;
+    if (!p.requires_grad()) continue;
+    const auto& last = impl_->buckets.empty() ? p : impl_->buckets.back()->params.front();
+    if (bytes + static_cast<int64_t>(p.nbytes()) > kBucketBytes || last.scalar_type() != p.scalar_type() ||
+        last.device() != p.device()) {
+      impl_->buckets.push_back(std::make_unique<Bucket>());
       bytes = 0;
     }
-    buckets.back().push_back(g);
-    bytes += static_cast<int64_t>(g.nbytes());
+    Bucket* bucket = impl_->buckets.back().get();
+    bucket->params.push_back(p);
+    bytes += static_cast<int64_t>(p.nbytes());
+    // Runs once the gradient has been accumulated into p.grad(); the
+    // accumulator is kept alive, or autograd would make a new one (without
+    // the hook) for every backward pass.
+    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(p);
+    accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+        [this, bucket](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+          std::lock_guard<std::mutex> lock(impl_->mutex);
+          if (impl_->armed && --bucket->pending == 0) launch(*bucket);
+          return outputs;
+        }));
+    impl_->accumulators.push_back(std::move(accumulator));
   }
-  // Every bucket in flight at once, then waited for in order.
-  std::vector<torch::Tensor> flat;
-  std::vector<c10::intrusive_ptr<c10d::Work>> work;
-  for (auto& bucket : buckets) {
-    std::vector<torch::Tensor> views;
-    for (const auto& g : bucket) views.push_back(g.reshape({-1}));
-    flat.push_back(torch::cat(views));
-    std::vector<torch::Tensor> one{flat.back()};
-    work.push_back(impl_->backend->allreduce(one));
+}
+
+void ProcessGroup::launch(Bucket& bucket) {
+  std::vector<torch::Tensor> grads;
+  for (auto& p : bucket.params) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // unused this step: every rank sends a value
+    grads.push_back(p.grad().reshape({-1}));
+  }
+  bucket.flat = torch::cat(grads);
+  std::vector<torch::Tensor> one{bucket.flat};
+  bucket.work = impl_->backend->allreduce(one);
+}
+
+void ProcessGroup::prepare_gradients(bool sync) {
+  if (!impl_) return;
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->armed = sync;
+  for (auto& b : impl_->buckets) {
+    b->pending = static_cast<int64_t>(b->params.size());
+    b->work.reset();
+  }
+}
+
+void ProcessGroup::finish_gradients() {
+  if (!impl_) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->armed = false;
+    for (auto& b : impl_->buckets)
+      if (!b->work) launch(*b);  // parameters that got no gradient this time
   }
   torch::NoGradGuard no_grad;
-  for (size_t b = 0; b < buckets.size(); ++b) {
-    wait_for(work[b], "the gradient all-reduce", timeout_, env_.rank);
-    flat[b].div_(env_.world_size);
+  for (auto& b : impl_->buckets) {
+    wait_for(b->work, "the gradient all-reduce", timeout_, env_.rank);
+    b->flat.div_(env_.world_size);
     int64_t offset = 0;
-    for (auto& g : buckets[b]) {
-      g.copy_(flat[b].narrow(0, offset, g.numel()).view_as(g));
-      offset += g.numel();
+    for (auto& p : b->params) {
+      p.mutable_grad().copy_(b->flat.narrow(0, offset, p.numel()).view_as(p));
+      offset += p.numel();
     }
+    b->work.reset();
   }
 }
 
@@ -238,7 +290,10 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const torch::Device&, std::chrono
 
 void ProcessGroup::broadcast(const std::vector<torch::Tensor>&, const char*) {}
 void ProcessGroup::sum(std::vector<torch::Tensor>&, const char*) {}
-void ProcessGroup::average_gradients(const std::vector<torch::Tensor>&) {}
+struct ProcessGroup::Bucket {};
+void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>&) {}
+void ProcessGroup::prepare_gradients(bool) {}
+void ProcessGroup::finish_gradients() {}
 void ProcessGroup::barrier(const char*) {}
 
 #endif

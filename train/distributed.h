@@ -50,13 +50,22 @@ class ProcessGroup {
   void broadcast(const std::vector<torch::Tensor>& tensors, const char* what);
   // In place: the sum over ranks.
   void sum(std::vector<torch::Tensor>& tensors, const char* what);
-  // Every defined gradient of `params` replaced by its mean over ranks,
-  // flattened into buckets of about 25 MB that are all reduced at once.
-  void average_gradients(const std::vector<torch::Tensor>& params);
+  // Gradient averaging as DDP's reducer does it: `params` are put in
+  // buckets of about 25 MB (in reverse order, as backward produces them);
+  // during a backward pass started after prepare_gradients(true), a bucket's
+  // all-reduce starts as soon as all its gradients are accumulated, while
+  // the rest of the backward pass runs. finish_gradients() then waits and
+  // leaves every gradient averaged over ranks. prepare_gradients(false):
+  // a micro-batch that only accumulates.
+  void attach_gradients(const std::vector<torch::Tensor>& params);
+  void prepare_gradients(bool sync);
+  void finish_gradients();
   void barrier(const char* what);
 
  private:
   struct Impl;
+  struct Bucket;
+  void launch(Bucket& bucket);  // its all-reduce, asynchronously
   DistEnv env_;
   std::chrono::milliseconds timeout_;
   std::unique_ptr<Impl> impl_;

@@ -15,6 +15,7 @@
 #include "common/runtime.h"
 #include "eval/evaluate.h"
 #include "io/safetensors.h"
+#include "models/layers.h"
 #include "models/registry.h"
 #include "train/distributed.h"
 
@@ -282,6 +283,14 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   ProcessGroup group(env, device,
                      std::chrono::milliseconds(static_cast<int64_t>(std::ceil(cfg.train.dist_timeout * 1000.0))));
   const bool main = group.main();  // only rank 0 logs and writes
+  const bool sync_bn = cfg.train.sync_bn && group.size() > 1;
+  struct SyncBatchNorm {  // for this run only
+    explicit SyncBatchNorm(ProcessGroup* group) {
+      if (group)
+        set_batch_norm_sync([group](std::vector<torch::Tensor>& t) { group->sum(t, "the BatchNorm all-reduce"); });
+    }
+    ~SyncBatchNorm() { set_batch_norm_sync({}); }
+  } sync_bn_scope(sync_bn ? &group : nullptr);
 
   DataSplits data = open_data(cfg.data);
   const auto num_classes = static_cast<int64_t>(data.classes.size());
@@ -318,6 +327,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   if (cfg.optim.lr_base_size > 0)
     base_lr *= static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum * group.size()) / cfg.optim.lr_base_size;
   auto opt = make_optimizer(*model.module, cfg.optim, base_lr);
+  group.attach_gradients(parameters);
   std::unique_ptr<Ema> ema = cfg.train.ema ? std::make_unique<Ema>(*model.module, cfg.train.ema_decay) : nullptr;
   Model ema_model = cfg.train.ema ? build_model(spec) : Model{};
   if (ema_model.module) ema_model.module->to(device);
@@ -374,8 +384,9 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
         target = smooth_one_hot(y, num_classes, mix.label_smoothing);
       }
       // As DDP (broadcast_buffers): every rank starts the step with rank 0's
-      // buffers (BatchNorm running statistics).
-      group.broadcast(buffers, "the buffers' broadcast");
+      // buffers (BatchNorm running statistics); synchronised BatchNorm keeps
+      // them equal already.
+      if (!sync_bn) group.broadcast(buffers, "the buffers' broadcast");
       torch::Tensor loss;
       {
         Autocast autocast(device, amp);
@@ -396,13 +407,14 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
         fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1,
              fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet");
       }
+      group.prepare_gradients((batch_index + 1) % cfg.train.grad_accum == 0);
       (loss * ((fp16 ? st.loss_scale : 1.0) / static_cast<double>(cfg.train.grad_accum))).backward();
       loss_sum += loss_value;
       ++loss_count;
       ++batch_index;
       samples_seen += x.size(0);
       if (batch_index % cfg.train.grad_accum == 0) {
-        group.average_gradients(parameters);
+        group.finish_gradients();
         lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
         for (auto& g : opt->param_groups()) g.options().set_lr(lr);
         const bool apply = !fp16 || unscale_and_check(*model.module, st);
