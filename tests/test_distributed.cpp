@@ -214,6 +214,16 @@ TEST_CASE("2 ranks with Gloo on loopback end with the weights of 1 process at th
   REQUIRE(two.status == 0);
   CHECK_THAT(two.output, Catch::Contains("2 processes"));
   CHECK(weights_diff(dir / "one", dir / "two") <= 1e-5);
+  // A distributed run stopped after an epoch and resumed ends where the
+  // uninterrupted one did.
+  const std::string resumed = fmt::format("launch --nproc 2 -- train --config {} --set train.batch_size=8 --out {}",
+                                          (dir / "cfg.yaml").string(), (dir / "resumed").string());
+  REQUIRE(run_cli(resumed + " --stop-after 1").status == 0);
+  RunResult rest = run_cli(resumed + " --resume");
+  INFO(rest.output);
+  REQUIRE(rest.status == 0);
+  CHECK_THAT(rest.output, Catch::Contains("resuming"));
+  CHECK(weights_diff(dir / "two", dir / "resumed") == 0.0);
   // Only rank 0 wrote: one line per optimizer step (64 images / 16 per step, 2 epochs), one summary.
   std::ifstream steps(dir / "two" / "metrics.jsonl");
   int lines = 0;
