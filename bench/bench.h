@@ -27,7 +27,6 @@ struct BenchOptions {
   torch::Device device = torch::kCPU;
   at::ScalarType amp = at::ScalarType::Undefined;
   bool attention = false;  // also capture every block's attention maps
-  double peak_gflops = 0;  // sgemm peak for mfu; 0: measured with bench_gemm
 };
 
 nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& options);

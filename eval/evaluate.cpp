@@ -11,7 +11,7 @@
 namespace vitlab {
 
 EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device,
-                    at::ScalarType amp, const SumAcrossRanks& sum_across) {
+                    at::ScalarType amp, const SumAcrossProcesses& sum_across) {
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;

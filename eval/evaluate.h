@@ -5,7 +5,6 @@
 #include <torch/torch.h>
 
 #include <filesystem>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -26,13 +25,10 @@ struct EvalResult {
   nlohmann::json to_json(const std::vector<std::string>& classes) const;
 };
 
-// Sums tensors in place across the processes of a data-parallel run.
-using SumAcrossRanks = std::function<void(std::vector<torch::Tensor>&)>;
-
 // amp: the autocast dtype (Undefined: fp32). sum_across: set when each
 // process evaluates its shard of the split; the result is the whole split's.
 EvalResult evaluate(VisionTransformerImpl& model, DataLoader& loader, int64_t num_classes, const torch::Device& device,
-                    at::ScalarType amp = at::ScalarType::Undefined, const SumAcrossRanks& sum_across = {});
+                    at::ScalarType amp = at::ScalarType::Undefined, const SumAcrossProcesses& sum_across = {});
 
 // metrics.json, per_class.csv, confusion.csv and confusion.png in dir.
 void write_eval_outputs(const EvalResult& result, const std::vector<std::string>& classes,

@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <thread>
 
 #include "common/error.h"
 
@@ -92,8 +91,7 @@ using Backend = c10d::ProcessGroup;
 #endif
 
 struct ProcessGroup::Impl {
-  c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<Backend> backend;
+  c10::intrusive_ptr<Backend> backend;  // holds the store
   std::vector<std::unique_ptr<Bucket>> buckets;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::mutex mutex;  // autograd may run hooks on its device threads
@@ -117,12 +115,12 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const torch::Device& device, std:
     // prefix torch.distributed uses for this restart.
     if (env_.agent_store)
       store = c10::make_intrusive<c10d::PrefixStore>(fmt::format("/worker/attempt_{}", env_.restart_count), store);
-    impl_->store = c10::make_intrusive<c10d::PrefixStore>("default_pg", store);
+    store = c10::make_intrusive<c10d::PrefixStore>("default_pg", store);
 #ifdef USE_C10D_NCCL
     if (device.is_cuda()) {
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
-      impl_->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl_->store, env_.rank, env_.world_size, options);
+      impl_->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, env_.rank, env_.world_size, options);
       return;
     }
 #endif
@@ -133,7 +131,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const torch::Device& device, std:
     options->devices.push_back(interface  ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
                                : loopback ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                                           : c10d::ProcessGroupGloo::createDefaultDevice());
-    impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, env_.rank, env_.world_size, options);
+    impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, env_.rank, env_.world_size, options);
   } catch (const std::exception& e) {
     fail("rank {} of {}: could not join the process group at {}:{} within {} s: {}", env_.rank, env_.world_size,
          env_.master_addr, env_.master_port, timeout.count() / 1000.0, first_line(e.what()));
@@ -272,11 +270,6 @@ void ProcessGroup::finish_gradients() {
   }
 }
 
-void ProcessGroup::barrier(const char* what) {
-  if (!impl_) return;
-  wait_for(impl_->backend->barrier(), what, timeout_, env_.rank);
-}
-
 #else  // no c10d: one process only
 
 struct ProcessGroup::Impl {};
@@ -294,7 +287,6 @@ struct ProcessGroup::Bucket {};
 void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>&) {}
 void ProcessGroup::prepare_gradients(bool) {}
 void ProcessGroup::finish_gradients() {}
-void ProcessGroup::barrier(const char*) {}
 
 #endif
 

@@ -60,7 +60,6 @@ class ProcessGroup {
   void attach_gradients(const std::vector<torch::Tensor>& params);
   void prepare_gradients(bool sync);
   void finish_gradients();
-  void barrier(const char* what);
 
  private:
   struct Impl;

@@ -359,10 +359,10 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                group.size() > 1 ? fmt::format(", {} processes", group.size()) : "");
   }
   // Evaluation: each rank takes its shard, the metrics are the whole split's.
-  const SumAcrossRanks sum_across =
+  const SumAcrossProcesses sum_across =
       group.size() > 1
-          ? SumAcrossRanks([&](std::vector<torch::Tensor>& t) { group.sum(t, "the evaluation all-reduce"); })
-          : SumAcrossRanks();
+          ? SumAcrossProcesses([&](std::vector<torch::Tensor>& t) { group.sum(t, "the evaluation all-reduce"); })
+          : SumAcrossProcesses();
   Progress progress(cfg.train.log_interval);
   double samples_seen = 0, train_seconds = 0;
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
