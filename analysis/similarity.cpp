@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "common/error.h"
+#include "common/simd.h"
 
 namespace vitlab {
 
@@ -97,25 +98,10 @@ std::pair<torch::Tensor, torch::Tensor> gram_to_cosine(torch::Tensor& gram, doub
 // [L, T] x [T, L] Gram matrices, after a transposed copy of the maps, took
 // 2.5 times as long (docs/BENCHMARKS.md). GCC/Clang vector types; compiled
 // for AVX2+FMA and for the baseline, picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define VITLAB_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VITLAB_CLONES
-#endif
-
-constexpr int64_t kW = 8, kP = 4, kQ = 2;
+constexpr int64_t kP = 4, kQ = 2;
 static_assert(kP % kQ == 0, "tiles starting on the diagonal cover every pair");
-typedef float Lanes __attribute__((vector_size(kW * sizeof(float))));
-
-// An unaligned load. Returned by value, which keeps the tile in registers;
-// GCC's note that this ABI differs between clones is moot: it is inlined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+using simd::kW;
+using simd::Lanes;
 
 // dots[p][q][w] = sum over rows r of columns[p][r * 8 + w] * columns[q][r * 8 + w]
 // for every p, q < K (both halves of the symmetric matrix).
@@ -130,23 +116,20 @@ VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t r
       Lanes acc[kP][kQ] = {};
       for (int64_t r = 0; r < rows * kW; r += kW) {
         Lanes x[kP], y[kQ];
-        for (int64_t i = 0; i < kP; ++i) x[i] = load_lanes(a[i] + r);
-        for (int64_t j = 0; j < kQ; ++j) y[j] = load_lanes(b[j] + r);
+        for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
+        for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
         for (int64_t i = 0; i < kP; ++i)
           for (int64_t j = 0; j < kQ; ++j) acc[i][j] += x[i] * y[j];
       }
       for (int64_t i = 0; i < kP && p0 + i < K; ++i)
         for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
-          // Plain float memory (heap blocks need not be 32-byte aligned), from
-          // a copy: taking acc's address would keep the tile out of registers.
+          // From a copy: taking acc's address would keep the tile out of registers.
           const Lanes v = acc[i][j];
-          std::memcpy(dots + ((p0 + i) * K + q0 + j) * kW, &v, sizeof v);
-          std::memcpy(dots + ((q0 + j) * K + p0 + i) * kW, &v, sizeof v);
+          simd::store(dots + ((p0 + i) * K + q0 + j) * kW, v);
+          simd::store(dots + ((q0 + j) * K + p0 + i) * kW, v);
         }
     }
 }
-
-#pragma GCC diagnostic pop
 
 // Every map's columns as [block][map][row][8] (blocks of 8 columns, the
 // last one overlapping the one before when 8 does not divide T), read row

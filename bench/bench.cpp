@@ -1,9 +1,12 @@
 #include "bench/bench.h"
 
 #include <sys/resource.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <map>
 #include <vector>
 
 #include "common/device.h"
@@ -27,6 +30,60 @@ double peak_rss_mb() {
 
 void sync(const torch::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? -1 : device.index());
+}
+
+// Runs `step` `steps` times under LibTorch's profiler and returns every
+// operator's self CPU time (time inside the op minus the ops it called) per
+// step, most first: the table PyTorch's profiler prints as "Self CPU".
+nlohmann::json profile_ops(const std::function<void()>& step, int64_t steps) {
+  namespace prof = torch::autograd::profiler;
+  prof::enableProfilerLegacy(torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::CPU));
+  for (int64_t i = 0; i < steps; ++i) step();
+  const prof::thread_event_lists threads = prof::disableProfilerLegacy();
+
+  struct Total {
+    double self_us = 0;
+    int64_t calls = 0;
+  };
+  std::map<std::string, Total> totals;
+  double all_us = 0;
+  for (const auto& events : threads) {
+    struct Open {
+      const prof::LegacyEvent* push;
+      double child_us;
+    };
+    std::map<uint64_t, Open> open;  // by RecordFunction handle: pops name their push by it
+    std::vector<uint64_t> stack;
+    for (const auto& e : events) {
+      if (e.kind() == prof::EventKind::PushRange) {
+        open[e.handle()] = {&e, 0.0};
+        stack.push_back(e.handle());
+      } else if (e.kind() == prof::EventKind::PopRange) {
+        const auto it = open.find(e.handle());
+        if (it == open.end()) continue;
+        const double us = it->second.push->cpuElapsedUs(e);
+        Total& t = totals[it->second.push->name()];
+        t.self_us += us - it->second.child_us;
+        t.calls += 1;
+        stack.erase(std::find(stack.begin(), stack.end(), e.handle()));
+        if (stack.empty())
+          all_us += us;
+        else
+          open[stack.back()].child_us += us;
+        open.erase(it);
+      }
+    }
+  }
+  std::vector<std::pair<std::string, Total>> sorted(totals.begin(), totals.end());
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& a, const auto& b) { return a.second.self_us > b.second.self_us; });
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& [name, t] : sorted)
+    rows.push_back({{"op", name},
+                    {"self_ms_per_step", t.self_us / 1000.0 / steps},
+                    {"share", all_us > 0 ? t.self_us / all_us : 0.0},
+                    {"calls_per_step", static_cast<double>(t.calls) / steps}});
+  return {{"profiled_ms_per_step", all_us / 1000.0 / steps}, {"ops", rows}};
 }
 
 double median(std::vector<double> v) {
@@ -103,6 +160,7 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
     ms.push_back(1000.0 * seconds_since(s));
   }
   const double total = seconds_since(t0);
+  const nlohmann::json profile = o.profile ? profile_ops(step, o.steps) : nlohmann::json();
 
   const double flop_per_step = 2.0 * forward_macs(spec) * o.batch * (train ? 3.0 : 1.0);
   const double peak = bench_gemm(o.device)["gflops"].get<double>();  // for mfu, same threads
@@ -126,6 +184,7 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
                       {"achieved_gflops", achieved},
                       {"gemm_peak_gflops", peak},
                       {"mfu", achieved / peak}};
+  if (o.profile) j["profile"] = profile;
   return j;
 }
 

@@ -27,6 +27,7 @@ struct BenchOptions {
   torch::Device device = torch::kCPU;
   at::ScalarType amp = at::ScalarType::Undefined;
   bool attention = false;  // also capture every block's attention maps
+  bool profile = false;    // then as many steps again under LibTorch's profiler: self CPU time per operator
 };
 
 nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& options);

@@ -297,7 +297,7 @@ struct BenchArgs {
   std::string model, mode = "infer", data;
   int64_t batch = 32, steps = 20, warmup = 5, img_size = 224;
   int workers = 1;
-  bool attention = false, gemm = false, loader = false;
+  bool attention = false, gemm = false, loader = false, profile = false;
 };
 
 // One JSON object on the last line of stdout.
@@ -319,6 +319,7 @@ void run_bench(const BenchArgs& a, const CommonOptions& common) {
     o.device = device;
     o.amp = parse_amp(common.amp.empty() ? "off" : common.amp, device, "--amp");
     o.attention = a.attention;
+    o.profile = a.profile;
     j = bench_model(resolve_model(a.model, parse_overrides(common.sets)), o);
   }
   fmt::print("{}\n", j.dump());
@@ -492,6 +493,9 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   bench_cmd->add_flag("--attention", be.attention, "Also capture every block's attention maps");
+  bench_cmd->add_flag("--profile", be.profile,
+                      "Then run --steps more steps under LibTorch's profiler and add every operator's self CPU "
+                      "time per step, most first");
   bench_cmd->add_flag("--gemm", be.gemm, "Measure the float32 matrix-multiply peak instead");
   bench_cmd->add_flag("--loader", be.loader, "Measure the data loader (decode + training transforms) instead");
   bench_cmd->add_option("--data", be.data,
@@ -535,6 +539,9 @@ int main(int argc, char** argv) {
     if (*study_cmd) run_study_cmd(st, common);
     if (*bench_cmd) run_bench(be, common);
     if (*launch_cmd) return vitlab::launch_local(launch_nproc, launch_port, launch_args);
+  } catch (const vitlab::TrainingStopped& e) {
+    fmt::print(stderr, "{}\n", e.what());
+    return 128 + e.signal;  // the shell's code for death by that signal: a scheduler sees an interrupted job
   } catch (const c10::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
     return 1;

@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -78,12 +80,36 @@ void StagedOutputs::add(const fs::path& path, std::string_view bytes) {
 }
 
 void StagedOutputs::commit() {
+  std::vector<fs::path> dirs;
   for (const auto& s : staged_) {
     std::error_code ec;
     fs::rename(s.temp, s.target, ec);
     if (ec) fail("{}: cannot move into place ({})", s.target.string(), ec.message());
+    dirs.push_back(s.target.parent_path());
   }
   staged_.clear();
+  std::sort(dirs.begin(), dirs.end());
+  dirs.erase(std::unique(dirs.begin(), dirs.end()), dirs.end());
+  for (const auto& dir : dirs) sync_directory(dir);
+}
+
+void sync_directory(const fs::path& dir) {
+  const fs::path d = dir.empty() ? fs::path(".") : dir;
+  const int fd = ::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail("{}: cannot open directory to sync it ({})", d.string(), std::strerror(errno));
+  const int rc = ::fsync(fd), err = errno;
+  ::close(fd);
+  if (rc != 0) fail("{}: cannot sync directory ({})", d.string(), std::strerror(err));
+}
+
+uint32_t crc32_of(std::string_view bytes) {
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  for (size_t at = 0; at < bytes.size();) {  // zlib takes 32-bit lengths
+    const uInt n = static_cast<uInt>(std::min<size_t>(bytes.size() - at, 1u << 30));
+    crc = ::crc32(crc, reinterpret_cast<const Bytef*>(bytes.data() + at), n);
+    at += n;
+  }
+  return static_cast<uint32_t>(crc);
 }
 
 void write_file_atomic(const fs::path& path, std::string_view bytes) {

@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <string_view>
@@ -36,5 +37,11 @@ class StagedOutputs {
 
 // write + fsync + rename, for a single output.
 void write_file_atomic(const fs::path& path, std::string_view bytes);
+
+// fsync of a directory: makes the renames and creations inside it durable.
+void sync_directory(const fs::path& dir);
+
+// CRC-32 (zlib's, as in gzip and zip) of bytes.
+uint32_t crc32_of(std::string_view bytes);
 
 }  // namespace vitlab

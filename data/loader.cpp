@@ -72,6 +72,11 @@ int64_t DataLoader::num_batches() const {
   return options_.train && options_.drop_last ? n / b : (n + b - 1) / b;
 }
 
+int64_t DataLoader::position() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return consumed_;
+}
+
 int64_t DataLoader::skipped() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return static_cast<int64_t>(skipped_.size());
@@ -87,7 +92,9 @@ void DataLoader::stop() {
   workers_.clear();
 }
 
-void DataLoader::begin_epoch(int64_t epoch) {
+void DataLoader::begin_epoch(int64_t epoch, int64_t first_batch) {
+  TORCH_CHECK(first_batch >= 0 && first_batch <= num_batches(), "begin_epoch: first batch ", first_batch,
+              " is outside the epoch's ", num_batches(), " batches");
   stop();
   epoch_ = epoch;
   order_.resize(source_->size());
@@ -103,7 +110,7 @@ void DataLoader::begin_epoch(int64_t epoch) {
     for (int64_t i = options_.rank; i < (options_.train ? shard_size() * w : n); i += w) shard.push_back(order_[i % n]);
     order_ = std::move(shard);
   }
-  claimed_ = consumed_ = 0;
+  claimed_ = consumed_ = first_batch;
   stopping_ = false;
   ready_.clear();
   error_ = nullptr;

@@ -109,10 +109,14 @@ class DataLoader {
   int64_t shard_size() const;  // the samples this rank sees per epoch
   const ImageSource& source() const { return *source_; }
 
-  // Starts an epoch's workers; next() then yields its batches in order and
-  // std::nullopt at the end. A batch whose samples all failed is left out.
-  void begin_epoch(int64_t epoch);
+  // Starts an epoch's workers; next() then yields its batches in order,
+  // from batch first_batch (resuming inside an epoch: the batches are those
+  // of a start at 0), and std::nullopt at the end. A batch whose samples all
+  // failed is left out.
+  void begin_epoch(int64_t epoch, int64_t first_batch = 0);
   std::optional<Batch> next();
+  // The index of the batch next() looks at next: where to resume.
+  int64_t position() const;
 
   // Distinct samples skipped as unreadable so far.
   int64_t skipped() const;

@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "models/attention_kernel.h"
+
 namespace vitlab {
 
 void trunc_normal_(torch::Tensor tensor, double std, double mean, double a, double b) {
@@ -80,11 +82,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
 #endif
   if (!out.defined()) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(C / H));
-    torch::Tensor a = torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
+    const bool kernel = attention_kernel_applies(q, k, v);
+    torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
     a = attn_drop(a);
     if (options.re_attention) a = var_norm(reatten_matrix(a)) * options.reatten_scale;
     if (attn) *attn = a;
-    out = torch::matmul(a, v);
+    out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
   }
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Shared by the tests: fixture paths, the manifest, temporary directories and
 // running the CLI.
+#include <sys/types.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -34,6 +35,20 @@ struct RunResult {
 
 // Runs `vitlab ARGS` through the shell.
 RunResult run_cli(const std::string& args);
+
+// Starts `vitlab ARGS` in the background with its output going to log, for
+// tests that signal it; wait_cli waits for it. The exit status, or 128 +
+// the signal that killed it.
+pid_t start_cli(const std::string& args, const fs::path& log);
+int wait_cli(pid_t pid);
+
+// `vitlab train` options for a tiny ViT on 28x28 grey images with light,
+// fast augmentation (Mixup and random erasing on, one thread).
+extern const char* const kTinyTrain;
+
+// The first n images of Fashion-MNIST's training set written as both splits
+// of an IDX directory, for short training runs (--set data.root=DIR).
+void write_fashion_mnist_slice(const fs::path& dir, int64_t n);
 
 // The `--set model.KEY=VALUE` arguments that rebuild a fixture's model.
 std::string fixture_sets(const nlohmann::json& config);

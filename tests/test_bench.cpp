@@ -1,4 +1,5 @@
 #include <catch2/catch.hpp>
+#include <set>
 
 #include "bench/bench.h"
 #include "tests/helpers.h"
@@ -20,6 +21,33 @@ TEST_CASE("FLOPs of vit_tiny_patch16_224 and a DeepViT match a hand count") {
   plain["apply_transform"] = "none";
   CHECK(forward_macs(deep) - forward_macs(resolve_model("deepvit_patch16_224_re_attn_16b", plain)) ==
         Approx(16 * 12.0 * 12 * T * T).epsilon(1e-12));
+}
+
+TEST_CASE("vitlab bench --profile lists operators by self CPU time, the attention kernel among them") {
+  RunResult r = run_cli(
+      "bench --model vit_tiny_patch16_224 --set model.img_size=32 --set model.depth=2 --mode train --batch 2 "
+      "--steps 2 --warmup 1 --threads 1 --profile");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  const std::string last = r.output.substr(r.output.rfind('\n', r.output.size() - 2) + 1);
+  const auto profile = nlohmann::json::parse(last)["profile"];
+  CHECK(profile["profiled_ms_per_step"].get<double>() > 0);
+  const auto& ops = profile["ops"];
+  REQUIRE(ops.size() > 5);
+  double share = 0, previous = 1e300;
+  std::set<std::string> names;
+  for (const auto& op : ops) {
+    const double ms = op["self_ms_per_step"];
+    CHECK(ms <= previous);  // sorted
+    previous = ms;
+    CHECK(op["calls_per_step"].get<double>() > 0);
+    share += op["share"].get<double>();
+    names.insert(op["op"]);
+  }
+  CHECK(share <= 1.0 + 1e-9);  // self times partition the profiled time
+  CHECK(share > 0.5);
+  CHECK((names.count("aten::mm") + names.count("aten::addmm")) > 0);
+  CHECK(names.count("vitlab::attention_probs") == 1);
 }
 
 TEST_CASE("vitlab bench runs a few steps and prints one JSON line with every field") {

@@ -20,14 +20,6 @@ std::vector<Override> sets(std::initializer_list<const char*> items) {
   return o;
 }
 
-// A tiny ViT for 28x28 grey images and light, fast augmentation.
-const char* kTiny =
-    " --set model.name=vit_tiny_patch16_224 --set model.img_size=28 --set model.patch_size=7 --set model.in_chans=1"
-    " --set model.embed_dim=32 --set model.depth=2 --set model.num_heads=2 --set 'aug.mean=[0.5]' --set 'aug.std=[0.5]'"
-    " --set 'aug.auto_augment=\"\"' --set aug.mixup=0.2 --set aug.cutmix=0 --set aug.reprob=0.25 --set "
-    "train.batch_size=16"
-    " --set schedule.warmup_epochs=1 --set data.workers=2 --threads 1";
-
 }  // namespace
 
 TEST_CASE("train config: unknown sections and keys, bad values, and a YAML round trip") {
@@ -114,7 +106,7 @@ TEST_CASE("vitlab train and eval end to end on an ImageFolder with bad files") {
   REQUIRE(run_cli("data export --dataset fashion_mnist --limit 64 --out " + data.string()).status == 0);
   write_file_atomic(data / "train" / "Bag" / "corrupt.png", "\x89PNG\r\n\x1a\n broken");
   write_file_atomic(data / "train" / "Coat" / "notes.jpg", "not an image at all");
-  const std::string args = std::string(kTiny) + " --set data.type=imagefolder --set data.root=" + data.string() +
+  const std::string args = std::string(kTinyTrain) + " --set data.type=imagefolder --set data.root=" + data.string() +
                            " --set train.epochs=2 --set train.ema=true --out " + (dir / "run").string();
   RunResult r = run_cli("train" + args);
   INFO(r.output);
@@ -146,22 +138,10 @@ TEST_CASE("vitlab train and eval end to end on an ImageFolder with bad files") {
 
 TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
   TempDir dir;
-  const std::string base = std::string(kTiny) + " --set data.type=fashion_mnist --set train.ema=true" +
+  const std::string base = std::string(kTinyTrain) + " --set data.type=fashion_mnist --set train.ema=true" +
                            " --set model.drop_path_rate=0.1 --set model.drop_rate=0.1";
-  // A small slice of Fashion-MNIST keeps this fast: the IDX files of the first 256 images.
-  ImageSet train = load_fashion_mnist(kFashionMnistDir, "train");
-  auto idx = [](const torch::Tensor& t) {
-    std::string out = {0, 0, 8, static_cast<char>(t.dim())};
-    for (auto d : t.sizes())
-      for (int s = 24; s >= 0; s -= 8) out.push_back(static_cast<char>((d >> s) & 0xff));
-    torch::Tensor c = t.to(torch::kUInt8).contiguous();
-    return out + std::string(static_cast<const char*>(c.data_ptr()), c.numel());
-  };
-  for (const char* split : {"train", "t10k"}) {
-    write_file_atomic(dir / "fm" / (std::string(split) + "-images-idx3-ubyte"),
-                      idx(train.images.narrow(0, 0, 256).squeeze(-1)));
-    write_file_atomic(dir / "fm" / (std::string(split) + "-labels-idx1-ubyte"), idx(train.labels.narrow(0, 0, 256)));
-  }
+  // A small slice of Fashion-MNIST keeps this fast.
+  write_fashion_mnist_slice(dir / "fm", 256);
   const std::string data = " --set data.root=" + (dir / "fm").string();
   REQUIRE(run_cli("train" + base + data + " --set train.epochs=4 --out " + (dir / "straight").string()).status == 0);
   RunResult first =
@@ -203,7 +183,7 @@ TEST_CASE("every config in configs/ loads and resolves its model and transforms"
 
 TEST_CASE("a non-finite loss stops training with the step named") {
   TempDir dir;
-  RunResult r = run_cli("train" + std::string(kTiny) + " --set optim.lr=1e30 --set optim.weight_decay=0 " +
+  RunResult r = run_cli("train" + std::string(kTinyTrain) + " --set optim.lr=1e30 --set optim.weight_decay=0 " +
                         "--set schedule.warmup_epochs=0 --set aug.mixup=0 --out " + (dir / "run").string());
   INFO(r.output);
   CHECK(r.status == 1);

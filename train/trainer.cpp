@@ -1,12 +1,16 @@
 #include "train/trainer.h"
 
 #include <fmt/format.h>
+#include <torch/version.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "common/device.h"
@@ -136,6 +140,10 @@ torch::Tensor attention_similarity_loss(const torch::Tensor& attn, int64_t pairs
 struct RunState {
   int64_t epoch = 0;  // epochs completed
   int64_t step = 0;   // optimizer steps taken
+  // Inside epoch `epoch` (a checkpoint written when a signal stopped the
+  // run): the loader's next batch, batches consumed, and the loss so far.
+  int64_t batch = 0, batch_index = 0, loss_count = 0;
+  double loss_sum = 0;
   double best_top1 = -1.0;
   std::vector<std::string> csv_rows;
   double loss_scale = 65536.0;  // fp16 only
@@ -171,17 +179,24 @@ std::string csv_header(bool ema) {
          (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
 }
 
-// A checkpoint is a directory, written under a temporary name and swapped
-// in, so a crash leaves the previous one whole.
+// A checkpoint is a directory written under a temporary name, fsync'ed and
+// renamed into place. With keep_previous, the one it replaces stays as
+// DIR-prev until the next save: a crash at any point leaves a whole
+// checkpoint. state.json lists every other file's size and CRC-32, checked
+// on load, with the vitlab and LibTorch versions and the run's config.
 void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim::Optimizer& opt, const Ema* ema,
-                     const RunState& st) {
-  fs::path tmp = dir;
+                     const RunState& st, const std::string& config_yaml, bool keep_previous) {
+  fs::path tmp = dir, previous = dir;
   tmp += ".tmp";
+  previous += keep_previous ? "-prev" : ".old";
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  write_file_atomic(tmp / "model.safetensors", serialize_safetensors(module_state(model), {{"format", "pt"}}));
-  if (ema) write_file_atomic(tmp / "ema.safetensors", serialize_safetensors(ema->state, {{"format", "pt"}}));
-  torch::save(opt, (tmp / "optimizer.pt").string());
+  std::vector<std::pair<std::string, std::string>> files;
+  files.emplace_back("model.safetensors", serialize_safetensors(module_state(model), {{"format", "pt"}}));
+  if (ema) files.emplace_back("ema.safetensors", serialize_safetensors(ema->state, {{"format", "pt"}}));
+  std::ostringstream optimizer;
+  torch::save(opt, optimizer);
+  files.emplace_back("optimizer.pt", optimizer.str());
   torch::Tensor rng;
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -194,33 +209,85 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
     std::lock_guard<std::mutex> lock(gen.mutex());
     rng_state["cuda"] = gen.get_state();
   }
-  write_file_atomic(tmp / "rng.safetensors", serialize_safetensors(rng_state));
+  files.emplace_back("rng.safetensors", serialize_safetensors(rng_state));
+  nlohmann::json manifest = nlohmann::json::object();
+  for (const auto& [name, bytes] : files) {
+    write_file_atomic(tmp / name, bytes);
+    manifest[name] = {{"bytes", bytes.size()}, {"crc32", crc32_of(bytes)}};
+  }
   nlohmann::json j = {{"epoch", st.epoch},
                       {"step", st.step},
+                      {"batch", st.batch},
+                      {"batch_index", st.batch_index},
+                      {"loss_sum", st.loss_sum},
+                      {"loss_count", st.loss_count},
                       {"best_top1", st.best_top1},
                       {"csv_rows", st.csv_rows},
                       {"loss_scale", st.loss_scale},
                       {"scale_growth_tracker", st.scale_growth_tracker},
                       {"skipped_steps", st.skipped_steps},
-                      {"vitlab", version()}};
+                      {"files", manifest},
+                      {"vitlab", version()},
+                      {"libtorch", TORCH_VERSION},
+                      {"config", config_yaml}};
   write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
-  fs::path old = dir;
-  old += ".old";
-  fs::remove_all(old);
-  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::remove_all(previous);
+  if (fs::exists(dir)) fs::rename(dir, previous);
   fs::rename(tmp, dir);
-  fs::remove_all(old);
+  sync_directory(dir.parent_path());
+  if (!keep_previous) fs::remove_all(previous);
+}
+
+// A checkpoint file's bytes, checked against state.json's size and CRC-32.
+std::string read_checked(const fs::path& dir, const std::string& name, const nlohmann::json& state) {
+  const fs::path path = dir / name;
+  std::string bytes = read_file(path);
+  if (!state.contains("files")) return bytes;  // written before checksums
+  const auto& files = state["files"];
+  if (!files.contains(name)) fail("{}: not listed in {}", path.string(), (dir / "state.json").string());
+  const uint64_t size = files[name]["bytes"], crc = files[name]["crc32"];
+  if (bytes.size() != size || crc32_of(bytes) != crc)
+    fail("{}: damaged: {} bytes with CRC-32 {:08x}, state.json expects {} bytes with CRC-32 {:08x}", path.string(),
+         bytes.size(), crc32_of(bytes), size, crc);
+  return bytes;
 }
 
 RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim::Optimizer& opt, Ema* ema) {
-  if (!fs::is_directory(dir)) fail("{}: no checkpoint to resume from", dir.string());
-  load_state(model, read_weights(dir / "model.safetensors"), true, (dir / "model.safetensors").string());
-  if (ema) {
-    StateDict e = read_weights(dir / "ema.safetensors");
-    for (auto& [k, v] : ema->state) v.copy_(e.at(k));
+  if (!fs::is_directory(dir)) fail("{}: no checkpoint there", dir.string());
+  const fs::path state_path = dir / "state.json";
+  const nlohmann::json j = nlohmann::json::parse(read_file(state_path), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) fail("{}: damaged (not a JSON object)", state_path.string());
+  // Everything is read and checked before anything is loaded, so a damaged
+  // checkpoint leaves the model as it was.
+  const StateDict weights =
+      parse_safetensors(read_checked(dir, "model.safetensors", j), (dir / "model.safetensors").string());
+  const StateDict ema_state =
+      ema ? parse_safetensors(read_checked(dir, "ema.safetensors", j), (dir / "ema.safetensors").string())
+          : StateDict();
+  const std::string optimizer = read_checked(dir, "optimizer.pt", j);
+  const StateDict rng = parse_safetensors(read_checked(dir, "rng.safetensors", j), (dir / "rng.safetensors").string());
+  RunState st;
+  try {
+    st.epoch = j.at("epoch");
+    st.step = j.at("step");
+    st.batch = j.value("batch", int64_t(0));
+    st.batch_index = j.value("batch_index", int64_t(0));
+    st.loss_sum = j.value("loss_sum", 0.0);
+    st.loss_count = j.value("loss_count", int64_t(0));
+    st.best_top1 = j.at("best_top1");
+    st.csv_rows = j.at("csv_rows").get<std::vector<std::string>>();
+    st.loss_scale = j.value("loss_scale", st.loss_scale);
+    st.scale_growth_tracker = j.value("scale_growth_tracker", int64_t(0));
+    st.skipped_steps = j.value("skipped_steps", int64_t(0));
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: damaged ({})", state_path.string(), e.what());
   }
-  torch::load(opt, (dir / "optimizer.pt").string());
-  const StateDict rng = read_weights(dir / "rng.safetensors");
+
+  load_state(model, weights, true, (dir / "model.safetensors").string());
+  if (ema)
+    for (auto& [k, v] : ema->state) v.copy_(ema_state.at(k));
+  std::istringstream optimizer_stream(optimizer);
+  torch::load(opt, optimizer_stream);
   {
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -231,13 +298,61 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(rng.at("cuda"));
   }
-  nlohmann::json j = nlohmann::json::parse(read_file(dir / "state.json"));
-  RunState st{j["epoch"], j["step"], j["best_top1"], j["csv_rows"].get<std::vector<std::string>>()};
-  st.loss_scale = j.value("loss_scale", st.loss_scale);
-  st.scale_growth_tracker = j.value("scale_growth_tracker", int64_t(0));
-  st.skipped_steps = j.value("skipped_steps", int64_t(0));
   return st;
 }
+
+// --resume: checkpoint-last, or checkpoint-last-prev when the last one is
+// missing or damaged (a crash while it was replaced, a bad disk). A run
+// directory with neither but with its config.yaml starts from the beginning:
+// killed before its first checkpoint, it has lost nothing else.
+RunState resume_state(const fs::path& run_dir, torch::nn::Module& model, torch::optim::Optimizer& opt, Ema* ema,
+                      bool main) {
+  const fs::path last = run_dir / "checkpoint-last", previous = run_dir / "checkpoint-last-prev";
+  if (!fs::exists(last) && !fs::exists(previous)) {
+    if (!fs::exists(run_dir / "config.yaml"))
+      fail(
+          "{}: nothing to resume (no checkpoint-last and no config.yaml of a run); check the path, or leave out "
+          "--resume",
+          run_dir.string());
+    if (main) fmt::print(stderr, "{}: no checkpoint yet, starting from the beginning\n", run_dir.string());
+    return {};
+  }
+  try {
+    return load_checkpoint(last, model, opt, ema);
+  } catch (const std::exception& e) {
+    if (!fs::exists(previous)) throw;
+    if (main) fmt::print(stderr, "warning: {}; resuming from {} instead\n", e.what(), previous.string());
+    return load_checkpoint(previous, model, opt, ema);
+  }
+}
+
+std::atomic<int> stop_signal{0};
+
+void on_stop_signal(int signal) { stop_signal.store(signal); }
+
+// SIGINT and SIGTERM make train() stop at the next step and checkpoint
+// there, for the duration of the run; the previous handlers come back after.
+class StopSignals {
+ public:
+  StopSignals() {
+    stop_signal.store(0);
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    ::sigaction(SIGINT, &action, &old_int_);
+    ::sigaction(SIGTERM, &action, &old_term_);
+  }
+  ~StopSignals() {
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  struct sigaction old_int_ {
+  }, old_term_{};
+};
 
 // A progress bar on a terminal, plain lines every log_interval steps otherwise.
 class Progress {
@@ -335,12 +450,16 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   fs::create_directories(run_dir);
   RunState st;
   if (resume) {
-    st = load_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get());
-    if (main) fmt::print(stderr, "resuming {} after epoch {} (step {})\n", run_dir.string(), st.epoch, st.step);
+    st = resume_state(run_dir, *model.module, *opt, ema.get(), main);
+    if (main && st.step > 0)
+      fmt::print(stderr, "resuming {} at epoch {}, batch {} (step {})\n", run_dir.string(), st.epoch + 1, st.batch,
+                 st.step);
   }
+  const std::string config_yaml = cfg.to_yaml();
+  const StopSignals stop_signals;
   std::ofstream steps_log;
   if (main) {
-    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml());
+    write_file_atomic(run_dir / "config.yaml", config_yaml);
     nlohmann::json classes_json = data.classes;
     write_file_atomic(run_dir / "classes.json", classes_json.dump(2) + "\n");
     // Keep the per-step log consistent with the checkpoint we resume from.
@@ -368,9 +487,13 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
   for (int64_t epoch = st.epoch; epoch < last_epoch; ++epoch) {
     model.module->train();
-    train_loader.begin_epoch(epoch);
-    double loss_sum = 0;
-    int64_t loss_count = 0, batch_index = 0;
+    // st.batch > 0: resuming where a signal stopped this epoch.
+    train_loader.begin_epoch(epoch, st.batch);
+    double loss_sum = st.loss_sum;
+    int64_t loss_count = st.loss_count, batch_index = st.batch_index;
+    const int64_t first_index = batch_index;
+    st.batch = st.batch_index = st.loss_count = 0;
+    st.loss_sum = 0;
     auto t0 = std::chrono::steady_clock::now();
     double lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
     while (auto batch = train_loader.next()) {
@@ -427,7 +550,8 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
         opt->zero_grad();
         ++st.step;
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double ips = elapsed > 0 ? batch_index * cfg.train.batch_size * group.size() / elapsed : 0.0;
+        const double ips =
+            elapsed > 0 ? (batch_index - first_index) * cfg.train.batch_size * group.size() / elapsed : 0.0;
         if (main) {
           steps_log << nlohmann::json{{"epoch", epoch + 1},
                                       {"step", st.step},
@@ -437,6 +561,27 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                            .dump()
                     << std::endl;
           progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
+        }
+        // Every rank stops at the same step when any was signalled.
+        int signal = stop_signal.load();
+        if (group.size() > 1) {
+          std::vector<torch::Tensor> flag{torch::tensor({static_cast<double>(signal)}, torch::kDouble)};
+          group.sum(flag, "the stop-signal all-reduce");
+          if (signal == 0 && flag[0].item<double>() > 0) signal = SIGTERM;
+        }
+        if (signal != 0) {
+          st.batch = train_loader.position();
+          st.batch_index = batch_index;
+          st.loss_sum = loss_sum;
+          st.loss_count = loss_count;
+          if (main) {
+            progress.end_epoch();
+            save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
+          }
+          throw TrainingStopped(signal, fmt::format("stopped by {} at step {} (epoch {}, batch {}); {} holds it: "
+                                                    "continue with --resume",
+                                                    signal == SIGINT ? "SIGINT" : "SIGTERM", st.step, epoch + 1,
+                                                    st.batch, (run_dir / "checkpoint-last").string()));
         }
       }
     }
@@ -467,8 +612,8 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     std::string csv = csv_header(cfg.train.ema);
     for (const auto& r : st.csv_rows) csv += r + "\n";
     write_file_atomic(run_dir / "metrics.csv", csv);
-    save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st);
-    if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st);
+    save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
+    if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st, config_yaml, false);
     fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
                cfg.train.epochs, loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5,
                best ? " (best)" : "");

@@ -5,6 +5,7 @@
 // checkpoints that resume bit-for-bit on CPU.
 #include <filesystem>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -27,10 +28,19 @@ DataSplits open_data(const DataConfig& data);
 // defaults to it and must match it).
 ModelSpec resolve_train_model(const TrainConfig& config, int64_t num_classes);
 
+// Thrown by train() when SIGINT or SIGTERM stopped it, after it wrote
+// checkpoint-last at the step where it stopped.
+struct TrainingStopped : std::runtime_error {
+  TrainingStopped(int signal, const std::string& message) : std::runtime_error(message), signal(signal) {}
+  int signal;
+};
+
 // Trains into run_dir (created when missing). resume: continue from
-// run_dir/checkpoint-last. stop_after > 0: stop once that many epochs of the
-// schedule are done (a job time limit), to be continued with resume.
-// Returns the best eval top-1.
+// run_dir/checkpoint-last (or checkpoint-last-prev when that one is damaged;
+// from the start when there is neither). stop_after > 0: stop once that many
+// epochs of the schedule are done (a job time limit), to be continued with
+// resume. SIGINT and SIGTERM stop it at the next optimizer step with a
+// checkpoint (TrainingStopped). Returns the best eval top-1.
 double train(const TrainConfig& config, const std::filesystem::path& run_dir, bool resume, int64_t stop_after = 0);
 
 }  // namespace vitlab

@@ -1,0 +1,78 @@
+#pragma once
+// Eight float lanes as a GCC/Clang vector type, for the hand-written CPU
+// kernels (attention, similarity). Functions marked VITLAB_CLONES are
+// compiled for AVX2+FMA and for the x86-64 baseline, picked at load time,
+// so one binary runs everywhere and uses FMA where there is one.
+#include <ATen/Config.h>
+
+#include <cstdint>
+#include <cstring>
+
+// The kernels split their work with at::parallel_for, which without OpenMP
+// here would run on one thread while LibTorch's own operators use them all.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "compile with OpenMP (CMake links OpenMP::OpenMP_CXX): at::parallel_for is serial without it"
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define VITLAB_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VITLAB_CLONES
+#endif
+
+namespace vitlab::simd {
+
+constexpr int64_t kW = 8;
+typedef float Lanes __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t IntLanes __attribute__((vector_size(kW * sizeof(int32_t))));
+
+// Lanes travel by value, which keeps them in registers; GCC's note (at every
+// call) that this ABI differs between clones is moot: these are inlined. So
+// the note is off in the files that include this one.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Unaligned, as heap blocks need not be 32-byte aligned.
+inline Lanes load(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+
+inline Lanes splat(float x) { return Lanes{} + x; }
+
+inline float sum(Lanes v) {
+  float s = 0;
+  for (int64_t w = 0; w < kW; ++w) s += v[w];
+  return s;
+}
+
+inline float max(Lanes v) {
+  float m = v[0];
+  for (int64_t w = 1; w < kW; ++w) m = v[w] > m ? v[w] : m;
+  return m;
+}
+
+// e^x, Cephes' single-precision polynomial (about 1 ulp, as ATen's SLEEF
+// kernel); 0 below -88.37.
+inline Lanes exp(Lanes x) {
+  const float hi = 88.3762626647949f;
+  x = x > hi ? splat(hi) : x;
+  x = x < -hi ? splat(-hi) : x;
+  Lanes n = x * 1.44269504088896341f + 0.5f;
+  Lanes floor_n = __builtin_convertvector(__builtin_convertvector(n, IntLanes), Lanes);  // toward zero
+  n = floor_n > n ? floor_n - 1.0f : floor_n;
+  x = x - n * 0.693359375f - n * -2.12194440e-4f;
+  Lanes y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x +
+             1.6666665459e-1f) *
+                x +
+            5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const IntLanes bits = (__builtin_convertvector(n, IntLanes) + 127) << 23;  // 2^n
+  Lanes scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+}  // namespace vitlab::simd

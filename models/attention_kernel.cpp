@@ -1,0 +1,269 @@
+#include "models/attention_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "common/simd.h"
+
+namespace vitlab {
+
+namespace {
+
+using simd::kW;
+using simd::Lanes;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kRows = 4, kCols = 2 * kW;  // small_gemm's register tile
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// One matrix of a strided tensor: element (i, j) at data[i * rs + j * cs].
+struct Matrix {
+  const float* data;
+  int64_t rs, cs;
+};
+
+// Per-thread scratch: small_gemm's packed B and a block of rows.
+struct Scratch {
+  std::vector<float> b, stage, stage_a, rows;
+  Scratch(int64_t N, int64_t d) {
+    const int64_t n = std::max(N, d);
+    b.resize(n * round_up(n, kCols));
+    stage.resize(n * n);
+    stage_a.resize(n * n);
+    rows.resize(N * round_up(N, kCols));
+  }
+};
+
+// C = alpha * A B for A m x k and B k x n; C row-major with row stride ldc.
+// B is packed as [k][n rounded up to 16] (zero-padded), A read in place, and
+// the product taken in 4 x 16 register tiles.
+VITLAB_CLONES void small_gemm(int64_t m, int64_t n, int64_t k, Matrix A, Matrix B, float alpha, float* C, int64_t ldc,
+                              Scratch& scratch) {
+  const int64_t ldb = round_up(n, kCols);
+  float* b_pack = scratch.b.data();
+  if (B.cs == 1) {
+    for (int64_t p = 0; p < k; ++p) std::copy(B.data + p * B.rs, B.data + p * B.rs + n, b_pack + p * ldb);
+  } else if (B.rs == 1) {  // B^T's rows: staged contiguously, then transposed
+    float* stage = scratch.stage.data();
+    for (int64_t j = 0; j < n; ++j) std::copy(B.data + j * B.cs, B.data + j * B.cs + k, stage + j * k);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t p = 0; p < k; ++p) b_pack[p * ldb + j] = stage[j * k + p];
+  } else {
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j) b_pack[p * ldb + j] = B.data[p * B.rs + j * B.cs];
+  }
+  for (int64_t p = 0; p < k; ++p) std::fill(b_pack + p * ldb + n, b_pack + (p + 1) * ldb, 0.0f);
+
+  if (A.cs == 1 && A.rs != k) {  // rows far apart (a qkv view) share few cache sets: compact them first
+    float* stage = scratch.stage_a.data();
+    for (int64_t i = 0; i < m; ++i) std::copy(A.data + i * A.rs, A.data + i * A.rs + k, stage + i * k);
+    A = {stage, k, 1};
+  }
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    // Rows past m repeat row m - 1; their results are dropped.
+    const float* a[kRows];
+    for (int64_t r = 0; r < kRows; ++r) a[r] = A.data + std::min(i0 + r, m - 1) * A.rs;
+    for (int64_t j0 = 0; j0 < n; j0 += kCols) {
+      Lanes c[kRows][2] = {};
+      const float* b = b_pack + j0;
+      for (int64_t p = 0; p < k; ++p) {
+        const Lanes b0 = simd::load(b + p * ldb), b1 = simd::load(b + p * ldb + kW);
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < kRows; ++r) {
+          const float x = a[r][p * A.cs];
+          c[r][0] += x * b0;
+          c[r][1] += x * b1;
+        }
+      }
+      // Unrolled, full-width stores where the tile fits: any indexing of
+      // the tile by a runtime value would move it from registers to memory.
+      const int64_t cols = std::min(kCols, n - j0);
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (i0 + r >= m) break;
+        float* dst = C + (i0 + r) * ldc + j0;
+        const Lanes lo = c[r][0] * alpha, hi = c[r][1] * alpha;
+        if (cols == kCols) {
+          simd::store(dst, lo);
+          simd::store(dst + kW, hi);
+        } else {
+          for (int64_t w = 0; w < cols; ++w) dst[w] = w < kW ? lo[w] : hi[w - kW];
+        }
+      }
+    }
+  }
+}
+
+// p = softmax of each of the m rows of s (n values, row stride lds, room for
+// n rounded up to 8, which this overwrites) into p (row stride n).
+VITLAB_CLONES void softmax_rows(float* s, int64_t m, int64_t n, int64_t lds, float* p) {
+  const int64_t last = round_up(n, kW) - kW;  // the last group of 8, partly past n
+  const simd::IntLanes lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const auto in_row = lane < static_cast<int32_t>(n - last);
+  const Lanes minus_inf = simd::splat(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = s + i * lds;
+    const Lanes tail = in_row ? simd::load(row + last) : minus_inf;  // exp gives 0 past n
+    Lanes top = tail;
+    for (int64_t j = 0; j < last; j += kW) {
+      const Lanes x = simd::load(row + j);
+      top = x > top ? x : top;
+    }
+    const float max = simd::max(top);
+    Lanes total = simd::exp(tail - max);
+    simd::store(row + last, total);
+    for (int64_t j = 0; j < last; j += kW) {
+      const Lanes e = simd::exp(simd::load(row + j) - max);
+      simd::store(row + j, e);
+      total += e;
+    }
+    const float inv = 1.0f / simd::sum(total);
+    for (int64_t j = 0; j < n; ++j) p[i * n + j] = row[j] * inv;
+  }
+}
+
+// ds = p * (dp - rowsum(dp * p)), the gradient of the softmax input, for m
+// rows of n (all row-major with row stride n).
+VITLAB_CLONES void softmax_backward_rows(const float* p, const float* dp, float* ds, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float *pr = p + i * n, *dpr = dp + i * n;
+    Lanes acc = {};
+    int64_t j = 0;
+    for (; j + kW <= n; j += kW) acc += simd::load(pr + j) * simd::load(dpr + j);
+    float dot = simd::sum(acc);
+    for (; j < n; ++j) dot += pr[j] * dpr[j];
+    for (j = 0; j < n; ++j) ds[i * n + j] = pr[j] * (dpr[j] - dot);
+  }
+}
+
+// The (batch, head) matrices of a [B, H, N, d] tensor with unit stride in d.
+struct Heads {
+  const float* data;
+  int64_t H, sb, sh, sn;
+  explicit Heads(const torch::Tensor& t)
+      : data(t.data_ptr<float>()), H(t.size(1)), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
+  Matrix at(int64_t bh) const { return {data + bh / H * sb + bh % H * sh, sn, 1}; }
+  Matrix transposed(int64_t bh) const { return {data + bh / H * sb + bh % H * sh, 1, sn}; }
+};
+
+torch::Tensor unit_inner_stride(const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Runs fn(bh, scratch) for every (batch, head) pair, in parallel.
+template <typename Fn>
+void for_each_head(int64_t BH, int64_t N, int64_t d, const Fn& fn) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(N, d);
+    for (int64_t bh = begin; bh < end; ++bh) fn(bh, scratch);
+  });
+}
+
+struct ProbsFunction : torch::autograd::Function<ProbsFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, double scale) {
+    RECORD_USER_SCOPE("vitlab::attention_probs");  // named in profiles; backward nodes are by their type
+    q = unit_inner_stride(q);
+    k = unit_inner_stride(k);
+    const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+    torch::Tensor p = torch::empty({B, H, N, N}, q.options());
+    const Heads Q(q), K(k);
+    float* P = p.data_ptr<float>();
+    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
+      const int64_t lds = round_up(N, kCols);
+      small_gemm(N, N, d, Q.at(bh), K.transposed(bh), static_cast<float>(scale), s.rows.data(), lds, s);
+      softmax_rows(s.rows.data(), N, N, lds, P + bh * N * N);
+    });
+    ctx->save_for_backward({q, k, p});
+    ctx->saved_data["scale"] = scale;
+    return p;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &q = saved[0], &k = saved[1], &p = saved[2];
+    const torch::Tensor dp = grads[0].contiguous();
+    const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+    torch::Tensor dq = torch::empty({B, H, N, d}, q.options()), dk = torch::empty({B, H, N, d}, q.options());
+    const Heads Q(q), K(k);
+    const float *P = p.data_ptr<float>(), *dP = dp.data_ptr<float>();
+    float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>();
+    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
+      float* ds = s.rows.data();
+      softmax_backward_rows(P + bh * N * N, dP + bh * N * N, ds, N, N);
+      small_gemm(N, d, N, {ds, N, 1}, K.at(bh), scale, dQ + bh * N * d, d, s);
+      small_gemm(N, d, N, {ds, 1, N}, Q.at(bh), scale, dK + bh * N * d, d, s);
+    });
+    return {dq, dk, torch::Tensor()};
+  }
+};
+
+struct ApplyFunction : torch::autograd::Function<ApplyFunction> {
+  // Returns [B, N, H, d]: the heads already in token-major order.
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor p, torch::Tensor v) {
+    RECORD_USER_SCOPE("vitlab::attention_apply");
+    p = p.contiguous();
+    v = unit_inner_stride(v);
+    const int64_t B = v.size(0), H = v.size(1), N = v.size(2), d = v.size(3);
+    torch::Tensor out = torch::empty({B, N, H, d}, v.options());
+    const Heads V(v);
+    const float* P = p.data_ptr<float>();
+    float* O = out.data_ptr<float>();
+    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
+      small_gemm(N, d, N, {P + bh * N * N, N, 1}, V.at(bh), 1.0f, O + (bh / H * N * H + bh % H) * d, H * d, s);
+    });
+    ctx->save_for_backward({p, v});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &p = saved[0], &v = saved[1];
+    const torch::Tensor dout = grads[0].contiguous();
+    const int64_t B = v.size(0), H = v.size(1), N = v.size(2), d = v.size(3);
+    torch::Tensor dp = torch::empty({B, H, N, N}, v.options()), dv = torch::empty({B, H, N, d}, v.options());
+    const Heads V(v);
+    const float *P = p.data_ptr<float>(), *dO = dout.data_ptr<float>();
+    float *dP = dp.data_ptr<float>(), *dV = dv.data_ptr<float>();
+    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
+      const Matrix dO_bh = {dO + (bh / H * N * H + bh % H) * d, H * d, 1};
+      small_gemm(N, N, d, dO_bh, V.transposed(bh), 1.0f, dP + bh * N * N, N, s);
+      small_gemm(N, d, N, {P + bh * N * N, 1, N}, dO_bh, 1.0f, dV + bh * N * d, d, s);
+    });
+    return {dp, dv};
+  }
+};
+
+void check_heads(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "attention kernel: ", name, " must be [B, H, N, d], got ", t.sizes());
+}
+
+}  // namespace
+
+bool attention_kernel_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  for (const torch::Tensor* t : {&q, &k, &v})
+    if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat) return false;
+  return true;
+}
+
+torch::Tensor attention_probs(const torch::Tensor& q, const torch::Tensor& k, double scale) {
+  check_heads(q, "q");
+  check_heads(k, "k");
+  TORCH_CHECK(q.sizes() == k.sizes(), "attention kernel: q ", q.sizes(), " and k ", k.sizes(), " must match");
+  return ProbsFunction::apply(q, k, scale);
+}
+
+torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v) {
+  check_heads(p, "p");
+  check_heads(v, "v");
+  const int64_t B = v.size(0), H = v.size(1), N = v.size(2);
+  TORCH_CHECK(p.sizes() == torch::IntArrayRef({B, H, N, N}), "attention kernel: p is ", p.sizes(), ", expected [", B,
+              ", ", H, ", ", N, ", ", N, "] for v ", v.sizes());
+  return ApplyFunction::apply(p, v).permute({0, 2, 1, 3});
+}
+
+}  // namespace vitlab

@@ -1,0 +1,167 @@
+#include <signal.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "common/files.h"
+#include "tests/helpers.h"
+
+using namespace vitlab;
+using namespace vitlab::test;
+
+namespace {
+
+// A run of the tiny ViT on 256 Fashion-MNIST images (16 steps an epoch),
+// with EMA, dropout and drop path: everything resume must restore.
+struct TinyRun {
+  TempDir dir;
+  std::string args;
+  explicit TinyRun(int epochs = 3) {
+    write_fashion_mnist_slice(dir / "fm", 256);
+    args = std::string(kTinyTrain) + " --set data.type=fashion_mnist --set data.root=" + (dir / "fm").string() +
+           " --set train.ema=true --set model.drop_path_rate=0.1 --set model.drop_rate=0.1 --set train.epochs=" +
+           std::to_string(epochs);
+  }
+  RunResult train(const std::string& name, const std::string& extra = "") {
+    return run_cli("train" + args + extra + " --out " + (dir / name).string());
+  }
+  // The uninterrupted run every test compares with.
+  const std::string& straight_model() {
+    if (straight_.empty()) {
+      REQUIRE(train("straight").status == 0);
+      straight_ = read_file(dir / "straight" / "model.safetensors");
+    }
+    return straight_;
+  }
+
+ private:
+  std::string straight_;
+};
+
+void flip_byte(const fs::path& path, size_t at) {
+  std::string bytes = read_file(path);
+  bytes[at % bytes.size()] ^= 0x40;
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+int64_t logged_steps(const fs::path& metrics) {
+  std::ifstream in(metrics);
+  int64_t n = 0;
+  for (std::string line; std::getline(in, line);) n += !line.empty();
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("a damaged checkpoint is named, resume falls back to the one before, and ends bitwise the same") {
+  TinyRun run;
+  const std::string straight = run.straight_model();
+  REQUIRE(run.train("split", " --stop-after 2").status == 0);
+  const fs::path split = run.dir / "split";
+  REQUIRE(fs::exists(split / "checkpoint-last-prev" / "state.json"));  // epoch 1, kept until the next save
+  const nlohmann::json state = nlohmann::json::parse(read_file(split / "checkpoint-last" / "state.json"));
+  CHECK(state["files"].contains("model.safetensors"));
+  CHECK(state["files"].contains("optimizer.pt"));
+  CHECK(state.contains("libtorch"));
+  CHECK(state["config"].get<std::string>().find("embed_dim: 32") != std::string::npos);
+
+  flip_byte(split / "checkpoint-last" / "model.safetensors", 5000);
+  RunResult r = run.train("split", " --resume");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("model.safetensors: damaged") && Catch::Contains("CRC-32") &&
+                           Catch::Contains("checkpoint-last-prev instead"));
+  CHECK(read_file(split / "model.safetensors") == straight);
+
+  // Both damaged: a clear error, nothing overwritten.
+  flip_byte(split / "checkpoint-last" / "optimizer.pt", 300);
+  flip_byte(split / "checkpoint-last-prev" / "rng.safetensors", 100);
+  RunResult both = run.train("split", " --resume");
+  CHECK(both.status == 1);
+  CHECK_THAT(both.output, Catch::Contains("rng.safetensors: damaged"));
+  CHECK(read_file(split / "model.safetensors") == straight);
+}
+
+TEST_CASE("a crash while the checkpoint was being replaced loses only that epoch") {
+  TinyRun run;
+  const std::string straight = run.straight_model();
+  REQUIRE(run.train("split", " --stop-after 2").status == 0);
+  const fs::path split = run.dir / "split";
+  // As left by a kill between the two renames of a save: the new checkpoint
+  // half-written under its temporary name, the last one moved aside.
+  fs::rename(split / "checkpoint-last", split / "checkpoint-last.tmp");
+  flip_byte(split / "checkpoint-last.tmp" / "state.json", 10);
+  RunResult r = run.train("split", " --resume");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("checkpoint-last-prev instead"));
+  CHECK(read_file(split / "model.safetensors") == straight);
+}
+
+TEST_CASE("SIGTERM stops training at a step with a checkpoint there, and resume ends bitwise the same") {
+  TinyRun run;
+  const std::string straight = run.straight_model();
+  const fs::path out = run.dir / "stopped";
+  const pid_t pid = start_cli("train" + run.args + " --out " + out.string(), run.dir / "log");
+  // Stop it inside epoch 2.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (logged_steps(out / "metrics.jsonl") < 20 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ::kill(pid, SIGTERM);
+  const int status = wait_cli(pid);
+  const std::string log = read_file(run.dir / "log");
+  INFO(log);
+  REQUIRE(status == 128 + SIGTERM);
+  CHECK_THAT(log, Catch::Contains("stopped by SIGTERM at step") && Catch::Contains("continue with --resume"));
+  const nlohmann::json state = nlohmann::json::parse(read_file(out / "checkpoint-last" / "state.json"));
+  CHECK(state["batch"].get<int64_t>() > 0);  // inside an epoch
+  CHECK(state["step"].get<int64_t>() >= 20);
+  CHECK_FALSE(fs::exists(out / "model.safetensors"));
+
+  RunResult r = run_cli("train" + run.args + " --resume --out " + out.string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK(read_file(out / "model.safetensors") == straight);
+  CHECK(read_file(out / "metrics.csv") == read_file(run.dir / "straight" / "metrics.csv"));
+  CHECK(logged_steps(out / "metrics.jsonl") == 48);  // one line per step, none twice
+}
+
+TEST_CASE("SIGKILL at several points, resumed each time, ends bitwise where an uninterrupted run does") {
+  TinyRun run(8);
+  const auto start = std::chrono::steady_clock::now();
+  const std::string straight = run.straight_model();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const fs::path out = run.dir / "killed";
+  // Kill points spread over start-up, steps, evaluation and checkpoint
+  // writes: fractions of an uninterrupted run's time after each (re)start.
+  int kills = 0;
+  for (double fraction : {0.1, 0.3, 0.45, 0.6, 0.75, 0.9}) {
+    // --resume once the run has its config.yaml: a kill before that left nothing.
+    const std::string resume = fs::exists(out / "config.yaml") ? " --resume" : "";
+    const pid_t pid =
+        start_cli("train" + run.args + resume + " --out " + out.string(), run.dir / ("log" + std::to_string(kills)));
+    std::this_thread::sleep_for(std::chrono::duration<double>(fraction * seconds));
+    ::kill(pid, SIGKILL);
+    const int status = wait_cli(pid);
+    if (status == 0) break;  // finished before the kill
+    REQUIRE(status == 128 + SIGKILL);
+    ++kills;
+  }
+  CHECK(kills >= 3);
+  RunResult r = run_cli("train" + run.args + " --resume --out " + out.string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK(read_file(out / "model.safetensors") == straight);
+  CHECK(read_file(out / "metrics.csv") == read_file(run.dir / "straight" / "metrics.csv"));
+}
+
+TEST_CASE("resuming a directory that holds no run is a clear error") {
+  TempDir dir;
+  RunResult r = run_cli("train" + std::string(kTinyTrain) + " --set data.type=fashion_mnist --resume --out " +
+                        (dir / "typo").string());
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Catch::Contains("nothing to resume"));
+}
