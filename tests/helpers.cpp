@@ -29,8 +29,10 @@ TempDir::~TempDir() {
   fs::remove_all(path_, ec);
 }
 
-RunResult run_cli(const std::string& args) {
-  const std::string cmd = std::string(VITLAB_BIN) + " " + args + " 2>&1";
+RunResult run_cli(const std::string& args) { return run_shell(std::string(VITLAB_BIN) + " " + args); }
+
+RunResult run_shell(const std::string& command) {
+  const std::string cmd = "{ " + command + "; } 2>&1";
   FILE* pipe = ::popen(cmd.c_str(), "r");
   RunResult r{-1, ""};
   if (!pipe) return r;

@@ -33,7 +33,8 @@ struct RunResult {
   std::string output;  // stdout and stderr together
 };
 
-// Runs `vitlab ARGS` through the shell.
+// Runs a shell command line; run_cli runs `vitlab ARGS` through it.
+RunResult run_shell(const std::string& command);
 RunResult run_cli(const std::string& args);
 
 // Starts `vitlab ARGS` in the background with its output going to log, for

@@ -158,6 +158,30 @@ TEST_CASE("SIGKILL at several points, resumed each time, ends bitwise where an u
   CHECK(read_file(out / "metrics.csv") == read_file(run.dir / "straight" / "metrics.csv"));
 }
 
+TEST_CASE("a full disk while checkpointing is a clear error and the previous checkpoint stays whole") {
+  TinyRun run;
+  const std::string straight = run.straight_model();
+  REQUIRE(run.train("full", " --stop-after 2").status == 0);
+  const fs::path full = run.dir / "full";
+  const std::string before = read_file(full / "checkpoint-last" / "state.json");
+  const std::string weights = read_file(full / "model.safetensors");  // written at --stop-after
+  // Files may grow to 32 KiB only (RLIMIT_FSIZE, in sh's 512-byte blocks;
+  // SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk):
+  // the model file of the next checkpoint (110 KB) does not fit.
+  RunResult r = run_shell("trap '' XFSZ; ulimit -f 64; exec " + std::string(VITLAB_BIN) + " train" + run.args +
+                          " --resume --out " + full.string());
+  INFO(r.output);
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Catch::Contains("checkpoint-last.tmp/model.safetensors") && Catch::Contains("File too large"));
+  CHECK(read_file(full / "checkpoint-last" / "state.json") == before);
+  CHECK(read_file(full / "model.safetensors") == weights);
+  RunResult resumed = run.train("full", " --resume");
+  INFO(resumed.output);
+  REQUIRE(resumed.status == 0);
+  CHECK_THAT(resumed.output, !Catch::Contains("warning"));  // checkpoint-last itself was whole
+  CHECK(read_file(full / "model.safetensors") == straight);
+}
+
 TEST_CASE("resuming a directory that holds no run is a clear error") {
   TempDir dir;
   RunResult r = run_cli("train" + std::string(kTinyTrain) + " --set data.type=fashion_mnist --resume --out " +

@@ -1,4 +1,5 @@
 #include <catch2/catch.hpp>
+#include <limits>
 
 #include "analysis/study.h"
 #include "common/error.h"
@@ -179,6 +180,32 @@ TEST_CASE("every config in configs/ loads and resolves its model and transforms"
   }
   CHECK(n >= 6);
   CHECK(studies == 3);
+}
+
+TEST_CASE("first_nonfinite_gradient names the first parameter with a NaN or Inf gradient") {
+  torch::nn::Sequential net(torch::nn::Linear(3, 4), torch::nn::ReLU(), torch::nn::Linear(4, 2));
+  net->forward(torch::randn({5, 3})).sum().backward();
+  CHECK(first_nonfinite_gradient(*net) == "");
+  net->named_parameters()["2.weight"].mutable_grad()[1][3] = std::numeric_limits<float>::infinity();
+  CHECK(first_nonfinite_gradient(*net) == "2.weight");
+  net->named_parameters()["0.bias"].mutable_grad()[2] = -std::numeric_limits<float>::infinity();
+  CHECK(first_nonfinite_gradient(*net) == "0.bias");
+  net->named_parameters()["0.weight"].mutable_grad()[0][0] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(first_nonfinite_gradient(*net) == "0.weight");
+}
+
+TEST_CASE("train.on_nonfinite=skip skips the steps with non-finite gradients and finishes") {
+  TempDir dir;
+  RunResult r = run_cli("train" + std::string(kTinyTrain) + " --set optim.lr=1e30 --set optim.weight_decay=0 " +
+                        "--set schedule.warmup_epochs=0 --set aug.mixup=0 --set train.epochs=1 " +
+                        "--set train.on_nonfinite=skip --out " + (dir / "run").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("non-finite gradient at step") && Catch::Contains("step skipped"));
+  const auto summary = nlohmann::json::parse(read_file(dir / "run" / "summary.json"));
+  CHECK(summary["skipped_steps"].get<int64_t>() > 0);
+  CHECK(summary["skipped_steps"].get<int64_t>() < summary["steps"].get<int64_t>());
+  CHECK(fs::exists(dir / "run" / "model.safetensors"));
 }
 
 TEST_CASE("a non-finite loss stops training with the step named") {

@@ -55,6 +55,7 @@ void RunConfig::validate() const {
   if (!(ema_decay > 0 && ema_decay < 1)) fail("train.ema_decay must be in (0, 1), got {}", ema_decay);
   if (log_interval < 1) fail("train.log_interval must be >= 1, got {}", log_interval);
   if (!(dist_timeout > 0)) fail("train.dist_timeout must be > 0 seconds, got {}", dist_timeout);
+  one_of("train.on_nonfinite", on_nonfinite, {"stop", "skip"});
   if (cos_reg < 0) fail("train.cos_reg must be >= 0, got {}", cos_reg);
   if (cos_reg_pairs < 0) fail("train.cos_reg_pairs must be >= 0 (0: all), got {}", cos_reg_pairs);
 }

@@ -134,6 +134,10 @@ struct RunConfig {
   // BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm) instead of
   // per rank (DDP's default).
   bool sync_bn = false;
+  // A non-finite loss or gradient (fp32/bf16): stop (keeping the last good
+  // checkpoint) or skip that optimizer step and go on. fp16 always skips and
+  // lowers the loss scale, as GradScaler.
+  std::string on_nonfinite = "stop";
 
   template <class F>
   void visit(F&& f) {
@@ -152,6 +156,7 @@ struct RunConfig {
     f("drop_last", drop_last);
     f("dist_timeout", dist_timeout);
     f("sync_bn", sync_bn);
+    f("on_nonfinite", on_nonfinite);
   }
   void validate() const;
 };

@@ -174,6 +174,27 @@ bool unscale_and_check(torch::nn::Module& model, RunState& st) {
   return finite;
 }
 
+}  // namespace
+
+std::string first_nonfinite_gradient(torch::nn::Module& model) {
+  std::vector<torch::Tensor> extremes;
+  std::vector<std::string> names;
+  for (const auto& p : model.named_parameters()) {
+    const torch::Tensor& g = p.value().grad();
+    if (!g.defined() || g.numel() == 0) continue;
+    // max and min carry NaN and +-Inf through without a full-size temporary.
+    extremes.push_back(torch::stack({g.max(), g.min()}).to(torch::kFloat));
+    names.push_back(p.key());
+  }
+  if (extremes.empty()) return "";
+  const torch::Tensor finite = torch::stack(extremes).isfinite().all(1).cpu();
+  if (finite.all().item<bool>()) return "";
+  const bool* ok = finite.data_ptr<bool>();
+  return names[std::find(ok, ok + finite.numel(), false) - ok];
+}
+
+namespace {
+
 std::string csv_header(bool ema) {
   return std::string("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr") +
          (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
@@ -482,6 +503,10 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       group.size() > 1
           ? SumAcrossProcesses([&](std::vector<torch::Tensor>& t) { group.sum(t, "the evaluation all-reduce"); })
           : SumAcrossProcesses();
+  auto last_good = [&] {
+    const fs::path last = run_dir / "checkpoint-last";
+    return fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet";
+  };
   Progress progress(cfg.train.log_interval);
   double samples_seen = 0, train_seconds = 0;
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
@@ -525,22 +550,37 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
           loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn.to(torch::kFloat), cfg.train.cos_reg_pairs);
       }
       const double loss_value = loss.item<double>();
-      if (!std::isfinite(loss_value)) {
-        const fs::path last = run_dir / "checkpoint-last";
-        fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1,
-             fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet");
-      }
+      // With on_nonfinite=skip the backward pass still runs: its NaN
+      // gradients, all-reduced, make every rank skip the same step.
+      if (!std::isfinite(loss_value) && (fp16 || cfg.train.on_nonfinite == "stop"))
+        fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1, last_good());
       group.prepare_gradients((batch_index + 1) % cfg.train.grad_accum == 0);
       (loss * ((fp16 ? st.loss_scale : 1.0) / static_cast<double>(cfg.train.grad_accum))).backward();
-      loss_sum += loss_value;
-      ++loss_count;
+      if (std::isfinite(loss_value)) {
+        loss_sum += loss_value;
+        ++loss_count;
+      }
       ++batch_index;
       samples_seen += x.size(0);
       if (batch_index % cfg.train.grad_accum == 0) {
         group.finish_gradients();
         lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
         for (auto& g : opt->param_groups()) g.options().set_lr(lr);
-        const bool apply = !fp16 || unscale_and_check(*model.module, st);
+        bool apply = true;
+        if (fp16) {
+          apply = unscale_and_check(*model.module, st);
+        } else if (const std::string bad = first_nonfinite_gradient(*model.module); !bad.empty()) {
+          if (cfg.train.on_nonfinite == "stop")
+            fail(
+                "non-finite gradient at step {} of epoch {}, first in {}; {} (train.on_nonfinite=skip skips such "
+                "steps instead)",
+                st.step + 1, epoch + 1, bad, last_good());
+          apply = false;
+          ++st.skipped_steps;
+          if (main)
+            fmt::print(stderr, "warning: non-finite gradient at step {} of epoch {}, first in {}: step skipped\n",
+                       st.step + 1, epoch + 1, bad);
+        }
         if (apply) {
           if (cfg.optim.clip_grad > 0)
             torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
@@ -560,7 +600,8 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                                       {"images_per_sec", ips}}
                            .dump()
                     << std::endl;
-          progress.update(epoch, cfg.train.epochs, batch_index - 1, batches, loss_sum / loss_count, lr, ips, st.step);
+          progress.update(epoch, cfg.train.epochs, batch_index - 1, batches,
+                          loss_sum / std::max<int64_t>(loss_count, 1), lr, ips, st.step);
         }
         // Every rank stops at the same step when any was signalled.
         int signal = stop_signal.load();
@@ -586,7 +627,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       }
     }
     if (main) progress.end_epoch();
-    if (loss_count == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
+    if (batch_index == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
     if (group.size() > 1) {  // the epoch's train loss over every rank's batches
       std::vector<torch::Tensor> sums{torch::tensor({loss_sum, static_cast<double>(loss_count)}, torch::kDouble)};
       group.sum(sums, "the train loss all-reduce");
@@ -594,11 +635,13 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       loss_count = sums[0][1].item<int64_t>();
     }
     train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // NaN when every step's loss was non-finite (on_nonfinite=skip).
+    const double train_loss = loss_count > 0 ? loss_sum / loss_count : std::nan("");
 
     EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device, amp, sum_across);
     if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
-    std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1,
-                                  loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5, lr);
+    std::string row =
+        fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, train_loss, ev.loss, ev.top1, ev.top5, lr);
     if (ema) {
       load_state(*ema_model.module, ema->state);
       EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp, sum_across);
@@ -615,8 +658,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
     if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st, config_yaml, false);
     fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
-               cfg.train.epochs, loss_sum / std::max<int64_t>(loss_count, 1), ev.loss, ev.top1, ev.top5,
-               best ? " (best)" : "");
+               cfg.train.epochs, train_loss, ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
   }
 
   if (!main) return st.best_top1;

@@ -28,6 +28,10 @@ DataSplits open_data(const DataConfig& data);
 // defaults to it and must match it).
 ModelSpec resolve_train_model(const TrainConfig& config, int64_t num_classes);
 
+// The name of the first parameter whose gradient holds NaN or Inf, or ""
+// when every gradient is finite (one device synchronisation).
+std::string first_nonfinite_gradient(torch::nn::Module& model);
+
 // Thrown by train() when SIGINT or SIGTERM stopped it, after it wrote
 // checkpoint-last at the step where it stopped.
 struct TrainingStopped : std::runtime_error {
