@@ -28,14 +28,14 @@ struct Matrix {
   int64_t rs, cs;
 };
 
-// Per-thread scratch: small_gemm's packed B and a block of rows.
+// Per-thread scratch: small_gemm's packed B and staged operand, and a block
+// of rows.
 struct Scratch {
-  std::vector<float> b, stage, stage_a, rows;
+  std::vector<float> b, stage, rows;
   Scratch(int64_t N, int64_t d) {
     const int64_t n = std::max(N, d);
     b.resize(n * round_up(n, kCols));
     stage.resize(n * n);
-    stage_a.resize(n * n);
     rows.resize(N * round_up(N, kCols));
   }
 };
@@ -60,8 +60,9 @@ VITLAB_CLONES void small_gemm(int64_t m, int64_t n, int64_t k, Matrix A, Matrix 
   }
   for (int64_t p = 0; p < k; ++p) std::fill(b_pack + p * ldb + n, b_pack + (p + 1) * ldb, 0.0f);
 
+  // B is packed by now, so its staging area is free for A.
   if (A.cs == 1 && A.rs != k) {  // rows far apart (a qkv view) share few cache sets: compact them first
-    float* stage = scratch.stage_a.data();
+    float* stage = scratch.stage.data();
     for (int64_t i = 0; i < m; ++i) std::copy(A.data + i * A.rs, A.data + i * A.rs + k, stage + i * k);
     A = {stage, k, 1};
   }

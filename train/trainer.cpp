@@ -156,13 +156,9 @@ struct RunState {
 // 2000 clean steps in a row the scale doubles.
 bool unscale_and_check(torch::nn::Module& model, RunState& st) {
   const double inv = 1.0 / st.loss_scale;
-  std::vector<torch::Tensor> norms;
-  for (auto& p : model.parameters()) {
-    if (!p.grad().defined()) continue;
-    p.mutable_grad().mul_(inv);
-    norms.push_back(p.grad().abs().max().to(torch::kFloat));
-  }
-  const bool finite = norms.empty() || torch::stack(norms).max().isfinite().item<bool>();
+  for (auto& p : model.parameters())
+    if (p.grad().defined()) p.mutable_grad().mul_(inv);
+  const bool finite = first_nonfinite_gradient(model).empty();
   if (!finite) {
     st.loss_scale *= 0.5;
     st.scale_growth_tracker = 0;
@@ -231,9 +227,10 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
     rng_state["cuda"] = gen.get_state();
   }
   files.emplace_back("rng.safetensors", serialize_safetensors(rng_state));
+  StagedOutputs staged;  // each file fsync'ed, the directory synced once
   nlohmann::json manifest = nlohmann::json::object();
   for (const auto& [name, bytes] : files) {
-    write_file_atomic(tmp / name, bytes);
+    staged.add(tmp / name, bytes);
     manifest[name] = {{"bytes", bytes.size()}, {"crc32", crc32_of(bytes)}};
   }
   nlohmann::json j = {{"epoch", st.epoch},
@@ -251,7 +248,8 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
                       {"vitlab", version()},
                       {"libtorch", TORCH_VERSION},
                       {"config", config_yaml}};
-  write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
+  staged.add(tmp / "state.json", j.dump(2) + "\n");
+  staged.commit();
   fs::remove_all(previous);
   if (fs::exists(dir)) fs::rename(dir, previous);
   fs::rename(tmp, dir);
