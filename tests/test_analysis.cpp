@@ -438,13 +438,16 @@ TEST_CASE("analysis figures preview", "[.]") {
 // forward passes it consumes, for the DeepViT paper's 32-block models at 224
 // (random weights: the cost does not depend on them).
 //   VITLAB_BENCH_IMAGES=12 VITLAB_BENCH_BATCH=4 build/bin/vitlab_tests "analysis overhead benchmark"
-// (VITLAB_BENCH_DEVICE=cuda to run it on a GPU).
+// (VITLAB_BENCH_DEVICE=cuda to run it on a GPU; VITLAB_BENCH_CHUNK=N sets
+// the images per batched product instead of the memory-based default).
 TEST_CASE("analysis overhead benchmark", "[.]") {
   const char* images_env = std::getenv("VITLAB_BENCH_IMAGES");
   if (!images_env) return;
   const int64_t n = std::stoll(images_env);
   const char* batch_env = std::getenv("VITLAB_BENCH_BATCH");
   const char* device_env = std::getenv("VITLAB_BENCH_DEVICE");
+  const char* chunk_env = std::getenv("VITLAB_BENCH_CHUNK");
+  bool warm = false;
   for (const char* preset : {"vit_patch16_224_32b", "deepvit_patch16_224_re_attn_32b"}) {
     torch::manual_seed(0);
     Model m = create_model(preset);
@@ -452,12 +455,18 @@ TEST_CASE("analysis overhead benchmark", "[.]") {
     o.batch_size = batch_env ? std::stoll(batch_env) : n;
     o.device = parse_device(device_env ? device_env : "cpu");
     o.visualize = 1;
+    if (chunk_env) o.similarity.chunk = std::stoll(chunk_env);
     TempDir dir;
+    // One untimed batch first: CUDA's start-up and the allocator's first
+    // requests are not the analysis's cost.
+    if (!warm) analyze(m, torch::randn({o.batch_size, 3, 224, 224}), o, dir / "warm-up");
+    warm = true;
     AnalyzeReport r = analyze(m, torch::randn({n, 3, 224, 224}), o, dir / "out");
     std::printf(
-        "%s on %s, %lld images in batches of %lld, %d threads: forward %.3f s, analysis %.3f s (%.1f%%), "
-        "outputs %.3f s\n",
+        "%s on %s, %lld images in batches of %lld, chunk %lld, %d threads: forward %.3f s, analysis %.3f s "
+        "(%.1f%%), outputs %.3f s\n",
         preset, o.device.str().c_str(), static_cast<long long>(n), static_cast<long long>(o.batch_size),
+        static_cast<long long>(o.similarity.chunk),
         torch::get_num_threads(), r.forward_seconds, r.analysis_seconds, 100.0 * r.analysis_seconds / r.forward_seconds,
         r.output_seconds);
   }

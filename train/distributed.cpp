@@ -16,14 +16,14 @@
 
 #include "common/error.h"
 
-#ifdef USE_C10D_GLOO
+#ifdef VITLAB_WITH_GLOO
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #endif
-#ifdef USE_C10D_NCCL
+#ifdef VITLAB_WITH_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -81,7 +81,7 @@ DistEnv dist_env_from_environment() {
   return parse_dist_env([](const char* name) { return std::getenv(name); });
 }
 
-#ifdef USE_C10D_GLOO
+#ifdef VITLAB_WITH_GLOO
 
 // The backends' common base: c10d::Backend since LibTorch 2.0.
 #if TORCH_VERSION_MAJOR >= 2
@@ -116,7 +116,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const torch::Device& device, std:
     if (env_.agent_store)
       store = c10::make_intrusive<c10d::PrefixStore>(fmt::format("/worker/attempt_{}", env_.restart_count), store);
     store = c10::make_intrusive<c10d::PrefixStore>("default_pg", store);
-#ifdef USE_C10D_NCCL
+#ifdef VITLAB_WITH_NCCL
     if (device.is_cuda()) {
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
