@@ -20,7 +20,7 @@ void SimilarityOptions::validate() const {
   if (!(similar_threshold >= -1.0 && similar_threshold <= 1.0))
     fail("analysis.similar_threshold must be a cosine in [-1, 1], got {}", similar_threshold);
   if (chunk < 0) fail("analysis.chunk must be >= 0 images (0: sized by chunk_bytes), got {}", chunk);
-  if (chunk_bytes < 1) fail("analysis.chunk_bytes must be >= 1, got {}", chunk_bytes);
+  if (chunk_bytes < 0) fail("analysis.chunk_bytes must be >= 0 (0: by device), got {}", chunk_bytes);
   if (!(eps > 0.0)) fail("analysis.eps must be > 0, got {}", eps);
 }
 
@@ -46,7 +46,10 @@ int64_t SimilarityAccumulator::chunk_images(int64_t feature_dim) const {
   const int64_t L = L_, H = H_, T = T_;
   const int64_t per_image =
       4 * L * H * T * T + 8 * T * H * L * L + 4 * T * H * H + 4 * (L * T * feature_dim + T * L * L);
-  return std::clamp<int64_t>(options_.chunk_bytes / per_image, 1, std::max<int64_t>(1, (int64_t{1} << 24) / (T * H)));
+  const int64_t budget = options_.chunk_bytes > 0 ? options_.chunk_bytes
+                         : device_.is_cuda()      ? int64_t{2} << 30
+                                                  : int64_t{256} << 20;
+  return std::clamp<int64_t>(budget / per_image, 1, std::max<int64_t>(1, (int64_t{1} << 24) / (T * H)));
 }
 
 void SimilarityAccumulator::add(const torch::Tensor& attn, const torch::Tensor& features) {

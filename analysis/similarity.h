@@ -19,7 +19,9 @@ struct SimilarityOptions {
   // Images per batched matrix product; 0: as many as keep the chunk's
   // scratch memory (kept for reuse between batches) under chunk_bytes.
   int64_t chunk = 0;
-  int64_t chunk_bytes = int64_t{256} << 20;
+  // 0: 256 MiB on the CPU, 2 GiB on a GPU, where larger products (fewer
+  // launches and syncs) made the analysis 3-4x faster on an H100.
+  int64_t chunk_bytes = 0;
   // Columns are divided by max(||column||, eps), as torch.nn.functional.normalize:
   // an all-zero column has cosine 0 with everything, itself included.
   double eps = 1e-8;

@@ -85,11 +85,26 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
     const bool kernel = attention_kernel_applies(q, k, v);
     torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
     a = attn_drop(a);
-    if (options.re_attention) a = var_norm(reatten_matrix(a)) * options.reatten_scale;
+    if (options.re_attention) a = re_attend(a);
     if (attn) *attn = a;
     out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
   }
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
+}
+
+// Θ, BatchNorm with running statistics and the scale are affine per head:
+// in evaluation they fold into one H×H mixing, one pass over the maps
+// instead of four (1.5-1.9x faster re-attention, docs/BENCHMARKS.md).
+torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a) {
+  const double s = options.reatten_scale;
+  if (is_training()) return var_norm(reatten_matrix(a)) * s;
+  const int64_t B = a.size(0), H = a.size(1), N = a.size(2);
+  const BatchNorm2dImpl& bn = *var_norm;
+  const torch::Tensor k = bn.weight * s * (bn.running_var + bn.eps).rsqrt();
+  const torch::Tensor w = reatten_matrix->weight.view({H, H}) * k.unsqueeze(1);
+  const torch::Tensor c = (reatten_matrix->bias - bn.running_mean) * k + bn.bias * s;
+  return at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
+      .view({B, H, N, N});
 }
 
 namespace {

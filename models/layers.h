@@ -79,6 +79,8 @@ class AttentionImpl : public torch::nn::Module {
   explicit AttentionImpl(const AttentionOptions& options);
   // attn: when not null, receives the map that multiplies V, [B, H, T, T].
   torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
+  // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale.
+  torch::Tensor re_attend(const torch::Tensor& a);
 
   AttentionOptions options;
   torch::nn::Linear qkv{nullptr}, proj{nullptr};

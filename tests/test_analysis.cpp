@@ -466,8 +466,7 @@ TEST_CASE("analysis overhead benchmark", "[.]") {
         "%s on %s, %lld images in batches of %lld, chunk %lld, %d threads: forward %.3f s, analysis %.3f s "
         "(%.1f%%), outputs %.3f s\n",
         preset, o.device.str().c_str(), static_cast<long long>(n), static_cast<long long>(o.batch_size),
-        static_cast<long long>(o.similarity.chunk),
-        torch::get_num_threads(), r.forward_seconds, r.analysis_seconds, 100.0 * r.analysis_seconds / r.forward_seconds,
-        r.output_seconds);
+        static_cast<long long>(o.similarity.chunk), torch::get_num_threads(), r.forward_seconds, r.analysis_seconds,
+        100.0 * r.analysis_seconds / r.forward_seconds, r.output_seconds);
   }
 }

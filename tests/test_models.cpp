@@ -114,6 +114,31 @@ TEST_CASE("gradient reaches every parameter, Θ and BatchNorm included") {
   }
 }
 
+TEST_CASE("re-attention in evaluation, folded into one mixing, equals Θ then BatchNorm then the scale") {
+  torch::manual_seed(4);
+  AttentionOptions o;
+  o.dim = 48;
+  o.num_heads = 6;
+  o.re_attention = true;
+  o.reatten_scale = 0.7;
+  Attention attention(o);
+  {
+    torch::NoGradGuard no_grad;  // statistics and affine parameters far from their initial 0/1
+    attention->var_norm->running_mean.uniform_(-0.05, 0.05);
+    attention->var_norm->running_var.uniform_(1e-3, 2e-2);
+    attention->var_norm->weight.uniform_(0.5, 1.5);
+    attention->var_norm->bias.uniform_(-0.2, 0.2);
+  }
+  attention->eval();
+  torch::Tensor a = torch::softmax(3 * torch::randn({3, 6, 11, 11}), -1);
+  torch::Tensor reference = attention->var_norm(attention->reatten_matrix(a)) * o.reatten_scale;
+  torch::Tensor folded = attention->re_attend(a);
+  CHECK(folded.sizes() == reference.sizes());
+  CHECK(max_abs_diff(folded, reference) < 1e-5 * reference.abs().max().item<double>());
+  attention->train();  // training keeps the batch statistics: not folded
+  CHECK(max_abs_diff(attention->re_attend(a), reference) > 1e-2);
+}
+
 TEST_CASE("attention capture: one map per block, rows sum to one for ViT, same logits with and without") {
   torch::manual_seed(2);
   Model m = create_model("vit_tiny_patch16_224", yaml("{img_size: 32, patch_size: 8, depth: 3, num_classes: 10}"));
