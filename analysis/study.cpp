@@ -1,9 +1,14 @@
 #include "analysis/study.h"
 
 #include <fmt/format.h>
+#include <sys/wait.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <optional>
@@ -13,6 +18,7 @@
 #include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
+#include "common/process.h"
 #include "eval/evaluate.h"
 #include "eval/figures.h"
 #include "models/registry.h"
@@ -196,15 +202,82 @@ std::string fmt_or_dash(double v, const char* spec) {
   return std::isfinite(v) ? fmt::format(fmt::runtime(spec), v) : std::string("–");
 }
 
+// Runs the members whose analysis is not done, `run.jobs` at a time, each as
+// a child process; returns when all have ended. A failed member stops no
+// other (their work is kept), but ends the study with an error naming it.
+void run_member_processes(const StudyConfig& config, const fs::path& out_dir, const StudyRunOptions& run) {
+  std::vector<std::string> pending;
+  for (const auto& family : config.families)
+    for (int64_t depth : config.depths) {
+      const std::string name = member_name(family.name, depth);
+      if (!finished_analysis(out_dir / "members" / name / "analysis", config.analysis)) pending.push_back(name);
+    }
+  std::reverse(pending.begin(), pending.end());  // taken from the back: in config order
+  std::map<pid_t, std::string> running;
+  std::vector<std::string> failed;
+  const StopSignals stop_signals;
+  int forwarded = 0;
+  while (!running.empty() || (!pending.empty() && failed.empty() && StopSignals::received() == 0)) {
+    while (static_cast<int>(running.size()) < run.jobs && !pending.empty() && failed.empty() &&
+           StopSignals::received() == 0) {
+      const std::string name = pending.back();
+      pending.pop_back();
+      const fs::path dir = out_dir / "members" / name;
+      fs::create_directories(dir);
+      std::vector<std::string> args = run.member_command;
+      args.insert(args.end(), {"--member", name});
+      running[spawn_self(args, {}, dir / "study.log")] = name;
+      fmt::print(stderr, "study: {} started in its own process (log: {})\n", name, (dir / "study.log").string());
+    }
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0) {
+      if (errno != EINTR) fail("study: waiting for the member processes failed: {}", std::strerror(errno));
+      const int signal = StopSignals::received();
+      if (signal != 0 && forwarded == 0) {  // each member checkpoints and stops
+        for (const auto& [child, name] : running) ::kill(child, signal);
+        forwarded = signal;
+      }
+      continue;
+    }
+    const auto it = running.find(pid);
+    if (it == running.end()) continue;
+    if (status != 0 && forwarded == 0) {
+      fmt::print(stderr, "study: {} {}; see {}\n", it->second, describe_status(status),
+                 (out_dir / "members" / it->second / "study.log").string());
+      failed.push_back(it->second);
+    } else if (status == 0) {
+      fmt::print(stderr, "study: {} done\n", it->second);
+    }
+    running.erase(it);
+  }
+  if (const int signal = StopSignals::received())
+    throw TrainingStopped(signal, fmt::format("study stopped by {}; rerun the same command to continue",
+                                              signal == SIGINT ? "SIGINT" : "SIGTERM"));
+  if (!failed.empty())
+    fail("study: {} failed (their logs: {}/<member>/study.log); the other members' work is kept",
+         fmt::join(failed, ", "), (out_dir / "members").string());
+}
+
 }  // namespace
 
-fs::path run_study(const StudyConfig& config, const fs::path& out_dir) {
+fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const StudyRunOptions& run) {
+  std::vector<std::string> names;
+  for (const auto& family : config.families)
+    for (int64_t depth : config.depths) names.push_back(member_name(family.name, depth));
+  for (const auto& m : run.members)
+    if (std::find(names.begin(), names.end(), m) == names.end())
+      fail("study: no member '{}'; the members are {}", m, fmt::join(names, ", "));
+  if (run.jobs < 1) fail("study: --jobs must be >= 1, got {}", run.jobs);
   fs::create_directories(out_dir / "members");
+  if (run.jobs > 1 && run.members.empty()) run_member_processes(config, out_dir, run);
   std::vector<MemberResult> results;
   const auto start = std::chrono::steady_clock::now();
   for (const auto& family : config.families) {
     for (int64_t depth : config.depths) {
       const std::string name = member_name(family.name, depth);
+      if (!run.members.empty() && std::find(run.members.begin(), run.members.end(), name) == run.members.end())
+        continue;
       const fs::path dir = out_dir / "members" / name;
       const TrainConfig cfg = config.member_config(family, depth);
       MemberResult r;
@@ -284,6 +357,8 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir) {
       results.push_back(std::move(r));
     }
   }
+
+  if (!run.members.empty()) return {};
 
   // The report: a table and the paper's figures.
   StagedOutputs out;

@@ -58,7 +58,20 @@ struct StudyConfig {
   TrainConfig member_config(const StudyFamily& family, int64_t depth) const;
 };
 
-// Runs (or continues) the study into out_dir; returns the path of REPORT.md.
-std::filesystem::path run_study(const StudyConfig& config, const std::filesystem::path& out_dir);
+struct StudyRunOptions {
+  // Only these members (e.g. "ViT_d32"): trained and analysed, no report.
+  // Empty: every member, then the report.
+  std::vector<std::string> members;
+  // Members run at once, each in its own process: `vitlab <member_command>
+  // --member NAME`, its output appended to members/NAME/study.log. Small
+  // models leave a GPU mostly idle; several at once fill it.
+  int jobs = 1;
+  std::vector<std::string> member_command;
+};
+
+// Runs (or continues) the study into out_dir; returns the path of REPORT.md
+// (empty when `run.members` limits it to some members).
+std::filesystem::path run_study(const StudyConfig& config, const std::filesystem::path& out_dir,
+                                const StudyRunOptions& run = {});
 
 }  // namespace vitlab

@@ -4,7 +4,9 @@
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <iostream>
+#include <thread>
 
 #include "analysis/analyze.h"
 #include "analysis/study.h"
@@ -286,11 +288,31 @@ void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
 
 struct StudyArgs {
   std::string config, out;
+  int jobs = 1;
+  std::vector<std::string> members;
 };
 
 void run_study_cmd(const StudyArgs& a, const CommonOptions& common) {
-  const fs::path report = run_study(StudyConfig::load(a.config, run_overrides(common)), a.out);
-  fmt::print("study done: {}\n", report.string());
+  StudyRunOptions run;
+  run.jobs = a.jobs;
+  run.members = a.members;
+  // Each member process gets the same options and a share of the threads.
+  const int threads = common.threads > 0 ? common.threads : static_cast<int>(std::thread::hardware_concurrency());
+  run.member_command = {"study",
+                        "--config",
+                        a.config,
+                        "--out",
+                        a.out,
+                        "--threads",
+                        std::to_string(std::max(1, threads / std::max(1, a.jobs)))};
+  for (const auto& s : common.sets) run.member_command.insert(run.member_command.end(), {"--set", s});
+  if (!common.device.empty()) run.member_command.insert(run.member_command.end(), {"--device", common.device});
+  if (!common.amp.empty()) run.member_command.insert(run.member_command.end(), {"--amp", common.amp});
+  const fs::path report = run_study(StudyConfig::load(a.config, run_overrides(common)), a.out, run);
+  if (report.empty())
+    fmt::print("study: {} done\n", fmt::join(a.members, ", "));
+  else
+    fmt::print("study done: {}\n", report.string());
 }
 
 struct BenchArgs {
@@ -477,6 +499,13 @@ int main(int argc, char** argv) {
   study_cmd->add_option("--set", common.sets,
                         "Override a recipe key (train.epochs=2) or study.depths / study.analysis.KEY (repeatable)");
   study_cmd->add_option("--out", st.out, "Study directory (rerun to continue)")->required();
+  study_cmd
+      ->add_option("--jobs", st.jobs,
+                   "Members trained at once, each in its own process with a share of the threads (a GPU "
+                   "fits several small models)")
+      ->check(CLI::PositiveNumber);
+  study_cmd->add_option("--member", st.members,
+                        "Only this member, e.g. ViT_d32 (repeatable): trained and analysed, no report");
   add_threads(study_cmd, common);
   add_device(study_cmd, common);
 

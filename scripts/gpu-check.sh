@@ -39,6 +39,16 @@ bin=$BUILD/bin/vitlab
 "$bin" --version
 [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 
+if [ "${STUDY_SECONDS:-0}" -gt 0 ]; then
+  # The depth-scaling study, 4 members at a time, stopped (checkpointed) after
+  # STUDY_SECONDS; its numbers and figures, without weights, in $OUT/study.tgz.
+  step "depth-scaling study on the GPU (at most $STUDY_SECONDS s)"
+  timeout -s TERM -k 60 "$STUDY_SECONDS" "$bin" study --config configs/depth_scaling_fashion_mnist.yaml \
+    --out runs/depth_fmnist --device cuda --jobs 4 > "$OUT/study.log" 2>&1 || echo "gpu-check: study stopped or failed (status $?)"
+  tail -5 "$OUT/study.log"
+  tar czf "$OUT/study.tgz" --exclude='checkpoint-*' --exclude='*.safetensors' -C runs depth_fmnist
+fi
+
 step "test suite (CUDA cases included)"
 (cd "$BUILD" && ctest -j "$JOBS" --output-on-failure) > "$OUT/ctest.log" 2>&1 && ok=1 || ok=0
 tail -15 "$OUT/ctest.log"

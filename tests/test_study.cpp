@@ -72,3 +72,36 @@ TEST_CASE("a two-member study completes, reports both, and a rerun skips them") 
   CHECK(fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors") == trained);
   CHECK(read_file(dir / "out" / "REPORT.md").find("| DeepViT | 2 |") != std::string::npos);
 }
+
+TEST_CASE("study --jobs trains members in parallel processes, each as it would train alone") {
+  TempDir dir;
+  write_file_atomic(dir / "s.yaml", kTinyStudy);
+  const std::string study = "study --config " + (dir / "s.yaml").string();
+
+  RunResult bad = run_cli(study + " --out " + (dir / "one").string() + " --member ViT_d3");
+  CHECK(bad.status != 0);
+  CHECK_THAT(bad.output, Catch::Contains("no member 'ViT_d3'") && Catch::Contains("ViT_d2, DeepViT_d2"));
+
+  // One member alone, one thread: trained and analysed, no report.
+  RunResult one = run_cli(study + " --out " + (dir / "one").string() + " --member ViT_d2 --threads 1");
+  INFO(one.output);
+  REQUIRE(one.status == 0);
+  CHECK(fs::exists(dir / "one" / "members" / "ViT_d2" / "analysis" / "summary.json"));
+  CHECK_FALSE(fs::exists(dir / "one" / "members" / "DeepViT_d2"));
+  CHECK_FALSE(fs::exists(dir / "one" / "REPORT.md"));
+
+  // Both at once, two threads shared: one thread each.
+  RunResult both = run_cli(study + " --out " + (dir / "both").string() + " --jobs 2 --threads 2");
+  INFO(both.output);
+  REQUIRE(both.status == 0);
+  CHECK_THAT(both.output, Catch::Contains("ViT_d2 started in its own process") &&
+                              Catch::Contains("DeepViT_d2 started in its own process"));
+  const std::string report = read_file(dir / "both" / "REPORT.md");
+  CHECK_THAT(report, Catch::Contains("| ViT | 2 |") && Catch::Contains("| DeepViT | 2 |"));
+  for (const char* member : {"ViT_d2", "DeepViT_d2"}) {
+    INFO(member);
+    CHECK_THAT(read_file(dir / "both" / "members" / member / "study.log"), Catch::Contains("1 threads"));
+  }
+  CHECK(read_file(dir / "both" / "members" / "ViT_d2" / "model.safetensors") ==
+        read_file(dir / "one" / "members" / "ViT_d2" / "model.safetensors"));
+}

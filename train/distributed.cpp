@@ -15,6 +15,7 @@
 #include <mutex>
 
 #include "common/error.h"
+#include "common/process.h"
 
 #ifdef VITLAB_WITH_GLOO
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -310,13 +311,6 @@ int free_port() {
   return ntohs(addr.sin_port);
 }
 
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
-  if (WIFSIGNALED(status))
-    return fmt::format("was killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
-  return "stopped";
-}
-
 }  // namespace
 
 int launch_local(int nproc, int port, const std::vector<std::string>& args) {
@@ -324,30 +318,15 @@ int launch_local(int nproc, int port, const std::vector<std::string>& args) {
   if (port < 0 || port > 65535) fail("launch: --master-port must be in [0, 65535], got {}", port);
   if (args.empty()) fail("launch: no command to run (vitlab launch --nproc N -- train --config ...)");
   if (port == 0) port = free_port();
-  std::vector<char*> argv;
-  std::string self = "vitlab";
-  argv.push_back(self.data());
-  std::vector<std::string> args_copy = args;
-  for (auto& a : args_copy) argv.push_back(a.data());
-  argv.push_back(nullptr);
+  ::unsetenv("TORCHELASTIC_USE_AGENT_STORE");  // the ranks rendezvous through MASTER_ADDR/PORT
   std::vector<pid_t> pids;
-  for (int rank = 0; rank < nproc; ++rank) {
-    const pid_t pid = ::fork();
-    if (pid < 0) fail("launch: fork failed: {}", std::strerror(errno));
-    if (pid == 0) {
-      ::setenv("RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      ::unsetenv("TORCHELASTIC_USE_AGENT_STORE");
-      ::execv("/proc/self/exe", argv.data());
-      std::fprintf(stderr, "launch: cannot run /proc/self/exe: %s\n", std::strerror(errno));
-      std::_Exit(127);
-    }
-    pids.push_back(pid);
-  }
+  for (int rank = 0; rank < nproc; ++rank)
+    pids.push_back(spawn_self(args, {{"RANK", std::to_string(rank)},
+                                     {"LOCAL_RANK", std::to_string(rank)},
+                                     {"WORLD_SIZE", std::to_string(nproc)},
+                                     {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
+                                     {"MASTER_ADDR", "127.0.0.1"},
+                                     {"MASTER_PORT", std::to_string(port)}}));
   int result = 0, running = nproc;
   while (running > 0) {
     int status = 0;

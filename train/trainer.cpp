@@ -4,7 +4,6 @@
 #include <torch/version.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -16,6 +15,7 @@
 #include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
+#include "common/process.h"
 #include "common/runtime.h"
 #include "eval/evaluate.h"
 #include "io/safetensors.h"
@@ -345,34 +345,6 @@ RunState resume_state(const fs::path& run_dir, torch::nn::Module& model, torch::
   }
 }
 
-std::atomic<int> stop_signal{0};
-
-void on_stop_signal(int signal) { stop_signal.store(signal); }
-
-// SIGINT and SIGTERM make train() stop at the next step and checkpoint
-// there, for the duration of the run; the previous handlers come back after.
-class StopSignals {
- public:
-  StopSignals() {
-    stop_signal.store(0);
-    struct sigaction action {};
-    action.sa_handler = on_stop_signal;
-    sigemptyset(&action.sa_mask);
-    ::sigaction(SIGINT, &action, &old_int_);
-    ::sigaction(SIGTERM, &action, &old_term_);
-  }
-  ~StopSignals() {
-    ::sigaction(SIGINT, &old_int_, nullptr);
-    ::sigaction(SIGTERM, &old_term_, nullptr);
-  }
-  StopSignals(const StopSignals&) = delete;
-  StopSignals& operator=(const StopSignals&) = delete;
-
- private:
-  struct sigaction old_int_ {
-  }, old_term_{};
-};
-
 // A progress bar on a terminal, plain lines every log_interval steps otherwise.
 class Progress {
  public:
@@ -602,7 +574,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                           loss_sum / std::max<int64_t>(loss_count, 1), lr, ips, st.step);
         }
         // Every rank stops at the same step when any was signalled.
-        int signal = stop_signal.load();
+        int signal = StopSignals::received();
         if (group.size() > 1) {
           std::vector<torch::Tensor> flag{torch::tensor({static_cast<double>(signal)}, torch::kDouble)};
           group.sum(flag, "the stop-signal all-reduce");
