@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "common/error.h"
 
@@ -403,6 +404,7 @@ class Unpickler {
   PickleValue pop();
   PickleValue& top();
   Items pop_mark();
+  void check_acyclic(const PickleValue& target, const Items& values, const char* opcode) const;
   void set_items(Items&& flat, const char* opcode);
   void append_items(Items&& items, const char* opcode);
 
@@ -477,12 +479,54 @@ Items Unpickler::pop_mark() {
   return items;
 }
 
+// The container a value shares (list, tuple, set, dict, object), or nullptr.
+static const void* container(const PickleValue& v) {
+  switch (v.kind()) {
+    case Kind::List:
+    case Kind::Tuple:
+    case Kind::Set:
+      return &v.items();
+    case Kind::Dict:
+      return &v.entries();
+    case Kind::Object:
+      return &v.to_object();
+    default:
+      return nullptr;
+  }
+}
+
+// Refuses to put values into target when target is reachable from one of
+// them: the two would own each other, a cycle that shared ownership never
+// frees (Python's collector does; a state dict holds none).
+void Unpickler::check_acyclic(const PickleValue& target, const Items& values, const char* opcode) const {
+  const void* own = container(target);
+  std::vector<const PickleValue*> todo;
+  for (const auto& v : values) todo.push_back(&v);
+  std::unordered_set<const void*> seen;
+  while (!todo.empty()) {
+    const PickleValue& v = *todo.back();
+    todo.pop_back();
+    const void* c = container(v);
+    if (!c || !seen.insert(c).second) continue;
+    if (c == own)
+      error("{} would put {} inside itself; self-referencing containers are not supported", opcode, target.describe());
+    if (v.is(Kind::Dict)) {
+      for (const auto& [key, value] : v.entries()) todo.insert(todo.end(), {&key, &value});
+    } else if (v.is(Kind::Object)) {
+      todo.insert(todo.end(), {&v.to_object().args, &v.to_object().state});
+    } else {
+      for (const auto& item : v.items()) todo.push_back(&item);
+    }
+  }
+}
+
 void Unpickler::set_items(Items&& flat, const char* opcode) {
   if (flat.size() % 2) error("{} with an odd number of keys and values ({})", opcode, flat.size());
   PickleValue& target = top();
   // An object of a class we do not model keeps no items.
   if (target.is(Kind::Object)) return;
   if (!target.is(Kind::Dict)) error("{} on {}, expected a dict", opcode, target.describe());
+  check_acyclic(target, flat, opcode);
   Entries& entries = target.mutable_entries();
   for (size_t i = 0; i < flat.size(); i += 2) entries.emplace_back(std::move(flat[i]), std::move(flat[i + 1]));
 }
@@ -491,6 +535,7 @@ void Unpickler::append_items(Items&& items, const char* opcode) {
   PickleValue& target = top();
   if (target.is(Kind::Object)) return;
   if (!target.is(Kind::List)) error("{} on {}, expected a list", opcode, target.describe());
+  check_acyclic(target, items, opcode);
   Items& list = target.mutable_items();
   for (auto& item : items) list.push_back(std::move(item));
 }
@@ -702,6 +747,7 @@ PickleValue Unpickler::run() {
         Items items = pop_mark();
         PickleValue& target = top();
         if (!target.is(Kind::Set)) error("ADDITEMS on {}, expected a set", target.describe());
+        check_acyclic(target, items, "ADDITEMS");
         for (auto& item : items) target.mutable_items().push_back(std::move(item));
         break;
       }
@@ -747,7 +793,9 @@ PickleValue Unpickler::run() {
       case op::BUILD: {  // an object keeps its state; the rest (an OrderedDict's _metadata) drop it
         PickleValue state = pop();
         PickleValue& target = top();
-        if (target.is(Kind::Object)) target.mutable_object().state = std::move(state);
+        if (!target.is(Kind::Object)) break;
+        check_acyclic(target, {state}, "BUILD");
+        target.mutable_object().state = std::move(state);
         break;
       }
       case op::BINPERSID: {

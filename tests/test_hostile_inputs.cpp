@@ -153,6 +153,23 @@ TEST_CASE("hostile images: damaged PNG and JPEG, empty files and directories dec
     REQUIRE(cv::imencode(ext, image, encoded));
     check_variants(std::string(encoded.begin(), encoded.end()), dir / (std::string("i") + ext), decode_and_transform);
   }
+  // Headers that declare 32768 x 32768 pixels over a few hundred bytes: OpenCV
+  // would allocate 3 GB before reading the data (and libjpeg fill it all in).
+  std::vector<uchar> png, jpeg;
+  REQUIRE(cv::imencode(".png", image, png));
+  REQUIRE(cv::imencode(".jpg", image, jpeg));
+  std::string huge_png(png.begin(), png.end());
+  huge_png.replace(16, 8, std::string("\0\0\x80\0\0\0\x80\0", 8));  // IHDR width, height
+  std::string huge_jpeg(jpeg.begin(), jpeg.end());
+  huge_jpeg.resize(huge_jpeg.find("\xff\xda") + 40);  // cut inside the scan
+  const size_t sof = huge_jpeg.find("\xff\xc0");
+  REQUIRE(sof != std::string::npos);
+  huge_jpeg.replace(sof + 5, 4, std::string("\x80\0\x80\0", 4));  // SOF0 height, width
+  for (const auto& [name, bytes] : {std::pair{"huge.png", huge_png}, std::pair{"huge.jpg", huge_jpeg}}) {
+    write_file_atomic(dir / name, bytes);
+    CHECK_THROWS_WITH(decode_image(dir / name, 3), Catch::Contains(name) && Catch::Contains("1073741824 pixels"));
+  }
+
   fs::create_directories(dir / "folder.png");
   CHECK_THROWS_WITH(decode_image(dir / "folder.png", 3), Catch::Contains("folder.png"));
 
