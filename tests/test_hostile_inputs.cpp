@@ -128,6 +128,9 @@ TEST_CASE("hostile datasets: IDX and CIFAR-10 files fail cleanly") {
   std::string huge = {0, 0, 8, 3, '\x7f', '\xff', '\xff', '\xff', '\x7f', '\xff', '\xff', '\xff', 0, 0, 0, 28};
   write_file_atomic(dir / "huge-idx3-ubyte", huge);
   CHECK_THROWS_WITH(read_idx(dir / "huge-idx3-ubyte"), Catch::Contains("huge-idx3-ubyte"));
+  // A zero dimension (found by fuzz_idx: a copy of 0 bytes from a null pointer).
+  write_file_atomic(dir / "empty-idx3-ubyte", std::string({0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28}));
+  CHECK(read_idx(dir / "empty-idx3-ubyte").sizes() == torch::IntArrayRef({0, 28, 28}));
 
   std::string record(3073, '\x20');
   record[0] = 3;
