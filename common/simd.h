@@ -14,9 +14,10 @@
 #error "compile with OpenMP (CMake links OpenMP::OpenMP_CXX): at::parallel_for is serial without it"
 #endif
 
-// GCC only: clang 14 compiles these clones into wrong results (the softmax
-// rows of the attention kernel no longer sum to one), and refuses the
-// baseline clone without -mavx2; clang builds take the target from -march.
+// GCC only: under clang 14 the clones give wrong results (the attention
+// kernel's softmax rows no longer sum to one; the same code unclones is
+// right) and the baseline clone does not compile; clang builds take the
+// target from their flags.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VITLAB_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
