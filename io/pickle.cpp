@@ -372,9 +372,6 @@ PickleValue::Entries& PickleValue::mutable_entries() const { return *std::get<st
 
 PickleObject& PickleValue::mutable_object() const { return *std::get<std::shared_ptr<PickleObject>>(data_); }
 
-// The pickle machine: a stack, a stack of marks, a memo. Pops never reach
-// below the innermost mark, as in CPython, so every malformed sequence is a
-// stack underflow rather than a read out of bounds.
 namespace {
 
 // The container a value shares (list, tuple, set, dict, object), or nullptr.
@@ -434,6 +431,9 @@ bool has_cycle(const PickleValue& root) {
 
 }  // namespace
 
+// The pickle machine: a stack, a stack of marks, a memo. Pops never reach
+// below the innermost mark, as in CPython, so every malformed sequence is a
+// stack underflow rather than a read out of bounds.
 class Unpickler {
  public:
   Unpickler(std::string_view data, caffe2::serialize::PyTorchStreamReader& archive) : data_(data), archive_(archive) {}
