@@ -69,6 +69,7 @@ torch::Tensor read_idx(const std::filesystem::path& path) {
   if (numel != available)
     fail("{}: {} trailing bytes after the declared data", path.string(), (available - numel) * elem);
   torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(type->dtype));
+  if (numel == 0) return t;  // a zero dimension: no data, and data_ptr() may be null
   std::memcpy(t.data_ptr(), p + 4 + 4 * ndim, numel * elem);
   // IDX stores multi-byte values big-endian.
   if (elem > 1) {

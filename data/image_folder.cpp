@@ -3,8 +3,10 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+#include <string_view>
 
 #include "common/error.h"
 #include "common/files.h"
@@ -33,6 +35,34 @@ bool is_image(const fs::path& p) {
   for (const char* e : {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
     if (ext == e) return true;
   return false;
+}
+
+// Width x height as a PNG, JPEG or BMP header declares it, or 0 when none is
+// found (other formats, or a damaged header that the decoder rejects).
+uint64_t declared_pixels(std::string_view b) {
+  auto byte = [&](size_t i) -> uint64_t { return i < b.size() ? static_cast<uint8_t>(b[i]) : 0; };
+  auto be16 = [&](size_t i) { return byte(i) << 8 | byte(i + 1); };
+  auto be32 = [&](size_t i) { return be16(i) << 16 | be16(i + 2); };
+  auto le32 = [&](size_t i) { return byte(i) | byte(i + 1) << 8 | byte(i + 2) << 16 | byte(i + 3) << 24; };
+  if (b.size() >= 24 && b.substr(0, 8) == "\x89PNG\r\n\x1a\n" && b.substr(12, 4) == "IHDR") return be32(16) * be32(20);
+  if (b.substr(0, 2) == "BM") {
+    const auto height = static_cast<int32_t>(le32(22));  // negative: rows stored top-down
+    return le32(18) * static_cast<uint64_t>(std::abs(static_cast<int64_t>(height)));
+  }
+  if (b.substr(0, 2) != "\xff\xd8") return 0;
+  // JPEG: segments up to the frame header (SOF0..SOF15 but DHT, JPG, DAC);
+  // like libjpeg, skip bytes that are not a marker.
+  for (size_t i = 2; i + 8 < b.size();) {
+    if (byte(i) != 0xff || byte(i + 1) == 0xff) {
+      ++i;
+      continue;
+    }
+    const uint64_t marker = byte(i + 1);
+    if (marker >= 0xc0 && marker <= 0xcf && marker != 0xc4 && marker != 0xc8 && marker != 0xcc)
+      return be16(i + 5) * be16(i + 7);
+    i += 2 + be16(i + 2);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -73,6 +103,12 @@ ImageFolder scan_image_folder(const fs::path& split_dir, const std::vector<std::
 cv::Mat decode_image(const fs::path& path, int in_chans) {
   const std::string bytes = read_file(path);
   if (bytes.empty()) fail("{}: empty file", path.string());
+  // OpenCV allocates the whole image (up to 2^30 pixels) before it reads the
+  // data: a few hundred bytes could claim gigabytes.
+  constexpr uint64_t kMaxPixels = uint64_t(1) << 26;
+  if (const uint64_t pixels = declared_pixels(bytes); pixels > kMaxPixels)
+    fail("{}: the header declares {} pixels; images over {} (8192 x 8192) are refused", path.string(), pixels,
+         kMaxPixels);
   cv::Mat img;
   try {
     img = cv::imdecode(cv::Mat(1, static_cast<int>(bytes.size()), CV_8U, const_cast<char*>(bytes.data())),
@@ -85,7 +121,8 @@ cv::Mat decode_image(const fs::path& path, int in_chans) {
     img.convertTo(img, CV_8U, 1.0 / 257.0);
   else if (img.depth() != CV_8U)
     img.convertTo(img, CV_8U);
-  if (in_chans != 1 && in_chans != 3) fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
+  if (in_chans != 1 && in_chans != 3)
+    fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
   if (img.channels() == 2) cv::extractChannel(img, img, 0);  // grey + alpha: keep the grey
   cv::Mat out;
   const int c = img.channels();

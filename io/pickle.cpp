@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "common/error.h"
 
@@ -371,6 +372,65 @@ PickleValue::Entries& PickleValue::mutable_entries() const { return *std::get<st
 
 PickleObject& PickleValue::mutable_object() const { return *std::get<std::shared_ptr<PickleObject>>(data_); }
 
+namespace {
+
+// The container a value shares (list, tuple, set, dict, object), or nullptr.
+const void* container(const PickleValue& v) {
+  switch (v.kind()) {
+    case Kind::List:
+    case Kind::Tuple:
+    case Kind::Set:
+      return &v.items();
+    case Kind::Dict:
+      return &v.entries();
+    case Kind::Object:
+      return &v.to_object();
+    default:
+      return nullptr;
+  }
+}
+
+// The values a container holds.
+std::vector<const PickleValue*> children(const PickleValue& v) {
+  std::vector<const PickleValue*> out;
+  if (v.is(Kind::Dict)) {
+    for (const auto& [key, value] : v.entries()) out.insert(out.end(), {&key, &value});
+  } else if (v.is(Kind::Object)) {
+    out = {&v.to_object().args, &v.to_object().state};
+  } else if (container(v)) {
+    for (const auto& item : v.items()) out.push_back(&item);
+  }
+  return out;
+}
+
+// Whether a container reachable from root holds itself, directly or through
+// others: a depth-first walk, without recursion, that finds a container
+// again while its own children are still being walked.
+bool has_cycle(const PickleValue& root) {
+  std::unordered_map<const void*, bool> done;                                // false while on the walk's path
+  std::vector<std::pair<const PickleValue*, bool>> todo = {{&root, false}};  // (value, leaving it)
+  while (!todo.empty()) {
+    const auto [v, leaving] = todo.back();
+    todo.pop_back();
+    const void* c = container(*v);
+    if (!c) continue;
+    if (leaving) {
+      done[c] = true;
+      continue;
+    }
+    const auto [it, first] = done.emplace(c, false);
+    if (!first) {
+      if (!it->second) return true;
+      continue;
+    }
+    todo.emplace_back(v, true);
+    for (const PickleValue* child : children(*v)) todo.emplace_back(child, false);
+  }
+  return false;
+}
+
+}  // namespace
+
 // The pickle machine: a stack, a stack of marks, a memo. Pops never reach
 // below the innermost mark, as in CPython, so every malformed sequence is a
 // stack underflow rather than a read out of bounds.
@@ -378,9 +438,12 @@ class Unpickler {
  public:
   Unpickler(std::string_view data, caffe2::serialize::PyTorchStreamReader& archive) : data_(data), archive_(archive) {}
 
+  // The pickled object; anything wrong is an Error.
   PickleValue run();
 
  private:
+  PickleValue execute();
+  static void empty_containers(Items roots);
   template <typename... Args>
   [[noreturn]] void error(fmt::format_string<Args...> format, Args&&... args) const {
     fail("data.pkl byte {}: {}", op_pos_, fmt::format(format, std::forward<Args>(args)...));
@@ -620,7 +683,47 @@ PickleValue Unpickler::rebuild_tensor(const std::string& function, const Items& 
   return PickleValue::tensor(torch::empty({0}, torch::dtype(dtype)).set_(elements.storage(), offset, size, stride));
 }
 
+// Empties every container reachable from roots, so that any cycles among
+// them are freed with the roots.
+void Unpickler::empty_containers(Items roots) {
+  Items all;
+  std::unordered_set<const void*> seen;
+  while (!roots.empty()) {
+    PickleValue v = std::move(roots.back());
+    roots.pop_back();
+    if (!container(v) || !seen.insert(container(v)).second) continue;
+    for (const PickleValue* child : children(v)) roots.push_back(*child);
+    all.push_back(std::move(v));
+  }
+  for (auto& v : all) {
+    if (v.is(Kind::Dict))
+      v.mutable_entries().clear();
+    else if (v.is(Kind::Object))
+      v.mutable_object() = {};
+    else
+      v.mutable_items().clear();
+  }
+}
+
 PickleValue Unpickler::run() {
+  PickleValue result;
+  try {
+    result = execute();
+    // Python's collector frees containers that hold themselves; shared
+    // ownership never would.
+    if (has_cycle(result)) error("a container holds itself; self-referencing containers are not supported");
+    return result;
+  } catch (...) {
+    // What was built is dropped: its containers may hold each other.
+    Items roots = stack_;
+    for (const auto& [index, value] : memo_) roots.push_back(value);
+    roots.push_back(result);
+    empty_containers(std::move(roots));
+    throw;
+  }
+}
+
+PickleValue Unpickler::execute() {
   for (;;) {
     op_pos_ = pos_;
     if (pos_ >= data_.size()) error("ends without STOP");

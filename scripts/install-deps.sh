@@ -13,6 +13,10 @@ packages=(
 
 # `make bench` only: PyTorch eager and torchvision for the side-by-side.
 [ "${1:-}" = --bench ] && packages+=(python3-torch python3-torchvision python3-pil)
+# `make test-asan` and `make fuzz`: clang with its sanitizer and libFuzzer
+# runtimes, LLVM's OpenMP (clang's -fopenmp needs libomp, not libgomp) and
+# llvm-symbolizer (llvm-14), which puts function names and lines in reports.
+[ "${1:-}" = --sanitize ] && packages+=(clang-14 libclang-rt-14-dev libomp-14-dev llvm-14)
 
 [ "${VITLAB_SKIP_DEPS:-0}" = 1 ] && exit 0
 if ! command -v dpkg-query >/dev/null 2>&1; then

@@ -128,6 +128,9 @@ TEST_CASE("hostile datasets: IDX and CIFAR-10 files fail cleanly") {
   std::string huge = {0, 0, 8, 3, '\x7f', '\xff', '\xff', '\xff', '\x7f', '\xff', '\xff', '\xff', 0, 0, 0, 28};
   write_file_atomic(dir / "huge-idx3-ubyte", huge);
   CHECK_THROWS_WITH(read_idx(dir / "huge-idx3-ubyte"), Catch::Contains("huge-idx3-ubyte"));
+  // A zero dimension (found by fuzz_idx: a copy of 0 bytes from a null pointer).
+  write_file_atomic(dir / "empty-idx3-ubyte", std::string({0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28}));
+  CHECK(read_idx(dir / "empty-idx3-ubyte").sizes() == torch::IntArrayRef({0, 28, 28}));
 
   std::string record(3073, '\x20');
   record[0] = 3;
@@ -153,6 +156,23 @@ TEST_CASE("hostile images: damaged PNG and JPEG, empty files and directories dec
     REQUIRE(cv::imencode(ext, image, encoded));
     check_variants(std::string(encoded.begin(), encoded.end()), dir / (std::string("i") + ext), decode_and_transform);
   }
+  // Headers that declare 32768 x 32768 pixels over a few hundred bytes: OpenCV
+  // would allocate 3 GB before reading the data (and libjpeg fill it all in).
+  std::vector<uchar> png, jpeg;
+  REQUIRE(cv::imencode(".png", image, png));
+  REQUIRE(cv::imencode(".jpg", image, jpeg));
+  std::string huge_png(png.begin(), png.end());
+  huge_png.replace(16, 8, std::string("\0\0\x80\0\0\0\x80\0", 8));  // IHDR width, height
+  std::string huge_jpeg(jpeg.begin(), jpeg.end());
+  huge_jpeg.resize(huge_jpeg.find("\xff\xda") + 40);  // cut inside the scan
+  const size_t sof = huge_jpeg.find("\xff\xc0");
+  REQUIRE(sof != std::string::npos);
+  huge_jpeg.replace(sof + 5, 4, std::string("\x80\0\x80\0", 4));  // SOF0 height, width
+  for (const auto& [name, bytes] : {std::pair{"huge.png", huge_png}, std::pair{"huge.jpg", huge_jpeg}}) {
+    write_file_atomic(dir / name, bytes);
+    CHECK_THROWS_WITH(decode_image(dir / name, 3), Catch::Contains(name) && Catch::Contains("1073741824 pixels"));
+  }
+
   fs::create_directories(dir / "folder.png");
   CHECK_THROWS_WITH(decode_image(dir / "folder.png", 3), Catch::Contains("folder.png"));
 
