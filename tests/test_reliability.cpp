@@ -182,6 +182,34 @@ TEST_CASE("a full disk while checkpointing is a clear error and the previous che
   CHECK(read_file(full / "model.safetensors") == straight);
 }
 
+// Root ignores permission bits, but not an immutable directory (chattr +i on
+// ext4, where CI runs). Where neither stops this process, the test says so.
+TEST_CASE("a read-only run directory is a clear error and its checkpoint stays whole") {
+  TinyRun run;
+  REQUIRE(run.train("ro", " --stop-after 2").status == 0);
+  const fs::path ro = run.dir / "ro";
+  const std::string before = read_file(ro / "checkpoint-last" / "state.json");
+  const std::string weights = read_file(ro / "model.safetensors");
+  struct Writable {  // restored whatever the checks do, so that TempDir can delete it
+    std::string dir;
+    ~Writable() { run_shell("chattr -i '" + dir + "' 2>/dev/null; chmod 755 '" + dir + "'"); }
+  } restore{ro.string()};
+  const std::string probe =
+      "touch '" + (ro / "probe").string() + "' 2>/dev/null && rm '" + (ro / "probe").string() + "'";
+  run_shell("chmod 555 '" + ro.string() + "'; " + probe + " && chattr +i '" + ro.string() + "'");
+  if (run_shell(probe).status == 0) {
+    WARN("no way to make a directory read-only for this process here (not root on ext4?): nothing checked");
+    return;
+  }
+  RunResult r = run.train("ro", " --resume");
+  INFO(r.output);
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Catch::Contains("error: " + ro.string()) &&
+                           (Catch::Contains("Permission denied") || Catch::Contains("Operation not permitted")));
+  CHECK(read_file(ro / "checkpoint-last" / "state.json") == before);
+  CHECK(read_file(ro / "model.safetensors") == weights);
+}
+
 TEST_CASE("resuming a directory that holds no run is a clear error") {
   TempDir dir;
   RunResult r = run_cli("train" + std::string(kTinyTrain) + " --set data.type=fashion_mnist --resume --out " +
