@@ -408,10 +408,10 @@ std::vector<const PickleValue*> children(const PickleValue& v) {
 // again while its own children are still being walked.
 bool has_cycle(const PickleValue& root) {
   std::unordered_map<const void*, bool> done;                                // false while on the walk's path
-  std::vector<std::pair<const PickleValue*, bool>> todo = {{&root, false}};  // (value, leaving it)
-  while (!todo.empty()) {
-    const auto [v, leaving] = todo.back();
-    todo.pop_back();
+  std::vector<std::pair<const PickleValue*, bool>> walk = {{&root, false}};  // (value, leaving it)
+  while (!walk.empty()) {
+    const auto [v, leaving] = walk.back();
+    walk.pop_back();
     const void* c = container(*v);
     if (!c) continue;
     if (leaving) {
@@ -423,8 +423,8 @@ bool has_cycle(const PickleValue& root) {
       if (!it->second) return true;
       continue;
     }
-    todo.emplace_back(v, true);
-    for (const PickleValue* child : children(*v)) todo.emplace_back(child, false);
+    walk.emplace_back(v, true);
+    for (const PickleValue* child : children(*v)) walk.emplace_back(child, false);
   }
   return false;
 }
