@@ -392,6 +392,7 @@ void run_eval(const EvalArgs& a, const CommonOptions& common) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  vitlab::configure_allocator();
   CLI::App app{"vitlab: vision transformers in C++ (ViT, DeepViT, Transformer) on LibTorch"};
   app.require_subcommand(1);
   app.set_version_flag("--version", vitlab::version());

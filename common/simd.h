@@ -30,29 +30,33 @@ constexpr int64_t kW = 8;
 typedef float Lanes __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t IntLanes __attribute__((vector_size(kW * sizeof(int32_t))));
 
-// Lanes travel by value, which keeps them in registers; GCC's note (at every
-// call) that this ABI differs between clones is moot: these are inlined. So
-// the note is off in the files that include this one.
+// Lanes travel by value, which keeps them in registers. Every function
+// taking or returning Lanes must be inlined (VITLAB_LANES): an out-of-line
+// copy is compiled once, for the baseline ABI (lanes in memory), and an
+// AVX2 clone calling it passes them in registers, so it computes garbage.
+// With that guaranteed, GCC's note at every call is moot and is off in the
+// files that include this one.
+#define VITLAB_LANES [[gnu::always_inline]] inline
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 // Unaligned, as heap blocks need not be 32-byte aligned.
-inline Lanes load(const float* p) {
+VITLAB_LANES Lanes load(const float* p) {
   Lanes v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+VITLAB_LANES void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
 
-inline Lanes splat(float x) { return Lanes{} + x; }
+VITLAB_LANES Lanes splat(float x) { return Lanes{} + x; }
 
-inline float sum(Lanes v) {
+VITLAB_LANES float sum(Lanes v) {
   float s = 0;
   for (int64_t w = 0; w < kW; ++w) s += v[w];
   return s;
 }
 
-inline float max(Lanes v) {
+VITLAB_LANES float max(Lanes v) {
   float m = v[0];
   for (int64_t w = 1; w < kW; ++w) m = v[w] > m ? v[w] : m;
   return m;
@@ -60,7 +64,7 @@ inline float max(Lanes v) {
 
 // e^x, Cephes' single-precision polynomial (about 1 ulp, as ATen's SLEEF
 // kernel); 0 below -88.37.
-inline Lanes exp(Lanes x) {
+VITLAB_LANES Lanes exp(Lanes x) {
   const float hi = 88.3762626647949f;
   x = x > hi ? splat(hi) : x;
   x = x < -hi ? splat(-hi) : x;
