@@ -11,6 +11,7 @@
 #include "analysis/similarity.h"
 #include "common/device.h"
 #include "common/files.h"
+#include "common/runtime.h"
 #include "eval/evaluate.h"
 #include "eval/figures.h"
 #include "io/torch_file.h"
@@ -443,6 +444,7 @@ TEST_CASE("analysis figures preview", "[.]") {
 TEST_CASE("analysis overhead benchmark", "[.]") {
   const char* images_env = std::getenv("VITLAB_BENCH_IMAGES");
   if (!images_env) return;
+  configure_allocator();  // as `vitlab analyze` runs
   const int64_t n = std::stoll(images_env);
   const char* batch_env = std::getenv("VITLAB_BENCH_BATCH");
   const char* device_env = std::getenv("VITLAB_BENCH_DEVICE");
