@@ -45,6 +45,14 @@ void check_keys(const YAML::Node& map, const std::vector<std::string>& valid, co
 
 std::string member_name(const std::string& family, int64_t depth) { return fmt::format("{}_d{}", family, depth); }
 
+// Every member's name, in config order (families, then depths).
+std::vector<std::string> member_names(const StudyConfig& config) {
+  std::vector<std::string> names;
+  for (const auto& family : config.families)
+    for (int64_t depth : config.depths) names.push_back(member_name(family.name, depth));
+  return names;
+}
+
 }  // namespace
 
 StudyConfig StudyConfig::load(const fs::path& file, const std::vector<Override>& overrides) {
@@ -207,19 +215,17 @@ std::string fmt_or_dash(double v, const char* spec) {
 // other (their work is kept), but ends the study with an error naming it.
 void run_member_processes(const StudyConfig& config, const fs::path& out_dir, const StudyRunOptions& run) {
   std::vector<std::string> pending;
-  for (const auto& family : config.families)
-    for (int64_t depth : config.depths) {
-      const std::string name = member_name(family.name, depth);
-      if (!finished_analysis(out_dir / "members" / name / "analysis", config.analysis)) pending.push_back(name);
-    }
+  for (const std::string& name : member_names(config))
+    if (!finished_analysis(out_dir / "members" / name / "analysis", config.analysis)) pending.push_back(name);
   std::reverse(pending.begin(), pending.end());  // taken from the back: in config order
   std::map<pid_t, std::string> running;
   std::vector<std::string> failed;
   const StopSignals stop_signals;
   int forwarded = 0;
-  while (!running.empty() || (!pending.empty() && failed.empty() && StopSignals::received() == 0)) {
-    while (static_cast<int>(running.size()) < run.jobs && !pending.empty() && failed.empty() &&
-           StopSignals::received() == 0) {
+  // No new member after a failure or a stop signal.
+  auto may_start = [&] { return !pending.empty() && failed.empty() && StopSignals::received() == 0; };
+  while (!running.empty() || may_start()) {
+    while (static_cast<int>(running.size()) < run.jobs && may_start()) {
       const std::string name = pending.back();
       pending.pop_back();
       const fs::path dir = out_dir / "members" / name;
@@ -262,9 +268,7 @@ void run_member_processes(const StudyConfig& config, const fs::path& out_dir, co
 }  // namespace
 
 fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const StudyRunOptions& run) {
-  std::vector<std::string> names;
-  for (const auto& family : config.families)
-    for (int64_t depth : config.depths) names.push_back(member_name(family.name, depth));
+  const std::vector<std::string> names = member_names(config);
   for (const auto& m : run.members)
     if (std::find(names.begin(), names.end(), m) == names.end())
       fail("study: no member '{}'; the members are {}", m, fmt::join(names, ", "));

@@ -6,7 +6,6 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <iostream>
-#include <thread>
 
 #include "analysis/analyze.h"
 #include "analysis/study.h"
@@ -296,8 +295,8 @@ void run_study_cmd(const StudyArgs& a, const CommonOptions& common) {
   StudyRunOptions run;
   run.jobs = a.jobs;
   run.members = a.members;
-  // Each member process gets the same options and a share of the threads.
-  const int threads = common.threads > 0 ? common.threads : static_cast<int>(std::thread::hardware_concurrency());
+  // Each member process gets the same options and a share of the threads in effect.
+  const int threads = torch::get_num_threads();
   run.member_command = {"study",
                         "--config",
                         a.config,

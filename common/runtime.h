@@ -14,8 +14,8 @@ int configure_threads(int threads);
 // glibc's malloc maps every block over its (adaptive, at most 32 MB)
 // threshold freshly and unmaps it on free, and trims the heap top past
 // 128 KB: a ViT step allocates and frees tens of activations that large,
-// so each step page-faulted all of them in again (12% of CPU time in the
-// kernel for vit_tiny at batch 32). This keeps freed memory for reuse:
+// so each step page-faulted all of them in again (9-12% of CPU time in
+// the kernel for vit_tiny inference at batch 32). This keeps freed memory for reuse:
 // blocks come from the heap and the heap is not trimmed, so RSS stays at
 // its peak, as with PyTorch's caching allocators. Left alone where the
 // user set glibc.malloc tunables in GLIBC_TUNABLES, or on other C libraries.
