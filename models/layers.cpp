@@ -1,10 +1,12 @@
 #include "models/layers.h"
 
+#include <ATen/record_function.h>
 #include <torch/version.h>
 
 #include <cmath>
 
 #include "models/attention_kernel.h"
+#include "models/head_mixing.h"
 
 namespace vitlab {
 
@@ -92,21 +94,6 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
 }
 
-// Θ, BatchNorm with running statistics and the scale are affine per head:
-// in evaluation they fold into one H×H mixing, one pass over the maps
-// instead of four (1.5-1.9x faster re-attention, docs/BENCHMARKS.md).
-torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a) {
-  const double s = options.reatten_scale;
-  if (is_training()) return var_norm(reatten_matrix(a)) * s;
-  const int64_t B = a.size(0), H = a.size(1), N = a.size(2);
-  const BatchNorm2dImpl& bn = *var_norm;
-  const torch::Tensor k = bn.weight * s * (bn.running_var + bn.eps).rsqrt();
-  const torch::Tensor w = reatten_matrix->weight.view({H, H}) * k.unsqueeze(1);
-  const torch::Tensor c = (reatten_matrix->bias - bn.running_mean) * k + bn.bias * s;
-  return at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
-      .view({B, H, N, N});
-}
-
 namespace {
 
 SumAcrossProcesses& batch_norm_sync() {
@@ -158,6 +145,81 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
   }
 };
 
+// DeepViT's re-attention in training, s · BatchNorm(Θ a + b) over the maps a
+// [B, H, N, N], without storing Θ a. With ã = a - 1/N (centred for softmax
+// maps, so one-pass moments lose no precision), every term is affine in ã:
+// the batch statistics follow from Σ ã ãᵀ and Σ ã (one pass), the output is
+// one H×H mixing of a (one pass), and the backward needs Σ dy ãᵀ and Σ dy
+// (one pass) and one mixing of dy and a for the gradient of a. Statistics
+// are synchronised across processes as in SyncBatchNormFunction.
+struct ReAttentionFunction : torch::autograd::Function<ReAttentionFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor a, torch::Tensor theta, torch::Tensor theta_bias,
+                               torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
+                               torch::Tensor running_var, double eps, double momentum, double scale) {
+    RECORD_USER_SCOPE("vitlab::re_attention");
+    a = a.contiguous();
+    const int64_t H = a.size(1);
+    const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
+    auto [moments, sums] = head_gram(a, shift, a, shift);  // Σ ã ãᵀ, Σ ã over this process's batch
+    std::vector<torch::Tensor> stats = {torch::cat({sums, moments.flatten(), torch::full({1}, count, torch::kDouble)})};
+    if (batch_norm_sync()) batch_norm_sync()(stats);
+    const double total = stats[0][H * H + H].item<double>();
+    const torch::Tensor mean = stats[0].slice(0, 0, H) / total;  // of ã
+    const torch::Tensor cov = stats[0].slice(0, H, H + H * H).view({H, H}) / total - torch::outer(mean, mean);
+    const torch::Tensor T = theta.reshape({H, H}).to(torch::kDouble);
+    const torch::Tensor var = (T.mm(cov) * T).sum(1).clamp_min(0.0);  // of Θ a + b, per head
+    const torch::Tensor invstd = (var + eps).rsqrt(), k = weight.to(torch::kDouble) * scale * invstd;
+    const torch::Tensor mix = k.unsqueeze(1) * T;
+    torch::Tensor y = mix_heads(mix, a, bias.to(torch::kDouble) * scale - mix.mv(mean + shift));
+    running_mean.mul_(1.0 - momentum)
+        .add_((T.mv(mean + shift) + theta_bias.to(torch::kDouble)).to(running_mean.dtype()), momentum);
+    running_var.mul_(1.0 - momentum)
+        .add_((var * (total / std::max(total - 1.0, 1.0))).to(running_var.dtype()), momentum);
+    ctx->save_for_backward({a});
+    for (auto& [name, value] :
+         {std::pair{"theta", T}, {"mean", mean}, {"invstd", invstd}, {"k", k}, {"moments", moments}, {"sums", sums}})
+      ctx->saved_data[name] = value;
+    ctx->saved_data["total"] = total;
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const torch::Tensor a = ctx->get_saved_variables()[0], dy = grads[0].contiguous();
+    auto saved = [&](const char* name) { return ctx->saved_data[name].toTensor(); };
+    const torch::Tensor T = saved("theta"), mean = saved("mean"), k = saved("k"), moments = saved("moments"),
+                        sums = saved("sums");
+    const double total = ctx->saved_data["total"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
+    const int64_t H = a.size(1);
+    const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
+    auto [cross, dy_sums] = head_gram(dy, 0.0, a, shift);                          // Σ dy ãᵀ, Σ dy
+    const torch::Tensor wz = saved("invstd").unsqueeze(1) * T, cz = -wz.mv(mean);  // ẑ = wz ã + cz
+    const torch::Tensor dy_zhat = (wz * cross).sum(1) + cz * dy_sums;              // Σ dy ẑ
+    std::vector<torch::Tensor> global = {torch::cat({dy_sums, dy_zhat})};
+    if (batch_norm_sync()) batch_norm_sync()(global);
+    // The gradient of Θ a + b: dz = k dy - m1 - m2 ẑ = k dy - qz ã - rz.
+    const torch::Tensor m1 = k * global[0].slice(0, 0, H) / total, m2 = k * global[0].slice(0, H) / total;
+    const torch::Tensor qz = m2.unsqueeze(1) * wz, rz = m1 + m2 * cz;
+    // da = Θᵀ dz = Θᵀ diag(k) dy + q (a - 1/N) - Θᵀ rz
+    const torch::Tensor Tt = T.t(), q = -Tt.mm(qz);
+    torch::Tensor da = mix_heads(Tt * k.unsqueeze(0), dy, -q.sum(1) * shift - Tt.mv(rz), q, a);
+    // dΘ = Σ dz aᵀ = Σ dz ãᵀ + (Σ dz) 1ᵀ / N, over this process's batch
+    const torch::Tensor dz_sum = k * dy_sums - qz.mv(sums) - rz * count;
+    const torch::Tensor dtheta =
+        k.unsqueeze(1) * cross - qz.mm(moments) - torch::outer(rz, sums) + shift * dz_sum.unsqueeze(1);
+    auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
+    return {da,
+            f32(dtheta).view({H, H, 1, 1}),
+            f32(dz_sum),
+            f32(dy_zhat * scale),
+            f32(dy_sums * scale),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
+  }
+};
 }  // namespace
 
 void set_batch_norm_sync(SumAcrossProcesses sum) { batch_norm_sync() = std::move(sum); }
@@ -170,15 +232,40 @@ BatchNorm2dImpl::BatchNorm2dImpl(int64_t channels, double eps, double momentum) 
   num_batches_tracked = register_buffer("num_batches_tracked", torch::zeros({}, torch::kLong));
 }
 
+void BatchNorm2dImpl::track_batch() {
+  torch::NoGradGuard no_grad;
+  num_batches_tracked += 1;
+}
+
 torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "BatchNorm2d expects [N, C, H, W], got ", x.sizes());
   if (!is_training()) return torch::batch_norm(x, weight, bias, running_mean, running_var, false, momentum, eps, true);
-  {
-    torch::NoGradGuard no_grad;
-    num_batches_tracked += 1;
-  }
+  track_batch();
   if (batch_norm_sync()) return SyncBatchNormFunction::apply(x, weight, bias, running_mean, running_var, eps, momentum);
   return torch::batch_norm(x, weight, bias, running_mean, running_var, true, momentum, eps, true);
+}
+
+// Θ, BatchNorm with running statistics and the scale are affine per head:
+// in evaluation they fold into one H×H mixing, one pass over the maps
+// instead of four (1.5-1.9x faster re-attention, docs/BENCHMARKS.md). In
+// training on the CPU, ReAttentionFunction does the same with the batch
+// statistics.
+torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a) {
+  const double s = options.reatten_scale;
+  if (is_training()) {
+    if (!head_mixing_applies(a)) return var_norm(reatten_matrix(a)) * s;
+    BatchNorm2dImpl& bn = *var_norm;
+    bn.track_batch();
+    return ReAttentionFunction::apply(a, reatten_matrix->weight, reatten_matrix->bias, bn.weight, bn.bias,
+                                      bn.running_mean, bn.running_var, bn.eps, bn.momentum, s);
+  }
+  const int64_t B = a.size(0), H = a.size(1), N = a.size(2);
+  const BatchNorm2dImpl& bn = *var_norm;
+  const torch::Tensor k = bn.weight * s * (bn.running_var + bn.eps).rsqrt();
+  const torch::Tensor w = reatten_matrix->weight.view({H, H}) * k.unsqueeze(1);
+  const torch::Tensor c = (reatten_matrix->bias - bn.running_mean) * k + bn.bias * s;
+  return at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
+      .view({B, H, N, N});
 }
 
 }  // namespace vitlab

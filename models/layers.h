@@ -60,6 +60,9 @@ class BatchNorm2dImpl : public torch::nn::Module {
  public:
   explicit BatchNorm2dImpl(int64_t channels, double eps = 1e-5, double momentum = 0.1);
   torch::Tensor forward(const torch::Tensor& x);
+  // Counts a training batch, for code that normalises with these
+  // parameters without calling forward (re-attention's fused path).
+  void track_batch();
 
   double eps, momentum;
   torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;

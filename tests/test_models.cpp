@@ -1,9 +1,13 @@
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <thread>
 
+#include "common/runtime.h"
 #include "io/torch_file.h"
+#include "models/head_mixing.h"
 #include "models/registry.h"
 #include "tests/helpers.h"
 
@@ -21,6 +25,30 @@ Model small_deepvit() {
   return create_model("deepvit_S", yaml("{img_size: 32, patch_size: 8, embed_dim: 48, depth: 3, num_heads: 4, "
                                         "num_classes: 5, apply_transform: [false, true, true]}"));
 }
+
+// Two threads stand for two processes; the sum across them meets at a
+// rendezvous, as the all-reduce of a process group does.
+struct Rendezvous {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<torch::Tensor> slots;
+  torch::Tensor total;
+  int64_t generation = 0;
+  void sum(std::vector<torch::Tensor>& t) {
+    std::unique_lock<std::mutex> lock(mutex);
+    const int64_t gen = generation;
+    slots.push_back(t[0].clone());
+    if (slots.size() == 2) {
+      total = slots[0] + slots[1];
+      slots.clear();
+      ++generation;
+      cv.notify_all();
+    } else {
+      cv.wait(lock, [&] { return generation != gen; });
+    }
+    t[0].copy_(total);
+  }
+};
 
 }  // namespace
 
@@ -109,6 +137,9 @@ TEST_CASE("gradient reaches every parameter, Θ and BatchNorm included") {
     for (const auto& p : m.module->named_parameters()) {
       INFO(p.key());
       REQUIRE(p.value().grad().defined());
+      // BatchNorm removes any per-head offset before it, so the gradient
+      // of Θ's bias is zero in exact arithmetic (rounding noise unfused).
+      if (p.key().find("reatten_matrix.bias") != std::string::npos) continue;
       CHECK(p.value().grad().abs().sum().item<double>() > 0.0);
     }
   }
@@ -233,29 +264,7 @@ TEST_CASE("BatchNorm2d matches torch.nn.BatchNorm2d, and its synchronised form m
 }
 
 TEST_CASE("synchronised BatchNorm2d over two simulated ranks equals BatchNorm over their joint batch") {
-  // Two threads stand for two processes; the sum across them meets at a
-  // rendezvous, as the all-reduce of a process group does.
-  struct Rendezvous {
-    std::mutex mutex;
-    std::condition_variable cv;
-    std::vector<torch::Tensor> slots;
-    torch::Tensor total;
-    int64_t generation = 0;
-    void sum(std::vector<torch::Tensor>& t) {
-      std::unique_lock<std::mutex> lock(mutex);
-      const int64_t gen = generation;
-      slots.push_back(t[0].clone());
-      if (slots.size() == 2) {
-        total = slots[0] + slots[1];
-        slots.clear();
-        ++generation;
-        cv.notify_all();
-      } else {
-        cv.wait(lock, [&] { return generation != gen; });
-      }
-      t[0].copy_(total);
-    }
-  } rendezvous;
+  Rendezvous rendezvous;
   torch::manual_seed(5);
   const torch::Tensor x = torch::randn({6, 3, 4, 5}) * 0.1 + 0.5, dy = torch::randn({6, 3, 4, 5});
   vitlab::BatchNorm2d rank[2] = {vitlab::BatchNorm2d(3), vitlab::BatchNorm2d(3)};
@@ -286,4 +295,163 @@ TEST_CASE("synchronised BatchNorm2d over two simulated ranks equals BatchNorm ov
   // Per-process statistics would not have matched.
   vitlab::BatchNorm2d alone(3);
   CHECK(max_abs_diff(alone(x.narrow(0, 0, 3)), yf.narrow(0, 0, 3)) > 1e-2);
+}
+
+namespace {
+
+// An attention layer with re-attention whose Θ bias and BatchNorm are far
+// from their initial values.
+Attention re_attention_layer(int64_t heads, double scale) {
+  AttentionOptions o;
+  o.dim = 8 * heads;
+  o.num_heads = heads;
+  o.re_attention = true;
+  o.reatten_scale = scale;
+  Attention attention(o);
+  torch::NoGradGuard no_grad;
+  attention->reatten_matrix->bias.uniform_(-0.5, 0.5);
+  attention->var_norm->weight.uniform_(0.5, 1.5);
+  attention->var_norm->bias.uniform_(-0.2, 0.2);
+  attention->var_norm->running_var.uniform_(0.5, 2.0);
+  return attention;
+}
+
+// Θ, BatchNorm (with batch statistics) and the scale as LibTorch's modules
+// compute them: what the fused training path must equal.
+torch::Tensor re_attend_unfused(Attention& attention, const torch::Tensor& a) {
+  return attention->var_norm(attention->reatten_matrix(a)) * attention->options.reatten_scale;
+}
+
+// Largest difference of a against b, relative to b's largest magnitude.
+double relative_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return max_abs_diff(a.to(torch::kDouble), b.to(torch::kDouble)) / std::max(b.abs().max().item<double>(), 1e-30);
+}
+
+void copy_state(Attention& from, Attention& to) {
+  torch::NoGradGuard no_grad;
+  for (const auto& p : from->named_parameters()) to->named_parameters()[p.key()].copy_(p.value());
+  for (const auto& b : from->named_buffers()) to->named_buffers()[b.key()].copy_(b.value());
+}
+
+}  // namespace
+
+TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm then the scale, with gradients") {
+  torch::manual_seed(6);
+  // 6 heads: the Gram kernel's blocks of four and its remainder; 50 tokens:
+  // 2500 positions per map, past a task and a staging boundary, not a
+  // multiple of 8.
+  const int64_t B = 3, H = 6, N = 50;
+  struct Maps {
+    const char* what;
+    torch::Tensor a;
+  };
+  const Maps inputs[] = {
+      {"peaked softmax maps", torch::softmax(3 * torch::randn({B, H, N, N}), -1)},
+      {"near-uniform softmax maps (as at initialisation)", torch::softmax(0.01 * torch::randn({B, H, N, N}), -1)},
+      {"maps that are not probabilities (after dropout)", torch::rand({B, H, N, N}) * 0.1},
+  };
+  for (const Maps& in : inputs) {
+    INFO(in.what);
+    // The reference runs in float64: in float32 the unfused path loses the
+    // small spread of near-uniform maps to rounding in Θ a + b.
+    Attention fused = re_attention_layer(H, 0.7), reference = re_attention_layer(H, 0.7);
+    copy_state(fused, reference);
+    reference->to(torch::kDouble);
+    const torch::Tensor dy = torch::randn({B, H, N, N});
+    for (int step = 0; step < 2; ++step) {
+      torch::Tensor af = in.a.clone().requires_grad_(), ar = in.a.to(torch::kDouble).requires_grad_();
+      const torch::Tensor yf = fused->re_attend(af), yr = re_attend_unfused(reference, ar);
+      CHECK_THAT(yf.grad_fn()->name(), Catch::Contains("ReAttentionFunction"));  // not the unfused fallback
+      CHECK(relative_diff(yf, yr) < 1e-5);
+      yf.backward(dy);
+      yr.backward(dy.to(torch::kDouble));
+      CHECK(relative_diff(af.grad(), ar.grad()) < 1e-5);
+      const auto f = fused->named_parameters(), r = reference->named_parameters();
+      for (const char* name : {"reatten_matrix.weight", "var_norm.weight", "var_norm.bias"}) {
+        INFO(name);
+        CHECK(relative_diff(f[name].grad(), r[name].grad()) < 1e-5);
+      }
+      // Zero in exact arithmetic (BatchNorm removes per-head offsets).
+      CHECK(f["reatten_matrix.bias"].grad().abs().max().item<double>() <
+            1e-5 * r["reatten_matrix.weight"].grad().abs().max().item<double>());
+      for (const char* name : {"var_norm.running_mean", "var_norm.running_var", "var_norm.num_batches_tracked"}) {
+        INFO(name);
+        CHECK(relative_diff(fused->named_buffers()[name], reference->named_buffers()[name]) < 1e-6);
+      }
+    }
+  }
+}
+
+TEST_CASE("fused re-attention over two simulated ranks equals it over their joint batch") {
+  torch::manual_seed(7);
+  const int64_t B = 4, H = 5, N = 9;
+  const torch::Tensor a = torch::softmax(2 * torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
+  Attention rank[2] = {re_attention_layer(H, 1.0), re_attention_layer(H, 1.0)}, reference = re_attention_layer(H, 1.0);
+  for (Attention& r : rank) copy_state(reference, r);
+  Rendezvous rendezvous;
+  vitlab::set_batch_norm_sync([&](std::vector<torch::Tensor>& t) { rendezvous.sum(t); });
+  torch::Tensor y[2], da[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      torch::Tensor ar = a.narrow(0, 2 * r, 2).clone().requires_grad_();
+      y[r] = rank[r]->re_attend(ar);
+      y[r].backward(dy.narrow(0, 2 * r, 2));
+      da[r] = ar.grad();
+    });
+  for (auto& t : threads) t.join();
+  vitlab::set_batch_norm_sync({});
+  torch::Tensor af = a.clone().requires_grad_();
+  torch::Tensor yf = re_attend_unfused(reference, af);
+  yf.backward(dy);
+  CHECK(relative_diff(torch::cat({y[0], y[1]}), yf) < 1e-5);
+  CHECK(relative_diff(torch::cat({da[0], da[1]}), af.grad()) < 1e-4);
+  const auto ref = reference->named_parameters();
+  for (const char* name : {"reatten_matrix.weight", "var_norm.weight", "var_norm.bias"}) {
+    INFO(name);
+    CHECK(relative_diff(rank[0]->named_parameters()[name].grad() + rank[1]->named_parameters()[name].grad(),
+                        ref[name].grad()) < 1e-4);
+  }
+  for (int r = 0; r < 2; ++r)
+    CHECK(relative_diff(rank[r]->var_norm->running_var, reference->var_norm->running_var) < 1e-5);
+}
+
+// Θ + BatchNorm + scale in training on [B, 12, 197, 197] maps, fused and as
+// LibTorch's modules, forward and backward, best of 5 (docs/BENCHMARKS.md):
+//   VITLAB_BENCH_BATCH=16 build/bin/vitlab_tests "re-attention training benchmark"
+TEST_CASE("re-attention training benchmark", "[.]") {
+  const char* batch_env = std::getenv("VITLAB_BENCH_BATCH");
+  if (!batch_env) return;
+  const int64_t B = std::stoll(batch_env), H = 12, N = 197;
+  configure_allocator();  // as vitlab runs: freed maps are reused, not faulted in again
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(static_cast<int>(std::thread::hardware_concurrency()));
+  torch::manual_seed(0);
+  const torch::Tensor a = torch::softmax(torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
+  Attention layer = re_attention_layer(H, 1.0);
+  auto best_ms = [](const std::function<void()>& fn) {
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+      const auto start = std::chrono::steady_clock::now();
+      fn();
+      best =
+          std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    return best;
+  };
+  for (const bool fused : {true, false}) {
+    torch::Tensor x = a.clone().requires_grad_(), y;
+    const double forward = best_ms([&] { y = fused ? layer->re_attend(x) : re_attend_unfused(layer, x); });
+    const double backward = best_ms([&] {
+      x.mutable_grad() = torch::Tensor();
+      (fused ? layer->re_attend(x) : re_attend_unfused(layer, x)).backward(dy);
+    });
+    std::printf("%s, batch %lld, %d threads: forward %.1f ms, forward + backward %.1f ms\n",
+                fused ? "fused" : "unfused", static_cast<long long>(B), torch::get_num_threads(), forward, backward);
+  }
+  std::printf("head_gram %.1f ms, mix_heads %.1f ms, mix_heads of two %.1f ms\n",
+              best_ms([&] { head_gram(a, 1.0 / N, a, 1.0 / N); }),
+              best_ms([&] { mix_heads(torch::eye(H), a, torch::zeros({H})); }),
+              best_ms([&] { mix_heads(torch::eye(H), a, torch::zeros({H}), torch::eye(H), dy); }));
+  torch::set_num_threads(threads);
 }

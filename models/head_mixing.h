@@ -1,0 +1,28 @@
+#pragma once
+// CPU float32 kernels for DeepViT's re-attention in training, which mixes
+// the H attention maps of each image by an H×H matrix. A [B, H, N, N] map
+// tensor is seen as B matrices of H rows of N² values; both kernels make
+// one pass over their inputs, split across threads, where LibTorch's 1×1
+// convolution, BatchNorm and scale make several (docs/BENCHMARKS.md).
+#include <torch/torch.h>
+
+#include <utility>
+
+namespace vitlab {
+
+// Whether the kernels take x: float32 on the CPU.
+bool head_mixing_applies(const torch::Tensor& x);
+
+// out[b] = w1 x1[b] + w2 x2[b] + c, per image b: w1, w2 [H, H], c [H] (any
+// floating type), x1, x2 [B, H, N, N]; x2 and w2 may be undefined.
+torch::Tensor mix_heads(const torch::Tensor& w1, const torch::Tensor& x1, const torch::Tensor& c,
+                        const torch::Tensor& w2 = {}, const torch::Tensor& x2 = {});
+
+// Over all images and positions: G[g, h] = Σ (x_g - sx)(y_h - sy) and
+// s[g] = Σ (x_g - sx), both float64 ([H, H] and [H]). Shifting by a value
+// near the mean keeps one-pass variances accurate (softmax maps have mean
+// exactly 1/N). Deterministic: partial sums are added in a fixed order
+// whatever the thread count.
+std::pair<torch::Tensor, torch::Tensor> head_gram(const torch::Tensor& x, double sx, const torch::Tensor& y, double sy);
+
+}  // namespace vitlab
