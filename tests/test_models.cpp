@@ -417,7 +417,8 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
 }
 
 // Θ + BatchNorm + scale in training on [B, 12, 197, 197] maps, fused and as
-// LibTorch's modules, forward and backward, best of 5 (docs/BENCHMARKS.md):
+// LibTorch's modules, forward and backward, best of 5 (docs/BENCHMARKS.md),
+// on all logical CPUs unless VITLAB_BENCH_THREADS says otherwise:
 //   VITLAB_BENCH_BATCH=16 build/bin/vitlab_tests "re-attention training benchmark"
 TEST_CASE("re-attention training benchmark", "[.]") {
   const char* batch_env = std::getenv("VITLAB_BENCH_BATCH");
@@ -425,7 +426,8 @@ TEST_CASE("re-attention training benchmark", "[.]") {
   const int64_t B = std::stoll(batch_env), H = 12, N = 197;
   configure_allocator();  // as vitlab runs: freed maps are reused, not faulted in again
   const int threads = torch::get_num_threads();
-  torch::set_num_threads(static_cast<int>(std::thread::hardware_concurrency()));
+  const char* threads_env = std::getenv("VITLAB_BENCH_THREADS");
+  torch::set_num_threads(threads_env ? std::stoi(threads_env) : static_cast<int>(std::thread::hardware_concurrency()));
   torch::manual_seed(0);
   const torch::Tensor a = torch::softmax(torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
   Attention layer = re_attention_layer(H, 1.0);
@@ -440,14 +442,17 @@ TEST_CASE("re-attention training benchmark", "[.]") {
     return best;
   };
   for (const bool fused : {true, false}) {
-    torch::Tensor x = a.clone().requires_grad_(), y;
-    const double forward = best_ms([&] { y = fused ? layer->re_attend(x) : re_attend_unfused(layer, x); });
-    const double backward = best_ms([&] {
+    // Results dropped at once, as in a training step: a kept result makes
+    // the next one land on fresh pages.
+    torch::Tensor x = a.clone().requires_grad_();
+    auto run = [&] { return fused ? layer->re_attend(x) : re_attend_unfused(layer, x); };
+    const double forward = best_ms([&] { run(); });
+    const double both = best_ms([&] {
       x.mutable_grad() = torch::Tensor();
-      (fused ? layer->re_attend(x) : re_attend_unfused(layer, x)).backward(dy);
+      run().backward(dy);
     });
     std::printf("%s, batch %lld, %d threads: forward %.1f ms, forward + backward %.1f ms\n",
-                fused ? "fused" : "unfused", static_cast<long long>(B), torch::get_num_threads(), forward, backward);
+                fused ? "fused" : "unfused", static_cast<long long>(B), torch::get_num_threads(), forward, both);
   }
   std::printf("head_gram %.1f ms, mix_heads %.1f ms, mix_heads of two %.1f ms\n",
               best_ms([&] { head_gram(a, 1.0 / N, a, 1.0 / N); }),
