@@ -1,8 +1,10 @@
 #include "data/image_folder.h"
 
 #include <fmt/ranges.h>
+#include <jpeglib.h>
 
 #include <algorithm>
+#include <csetjmp>
 #include <cstdlib>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -65,6 +67,53 @@ uint64_t declared_pixels(std::string_view b) {
   return 0;
 }
 
+// libjpeg's error manager, made to return instead of exit(), and to note
+// warnings (corrupt or truncated data that libjpeg would patch over).
+struct JpegErrors {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  bool warned;
+};
+
+// A colour JPEG decoded straight to RGB. OpenCV's decoder asks libjpeg for
+// RGB, swaps it to BGR in a byte loop and the caller swaps it back: this
+// does neither (docs/BENCHMARKS.md). The pixels are libjpeg's either way.
+// False for anything but a clean 8-bit YCbCr/RGB JPEG, and on any error or
+// warning: OpenCV then decodes it, with its own messages and policies.
+bool decode_jpeg_rgb(const std::string& bytes, cv::Mat& out) {
+  if (bytes.size() < 4 || bytes.compare(0, 2, "\xff\xd8") != 0) return false;
+  // Only plain-data locals from here: longjmp skips destructors.
+  jpeg_decompress_struct info;
+  JpegErrors errors;
+  info.err = jpeg_std_error(&errors.mgr);
+  errors.mgr.error_exit = [](j_common_ptr c) { std::longjmp(reinterpret_cast<JpegErrors*>(c->err)->jump, 1); };
+  errors.mgr.emit_message = [](j_common_ptr c, int level) {
+    if (level < 0) reinterpret_cast<JpegErrors*>(c->err)->warned = true;
+  };
+  errors.warned = false;
+  if (setjmp(errors.jump)) {
+    jpeg_destroy_decompress(&info);
+    return false;
+  }
+  jpeg_create_decompress(&info);
+  jpeg_mem_src(&info, reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&info, TRUE);
+  if (info.num_components != 3 || (info.jpeg_color_space != JCS_YCbCr && info.jpeg_color_space != JCS_RGB)) {
+    jpeg_destroy_decompress(&info);
+    return false;
+  }
+  info.out_color_space = JCS_RGB;
+  jpeg_start_decompress(&info);
+  out.create(static_cast<int>(info.output_height), static_cast<int>(info.output_width), CV_8UC3);
+  while (info.output_scanline < info.output_height && !errors.warned) {
+    JSAMPROW row = out.ptr<uchar>(static_cast<int>(info.output_scanline));
+    jpeg_read_scanlines(&info, &row, 1);
+  }
+  if (!errors.warned) jpeg_finish_decompress(&info);
+  jpeg_destroy_decompress(&info);
+  return !errors.warned;
+}
+
 }  // namespace
 
 ImageFolder scan_image_folder(const fs::path& split_dir, const std::vector<std::string>* classes) {
@@ -109,7 +158,10 @@ cv::Mat decode_image(const fs::path& path, int in_chans) {
   if (const uint64_t pixels = declared_pixels(bytes); pixels > kMaxPixels)
     fail("{}: the header declares {} pixels; images over {} (8192 x 8192) are refused", path.string(), pixels,
          kMaxPixels);
+  if (in_chans != 1 && in_chans != 3)
+    fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
   cv::Mat img;
+  if (in_chans == 3 && decode_jpeg_rgb(bytes, img)) return img;
   try {
     img = cv::imdecode(cv::Mat(1, static_cast<int>(bytes.size()), CV_8U, const_cast<char*>(bytes.data())),
                        cv::IMREAD_UNCHANGED);
@@ -121,8 +173,6 @@ cv::Mat decode_image(const fs::path& path, int in_chans) {
     img.convertTo(img, CV_8U, 1.0 / 257.0);
   else if (img.depth() != CV_8U)
     img.convertTo(img, CV_8U);
-  if (in_chans != 1 && in_chans != 3)
-    fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
   if (img.channels() == 2) cv::extractChannel(img, img, 0);  // grey + alpha: keep the grey
   cv::Mat out;
   const int c = img.channels();

@@ -129,9 +129,13 @@ uchar clip8(int32_t v) {
 }
 
 // Horizontal pass over rows [row0, row0 + rows): output pixel xx is the
-// weighted sum of count[xx] input pixels from first[xx], rounded.
+// weighted sum of count[xx] input pixels from first[xx], rounded. Colour
+// pixels take one loop over the taps for their three channels rather than
+// one per channel (integer sums: the same result; the loader ran 1.05-1.13x
+// faster, docs/BENCHMARKS.md).
 cv::Mat resample_horizontal(const cv::Mat& in, int row0, int rows, const Coefficients& c) {
   const int ch = in.channels(), out_w = static_cast<int>(c.first.size());
+  constexpr int32_t half = 1 << (kPrecisionBits - 1);
   cv::Mat out(rows, out_w, in.type());
   for (int y = 0; y < rows; ++y) {
     const uchar* src = in.ptr<uchar>(row0 + y);
@@ -139,9 +143,22 @@ cv::Mat resample_horizontal(const cv::Mat& in, int row0, int rows, const Coeffic
     for (int xx = 0; xx < out_w; ++xx) {
       const int32_t* k = &c.weights[static_cast<size_t>(xx) * c.ksize];
       const uchar* p = src + c.first[xx] * ch;
+      const int n = c.count[xx];
+      if (ch == 3) {
+        int32_t s0 = half, s1 = half, s2 = half;
+        for (int x = 0; x < n; ++x) {
+          s0 += p[3 * x] * k[x];
+          s1 += p[3 * x + 1] * k[x];
+          s2 += p[3 * x + 2] * k[x];
+        }
+        dst[3 * xx] = clip8(s0);
+        dst[3 * xx + 1] = clip8(s1);
+        dst[3 * xx + 2] = clip8(s2);
+        continue;
+      }
       for (int j = 0; j < ch; ++j) {
-        int32_t sum = 1 << (kPrecisionBits - 1);
-        for (int x = 0; x < c.count[xx]; ++x) sum += p[x * ch + j] * k[x];
+        int32_t sum = half;
+        for (int x = 0; x < n; ++x) sum += p[x * ch + j] * k[x];
         dst[xx * ch + j] = clip8(sum);
       }
     }

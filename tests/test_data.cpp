@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 #include "common/error.h"
 #include "common/files.h"
@@ -158,6 +159,31 @@ TEST_CASE("decode_image: grey, alpha and 16-bit convert consistently, broken fil
   CHECK(decode_image(dir / "deep.png", 1).at<uint8_t>(3, 3) == 100);
   CHECK(decode_image(dir / "deep.png", 3).type() == CV_8UC3);
   CHECK(decode_image(dir / "rgb.png", 1).type() == CV_8UC1);
+
+  // Colour JPEGs are decoded by libjpeg straight to RGB: the same pixels as
+  // OpenCV's decoder; grey and damaged ones go through OpenCV as before.
+  cv::Mat photo(48, 40, CV_8UC3);
+  cv::randu(photo, 0, 256);
+  cv::GaussianBlur(photo, photo, cv::Size(5, 5), 1.5);
+  cv::imwrite((dir / "photo.jpg").string(), photo, {cv::IMWRITE_JPEG_QUALITY, 90});
+  cv::imwrite((dir / "grey.jpg").string(), cv::Mat(8, 8, CV_8UC1, cv::Scalar(77)));
+  cv::Mat expected;
+  cv::cvtColor(cv::imread((dir / "photo.jpg").string(), cv::IMREAD_UNCHANGED), expected, cv::COLOR_BGR2RGB);
+  const cv::Mat decoded = decode_image(dir / "photo.jpg", 3);
+  REQUIRE(decoded.size() == expected.size());
+  CHECK(cv::norm(decoded, expected, cv::NORM_INF) == 0);
+  CHECK(decode_image(dir / "grey.jpg", 3).at<cv::Vec3b>(4, 4)[0] == Approx(77).margin(2));
+  const std::string jpeg = read_file(dir / "photo.jpg");
+  write_file_atomic(dir / "cut.jpg", jpeg.substr(0, jpeg.size() * 2 / 3));
+  const std::string cut = read_file(dir / "cut.jpg");
+  cv::Mat cut_expected = cv::imdecode(cv::Mat(1, static_cast<int>(cut.size()), CV_8U, const_cast<char*>(cut.data())),
+                                      cv::IMREAD_UNCHANGED);
+  if (cut_expected.empty()) {
+    CHECK_THROWS_WITH(decode_image(dir / "cut.jpg", 3), Catch::Contains("cut.jpg"));
+  } else {
+    cv::cvtColor(cut_expected, cut_expected, cv::COLOR_BGR2RGB);
+    CHECK(cv::norm(decode_image(dir / "cut.jpg", 3), cut_expected, cv::NORM_INF) == 0);
+  }
 
   const std::string png = read_file(dir / "rgb.png");
   write_file_atomic(dir / "zero.png", "");
