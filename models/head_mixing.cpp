@@ -69,8 +69,8 @@ VITLAB_LANES void add(float* p, Lanes v) { simd::store(p, simd::load(p) + v); }
 // sums += Σ_j (x[g][j] - sx), lane by lane, for H rows of x and y (row
 // stride L) over cols columns, a multiple of 8. Blocks of kBlockCols columns
 // (2H rows of 1 KB stay in L1) in register tiles of 2 × 4 dot products.
-VITLAB_CLONES void gram_columns(int64_t H, const float* x, const float* y, int64_t L, int64_t cols, float sx,
-                                float sy, float* acc, float* sums) {
+VITLAB_CLONES void gram_columns(int64_t H, const float* x, const float* y, int64_t L, int64_t cols, float sx, float sy,
+                                float* acc, float* sums) {
   constexpr int64_t kBlockCols = 256;
   const Lanes vx = simd::splat(sx), vy = simd::splat(sy);
   for (int64_t g = 0; g < H; ++g) {
