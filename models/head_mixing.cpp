@@ -17,6 +17,7 @@ using simd::Lanes;
 
 constexpr int64_t kMixCols = 1024;   // columns of one mixing task
 constexpr int64_t kGramCols = 2048;  // columns of one Gram task (one partial sum)
+
 // out[g][j] = c[g] + Σ_k w[g][k] rows[k][j] for j < cols; w is [H, K]
 // row-major, rows and out have row stride L. Register tiles of 2 outputs ×
 // 32 columns: each load of a row feeds two multiply-adds, each broadcast
