@@ -75,11 +75,11 @@ struct JpegErrors {
   bool warned;
 };
 
-// A colour JPEG decoded straight to RGB. OpenCV's decoder asks libjpeg for
-// RGB, swaps it to BGR in a byte loop and the caller swaps it back: this
-// does neither (docs/BENCHMARKS.md). The pixels are libjpeg's either way.
-// False for anything but a clean 8-bit YCbCr/RGB JPEG, and on any error or
-// warning: OpenCV then decodes it, with its own messages and policies.
+}  // namespace
+
+// OpenCV's decoder asks libjpeg for RGB, swaps it to BGR in a byte loop and
+// decode_image swapped it back: this does neither (docs/BENCHMARKS.md). The
+// pixels are libjpeg's either way.
 bool decode_jpeg_rgb(const std::string& bytes, cv::Mat& out) {
   if (bytes.size() < 4 || bytes.compare(0, 2, "\xff\xd8") != 0) return false;
   // Only plain-data locals from here: longjmp skips destructors.
@@ -113,8 +113,6 @@ bool decode_jpeg_rgb(const std::string& bytes, cv::Mat& out) {
   jpeg_destroy_decompress(&info);
   return !errors.warned;
 }
-
-}  // namespace
 
 ImageFolder scan_image_folder(const fs::path& split_dir, const std::vector<std::string>* classes) {
   ImageFolder folder;

@@ -38,4 +38,9 @@ ImageFolder scan_image_folder(const std::filesystem::path& split_dir,
 // does not decode is an Error naming it.
 cv::Mat decode_image(const std::filesystem::path& path, int in_chans);
 
+// decode_image's fast path: a colour JPEG (8-bit YCbCr or RGB) decoded by
+// libjpeg straight to RGB into out. False, leaving OpenCV to decode it, for
+// anything else and on any libjpeg error or warning (damaged data).
+bool decode_jpeg_rgb(const std::string& bytes, cv::Mat& out);
+
 }  // namespace vitlab

@@ -169,12 +169,16 @@ TEST_CASE("decode_image: grey, alpha and 16-bit convert consistently, broken fil
   cv::imwrite((dir / "grey.jpg").string(), cv::Mat(8, 8, CV_8UC1, cv::Scalar(77)));
   cv::Mat expected;
   cv::cvtColor(cv::imread((dir / "photo.jpg").string(), cv::IMREAD_UNCHANGED), expected, cv::COLOR_BGR2RGB);
-  const cv::Mat decoded = decode_image(dir / "photo.jpg", 3);
-  REQUIRE(decoded.size() == expected.size());
-  CHECK(cv::norm(decoded, expected, cv::NORM_INF) == 0);
-  CHECK(decode_image(dir / "grey.jpg", 3).at<cv::Vec3b>(4, 4)[0] == Approx(77).margin(2));
   const std::string jpeg = read_file(dir / "photo.jpg");
+  cv::Mat fast;
+  REQUIRE(decode_jpeg_rgb(jpeg, fast));  // the fast path takes it
+  REQUIRE(fast.size() == expected.size());
+  CHECK(cv::norm(fast, expected, cv::NORM_INF) == 0);
+  CHECK(cv::norm(decode_image(dir / "photo.jpg", 3), expected, cv::NORM_INF) == 0);
+  CHECK_FALSE(decode_jpeg_rgb(read_file(dir / "grey.jpg"), fast));
+  CHECK(decode_image(dir / "grey.jpg", 3).at<cv::Vec3b>(4, 4)[0] == Approx(77).margin(2));
   write_file_atomic(dir / "cut.jpg", jpeg.substr(0, jpeg.size() * 2 / 3));
+  CHECK_FALSE(decode_jpeg_rgb(read_file(dir / "cut.jpg"), fast));  // damaged: OpenCV decides
   const std::string cut = read_file(dir / "cut.jpg");
   cv::Mat cut_expected = cv::imdecode(cv::Mat(1, static_cast<int>(cut.size()), CV_8U, const_cast<char*>(cut.data())),
                                       cv::IMREAD_UNCHANGED);

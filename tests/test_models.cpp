@@ -50,6 +50,17 @@ struct Rendezvous {
   }
 };
 
+// Runs step(rank) for ranks 0 and 1 on two threads whose BatchNorm
+// statistics are summed across them.
+void on_two_ranks(const std::function<void(int)>& step) {
+  Rendezvous rendezvous;
+  vitlab::set_batch_norm_sync([&](std::vector<torch::Tensor>& t) { rendezvous.sum(t); });
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) threads.emplace_back(step, r);
+  for (auto& t : threads) t.join();
+  vitlab::set_batch_norm_sync({});
+}
+
 }  // namespace
 
 TEST_CASE("every preset has exactly the reference parameter count") {
@@ -264,23 +275,17 @@ TEST_CASE("BatchNorm2d matches torch.nn.BatchNorm2d, and its synchronised form m
 }
 
 TEST_CASE("synchronised BatchNorm2d over two simulated ranks equals BatchNorm over their joint batch") {
-  Rendezvous rendezvous;
   torch::manual_seed(5);
   const torch::Tensor x = torch::randn({6, 3, 4, 5}) * 0.1 + 0.5, dy = torch::randn({6, 3, 4, 5});
   vitlab::BatchNorm2d rank[2] = {vitlab::BatchNorm2d(3), vitlab::BatchNorm2d(3)};
   torch::nn::BatchNorm2d ref(3);
-  vitlab::set_batch_norm_sync([&](std::vector<torch::Tensor>& t) { rendezvous.sum(t); });
   torch::Tensor y[2], dx[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      torch::Tensor xr = x.narrow(0, 3 * r, 3).clone().requires_grad_();
-      y[r] = rank[r](xr);
-      y[r].backward(dy.narrow(0, 3 * r, 3));
-      dx[r] = xr.grad();
-    });
-  for (auto& t : threads) t.join();
-  vitlab::set_batch_norm_sync({});
+  on_two_ranks([&](int r) {
+    torch::Tensor xr = x.narrow(0, 3 * r, 3).clone().requires_grad_();
+    y[r] = rank[r](xr);
+    y[r].backward(dy.narrow(0, 3 * r, 3));
+    dx[r] = xr.grad();
+  });
   torch::Tensor xf = x.clone().requires_grad_();
   torch::Tensor yf = ref(xf);
   yf.backward(dy);
@@ -388,19 +393,14 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
   const torch::Tensor a = torch::softmax(2 * torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
   Attention rank[2] = {re_attention_layer(H, 1.0), re_attention_layer(H, 1.0)}, reference = re_attention_layer(H, 1.0);
   for (Attention& r : rank) copy_state(reference, r);
-  Rendezvous rendezvous;
-  vitlab::set_batch_norm_sync([&](std::vector<torch::Tensor>& t) { rendezvous.sum(t); });
   torch::Tensor y[2], da[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      torch::Tensor ar = a.narrow(0, 2 * r, 2).clone().requires_grad_();
-      y[r] = rank[r]->re_attend(ar);
-      y[r].backward(dy.narrow(0, 2 * r, 2));
-      da[r] = ar.grad();
-    });
-  for (auto& t : threads) t.join();
-  vitlab::set_batch_norm_sync({});
+  on_two_ranks([&](int r) {
+    torch::Tensor ar = a.narrow(0, 2 * r, 2).clone().requires_grad_();
+    y[r] = rank[r]->re_attend(ar);
+    y[r].backward(dy.narrow(0, 2 * r, 2));
+    da[r] = ar.grad();
+  });
+  for (const torch::Tensor& yr : y) CHECK_THAT(yr.grad_fn()->name(), Catch::Contains("ReAttentionFunction"));
   torch::Tensor af = a.clone().requires_grad_();
   torch::Tensor yf = re_attend_unfused(reference, af);
   yf.backward(dy);
