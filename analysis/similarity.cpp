@@ -41,11 +41,10 @@ int64_t SimilarityAccumulator::chunk_images(int64_t feature_dim) const {
   if (options_.chunk > 0) return options_.chunk;
   // Per image, the scratch memory: the columns of all blocks side by side
   // [T, H, L, T], their cosines [T, H, L, L] with the >= tau mask (all
-  // float32), one block's head cosines, and the features' stack
-  // [T, L, D] with its cosines.
+  // float32), one block's head cosines, and the normalised features
+  // [L, T, D].
   const int64_t L = L_, H = H_, T = T_;
-  const int64_t per_image =
-      4 * L * H * T * T + 8 * T * H * L * L + 4 * T * H * H + 4 * (L * T * feature_dim + T * L * L);
+  const int64_t per_image = 4 * L * H * T * T + 8 * T * H * L * L + 4 * T * H * H + 4 * L * T * feature_dim;
   const int64_t budget = options_.chunk_bytes > 0 ? options_.chunk_bytes
                          : device_.is_cuda()      ? int64_t{2} << 30
                                                   : int64_t{256} << 20;
@@ -331,14 +330,23 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
     const int64_t n = std::min(chunk, B - b0);
     if (!cpu_kernel) add_maps_chunk(attn, b0, n, m_sum, above_tau, head_sum);
     if (with_features) {
-      torch::Tensor F = scratch(feature_columns_, {n, TF, L, D}, torch::kFloat, device_);
-      for (int64_t l = 0; l < L; ++l) F.select(2, l).copy_(features[l].narrow(0, b0, n));
-      F = F.view({n * TF, L, D});
-      torch::Tensor GF = scratch(feature_gram_, {n * TF, L, L}, torch::kFloat, device_);  // [n*T, L, L]
-      at::bmm_out(GF, F, F.transpose(1, 2));
-      const torch::Tensor features_finite = gram_to_cosine(GF, eps).second;
-      if (!features_finite.item<bool>()) fail_non_finite(features, "block outputs", "(weights overflow?)");
-      feature_sum += at::sum(GF, {0}, false, torch::kDouble);
+      // The sum over tokens of cos(F_p[t], F_q[t]) is the dot product of
+      // blocks p and q's outputs with every token vector normalised, all
+      // tokens flattened into one row: one [L, n*T*D] x [n*T*D, L] product
+      // instead of n*T small Gram matrices (a batched matmul of 32x768
+      // matrices runs one at a time in LibTorch 1.13's CPU bmm).
+      torch::Tensor F = scratch(feature_columns_, {L, n, TF, D}, torch::kFloat, device_);
+      torch::Tensor finite = torch::ones({}, torch::TensorOptions().dtype(torch::kBool).device(device_));
+      for (int64_t l = 0; l < L; ++l) {
+        const torch::Tensor f = features[l].narrow(0, b0, n).to(torch::kFloat);
+        const torch::Tensor norm = at::linalg_vector_norm(f, 2, torch::IntArrayRef{2}, /*keepdim=*/true);
+        finite.logical_and_(torch::isfinite(norm).all());
+        torch::Tensor out = F[l];
+        at::div_out(out, f, norm.clamp_min(eps));
+      }
+      if (!finite.item<bool>()) fail_non_finite(features, "block outputs", "(weights overflow?)");
+      const torch::Tensor flat = F.view({L, n * TF * D});
+      feature_sum += torch::mm(flat, flat.t()).to(torch::kDouble);
     }
   }
   m_sum_ += m_sum;
