@@ -335,7 +335,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
       // tokens flattened into one row: one [L, n*T*D] x [n*T*D, L] product
       // instead of n*T small Gram matrices (a batched matmul of 32x768
       // matrices runs one at a time in LibTorch 1.13's CPU bmm).
-      torch::Tensor F = scratch(feature_columns_, {L, n, TF, D}, torch::kFloat, device_);
+      torch::Tensor F = scratch(normalised_features_, {L, n, TF, D}, torch::kFloat, device_);
       torch::Tensor finite = torch::ones({}, torch::TensorOptions().dtype(torch::kBool).device(device_));
       for (int64_t l = 0; l < L; ++l) {
         const torch::Tensor f = features[l].narrow(0, b0, n).to(torch::kFloat);

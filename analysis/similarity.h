@@ -87,7 +87,7 @@ class SimilarityAccumulator {
   int64_t feature_tokens_ = 0;
   // Scratch memory reused from chunk to chunk: fresh allocations of this
   // size cost more in page faults than the matrix products themselves.
-  torch::Tensor batch_sum_, columns_, gram_, mask_, feature_columns_;
+  torch::Tensor batch_sum_, columns_, gram_, mask_, normalised_features_;
 };
 
 // Attention rollout (Abnar & Zuidema 2020) of per-block maps [B, H, T, T]:

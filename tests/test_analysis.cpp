@@ -138,6 +138,11 @@ TEST_CASE("similarity of hand-built maps has the known answers") {
 TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same result") {
   auto [attn, features] = random_maps(4, 7, 3, 10, 16);
   const SimilarityResult once = similarity_of(attn, features);
+  // The feature similarity against its definition: per token, then the mean.
+  const torch::Tensor direct =
+      torch::cosine_similarity(features.to(torch::kDouble).unsqueeze(1), features.to(torch::kDouble).unsqueeze(0), 4)
+          .mean({2, 3});
+  CHECK(max_abs_diff(once.feature_similarity, direct) < 1e-6);
   for (int64_t batch : {1, 3, 7}) {
     for (int64_t chunk : {0, 2}) {
       INFO("batch " << batch << ", chunk " << chunk);
