@@ -1,7 +1,5 @@
 #include "io/pickle.h"
 
-#include <caffe2/serialize/inline_container.h>
-#include <caffe2/serialize/read_adapter_interface.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -13,6 +11,7 @@
 #include <unordered_set>
 
 #include "common/error.h"
+#include "io/zip_archive.h"
 
 namespace vitlab {
 
@@ -174,24 +173,6 @@ enum : uint8_t {
   FRAME = 0x95
 };
 }  // namespace op
-
-// The zip reader over the file's bytes. Reads past the end come back short,
-// which the zip reader reports as corruption (caffe2's MemoryReadAdapter
-// would copy past the buffer).
-class ViewAdapter final : public caffe2::serialize::ReadAdapterInterface {
- public:
-  explicit ViewAdapter(std::string_view bytes) : bytes_(bytes) {}
-  size_t size() const override { return bytes_.size(); }
-  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/ = "") const override {
-    if (pos >= bytes_.size()) return 0;
-    n = std::min<uint64_t>(n, bytes_.size() - pos);
-    std::memcpy(buf, bytes_.data() + pos, n);
-    return n;
-  }
-
- private:
-  std::string_view bytes_;
-};
 
 }  // namespace
 
@@ -436,7 +417,7 @@ bool has_cycle(const PickleValue& root) {
 // stack underflow rather than a read out of bounds.
 class Unpickler {
  public:
-  Unpickler(std::string_view data, caffe2::serialize::PyTorchStreamReader& archive) : data_(data), archive_(archive) {}
+  Unpickler(std::string_view data, const ZipArchive& archive) : data_(data), archive_(archive) {}
 
   // The pickled object; anything wrong is an Error.
   PickleValue run();
@@ -476,7 +457,7 @@ class Unpickler {
   std::vector<int64_t> int_list(const PickleValue& value, const char* what) const;
 
   std::string_view data_;
-  caffe2::serialize::PyTorchStreamReader& archive_;
+  const ZipArchive& archive_;
   size_t pos_ = 0;
   size_t op_pos_ = 0;
   std::vector<PickleValue> stack_;
@@ -615,15 +596,14 @@ PickleValue Unpickler::persistent_load(const PickleValue& pid) {
   if (!dtype) error("unsupported storage type {}", id[1].to_string());
   // The location ('cpu', 'cuda:0', ...) is ignored: everything loads to the CPU.
   const std::string record = "data/" + key;
-  if (!archive_.hasRecord(record)) error("record '{}' is missing from the archive", record);
-  auto [data, nbytes] = archive_.getRecord(record);
+  const uint64_t nbytes = archive_.size(record);
   const uint64_t numel = static_cast<uint64_t>(id[4].to_int());
   const size_t item = c10::elementSize(*dtype);
   if (numel > nbytes / item || numel * item != nbytes)
     error("record '{}' holds {} bytes, expected {} {} elements of {} bytes", record, nbytes, numel,
           c10::toString(*dtype), item);
-  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), nullptr, /*resizable=*/false);
-  torch::Tensor elements = torch::empty({0}, torch::dtype(*dtype)).set_(storage, 0, {static_cast<int64_t>(numel)}, {1});
+  torch::Tensor elements = torch::empty({static_cast<int64_t>(numel)}, torch::dtype(*dtype));
+  archive_.read(record, elements.data_ptr());
   PickleValue value = PickleValue::storage(elements);
   storages_.emplace(key, value);
   return value;
@@ -914,15 +894,14 @@ PickleValue Unpickler::execute() {
 
 PickleValue load_torch_archive(std::string_view bytes, const std::string& source) {
   try {
-    caffe2::serialize::PyTorchStreamReader archive(std::make_shared<ViewAdapter>(bytes));
-    if (archive.hasRecord("byteorder")) {
-      auto [order, n] = archive.getRecord("byteorder");
-      const std::string_view value(static_cast<const char*>(order.get()), n);
-      if (value != "little") fail("tensors are stored '{}'-endian, only little-endian is supported", value);
+    const ZipArchive archive(bytes);
+    if (archive.has("byteorder")) {
+      const std::string order = archive.read("byteorder");
+      if (order != "little") fail("tensors are stored '{}'-endian, only little-endian is supported", order);
     }
-    if (!archive.hasRecord("data.pkl")) fail("no data.pkl record (a TorchScript module rather than torch.save?)");
-    auto [pickle, size] = archive.getRecord("data.pkl");
-    return Unpickler(std::string_view(static_cast<const char*>(pickle.get()), size), archive).run();
+    if (!archive.has("data.pkl")) fail("no data.pkl record (a TorchScript module rather than torch.save?)");
+    const std::string pickle = archive.read("data.pkl");
+    return Unpickler(pickle, archive).run();
   } catch (const Error& e) {
     fail("{}: cannot read torch.save file: {}", source, e.what());
   } catch (const c10::Error& e) {

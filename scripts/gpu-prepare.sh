@@ -3,8 +3,9 @@
 # needs to build and test vitlab when it has PyTorch, CMake, nvcc and a
 # compiler but no registry and none of vitlab's other development files:
 #   .gpu/sysroot  Debian's yaml-cpp, fmt, nlohmann-json, CLI11, Catch2, zlib,
-#                 libpng and libjpeg packages, extracted (headers, libraries,
-#                 CMake configs; absolute symlinks made relative)
+#                 libzip (with the bzip2 and OpenSSL libraries it links), libpng
+#                 and libjpeg packages, extracted (headers, libraries, CMake
+#                 configs; absolute symlinks made relative)
 #   .gpu/opencv   a static OpenCV 4.6 (core, imgproc, imgcodecs with PNG and
 #                 JPEG) built from Debian's source package
 #   .gpu/fashion-mnist  the built-in dataset (tests and demos read it)
@@ -19,7 +20,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 packages=(libyaml-cpp-dev libyaml-cpp0.7 libfmt-dev libfmt9 nlohmann-json3-dev libcli11-dev catch2
-          zlib1g-dev zlib1g libpng-dev libpng16-16 libjpeg62-turbo-dev libjpeg62-turbo)
+          zlib1g-dev zlib1g libzip-dev libzip4 libbz2-1.0 libssl3 libpng-dev libpng16-16 libjpeg62-turbo-dev
+          libjpeg62-turbo)
 apt_opts=(-oDir::State::Lists="$work/lists" -oDir::Etc::SourceList="$work/sources.list" -oDir::Etc::SourceParts=/dev/null
           -oDebug::NoLocking=1 -oDir::Cache="$work/cache")
 mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
@@ -30,7 +32,8 @@ LIST
 echo "gpu-prepare: fetching package lists"
 apt-get "${apt_opts[@]}" update -qq
 
-if [ ! -f "$DEST/sysroot/.done" ]; then
+# The stamp names the packages: a changed list extracts the sysroot again.
+if [ "$(cat "$DEST/sysroot/.done" 2>/dev/null)" != "${packages[*]}" ]; then
   rm -rf "$DEST/sysroot"
   mkdir -p "$DEST/sysroot" "$work/debs"
   (cd "$work/debs" && apt-get "${apt_opts[@]}" download -qq "${packages[@]}")
@@ -49,7 +52,7 @@ if [ ! -f "$DEST/sysroot/.done" ]; then
       ln -sfn "../../../lib/x86_64-linux-gnu/$(basename "$f")" "$DEST/sysroot/usr/lib/x86_64-linux-gnu/$(basename "$f")"
     done
   fi
-  touch "$DEST/sysroot/.done"
+  echo "${packages[*]}" > "$DEST/sysroot/.done"
 fi
 
 if [ ! -f "$DEST/opencv/.done" ]; then

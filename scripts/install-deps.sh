@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   cmake g++ make pkg-config
   libtorch-dev libopenblas0-openmp   # without OpenBLAS Debian's LibTorch runs the reference BLAS, 20-35x slower
-  libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libjpeg-dev libopencv-dev
+  libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libzip-dev libjpeg-dev libopencv-dev
   catch2 dataset-fashion-mnist   # the built-in dataset for demos and tests
   libgloo-dev   # the headers of LibTorch's Gloo process group (distributed training)
 )

@@ -2,6 +2,7 @@
 // .safetensors twin read by the other parser), and against hostile archives built here.
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
+#include <zip.h>
 
 #include <catch2/catch.hpp>
 #include <cstdint>
@@ -53,6 +54,48 @@ std::string archive(const std::string& pkl, const std::map<std::string, std::str
   for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
   writer.writeEndOfFile();
   return out;
+}
+
+// The same records as a zip tool may repack them: every record deflated.
+std::string deflated_archive(const std::string& pkl, const std::map<std::string, std::string>& records) {
+  zip_error_t error;
+  zip_error_init(&error);
+  zip_source_t* out = zip_source_buffer_create(nullptr, 0, 0, &error);
+  REQUIRE(out);
+  zip_source_keep(out);  // outlives the archive, which writes into it on zip_close
+  zip_t* zip = zip_open_from_source(out, ZIP_TRUNCATE, &error);
+  REQUIRE(zip);
+  auto add = [&](const std::string& name, const std::string& bytes) {
+    const zip_int64_t i = zip_file_add(zip, ("archive/" + name).c_str(),
+                                       zip_source_buffer(zip, bytes.data(), bytes.size(), 0), ZIP_FL_ENC_UTF_8);
+    REQUIRE(i >= 0);
+    REQUIRE(zip_set_file_compression(zip, i, ZIP_CM_DEFLATE, 9) == 0);
+  };
+  add("data.pkl", pkl);
+  for (const auto& [name, bytes] : records) add(name, bytes);
+  REQUIRE(zip_close(zip) == 0);
+  zip_stat_t stat;
+  REQUIRE(zip_source_stat(out, &stat) == 0);
+  std::string bytes(stat.size, '\0');
+  REQUIRE(zip_source_open(out) == 0);
+  REQUIRE(zip_source_read(out, bytes.data(), bytes.size()) == static_cast<zip_int64_t>(bytes.size()));
+  zip_source_close(out);
+  zip_source_free(out);
+  return bytes;
+}
+
+// Where the central directory header (central) or the local header of the record `name` starts (APPNOTE.TXT
+// 4.3.12, 4.3.7).
+size_t zip_header(const std::string& zip, const std::string& name, bool central) {
+  const std::string signature = central ? "PK\x01\x02" : "PK\x03\x04";
+  const size_t name_length_at = central ? 28 : 26, name_at = central ? 46 : 30;
+  for (size_t at = zip.find(signature); at != std::string::npos; at = zip.find(signature, at + 1)) {
+    uint16_t n = 0;
+    std::memcpy(&n, &zip[at + name_length_at], 2);
+    if (zip.compare(at + name_at, n, name) == 0) return at;
+  }
+  FAIL("no zip header for " << name);
+  return 0;
 }
 
 PickleValue load_pickle(const std::string& pkl, const std::map<std::string, std::string>& records = {}) {
@@ -302,6 +345,39 @@ TEST_CASE("pickle: truncated files and truncated data.pkl records are errors") {
   }
 }
 
+TEST_CASE("pickle: deflated records load, and a zip header claiming more than its record holds is an error") {
+  const std::vector<float> values{1.5f, -2.f, 3.25f, 0.f};
+  const std::map<std::string, std::string> records{{"data/0", floats(values)}};
+  const std::string pkl = tensor_pickle("torch.FloatStorage", 4, 0, {4}, {1});
+  CHECK(torch::equal(load_torch_archive(deflated_archive(pkl, records), "deflated.pt").to_tensor(),
+                     torch::tensor(values)));
+  // 1 MiB of zeros deflates about 1000:1, close to deflate's limit, and still loads.
+  const int32_t zeros = 1 << 18;
+  const PickleValue big =
+      load_torch_archive(deflated_archive(tensor_pickle("torch.FloatStorage", zeros, 0, {zeros}, {1}),
+                                          {{"data/0", std::string(zeros * sizeof(float), '\0')}}),
+                         "zeros.pt");
+  CHECK(torch::equal(big.to_tensor(), torch::zeros({zeros})));
+
+  // The 16-byte record's headers turned into a deflated 1 GiB one, in agreement (the local header leaves sizes to
+  // the central one, as PyTorch writes it): an error before anything is allocated for it (a fuzzer's finding).
+  std::string inflated = archive(pkl, records);
+  auto put = [&](size_t at, auto value) { std::memcpy(&inflated[at], &value, sizeof(value)); };
+  const size_t central = zip_header(inflated, "archive/data/0", true);
+  const size_t local = zip_header(inflated, "archive/data/0", false);
+  put(central + 10, uint16_t{ZIP_CM_DEFLATE});
+  put(central + 24, uint32_t{1} << 30);
+  put(local + 8, uint16_t{ZIP_CM_DEFLATE});
+  CHECK_THROWS_WITH(load_torch_archive(inflated, "inflated.pt"),
+                    Contains("record 'archive/data/0' claims 1073741824 bytes from 16 compressed"));
+
+  // A flipped bit in the stored data: the CRC catches it.
+  std::string flipped = archive(pkl, records);
+  flipped[flipped.find(floats(values)) + 1] ^= 1;
+  CHECK_THROWS_WITH(load_torch_archive(flipped, "flipped.pt"),
+                    Contains("record 'archive/data/0' is corrupt") && Contains("CRC"));
+}
+
 TEST_CASE("pickle: flipped bits and random opcodes load or fail cleanly, never crash") {
   std::mt19937 rng(20240607);
   auto survive = [](auto&& parse) {
@@ -415,7 +491,7 @@ TEST_CASE("pickle: unsupported opcodes, malformed pickles and bad storages are n
   CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.DoubleStorage", 4, 0, {4}, {1}), records),
                     Contains("holds 16 bytes, expected 4 Double elements of 8 bytes"));
   CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.FloatStorage", 4, 0, {4}, {1})),
-                    Contains("record 'data/0' is missing from the archive"));
+                    Contains("record 'archive/data/0' is missing from the archive"));
   CHECK_THROWS_WITH(load_pickle(tensor_pickle("torch.QInt8Storage", 4, 0, {4}, {1}), records),
                     Contains("unsupported storage type torch.QInt8Storage"));
 }
