@@ -82,9 +82,10 @@ TEST_CASE("every preset has exactly the reference parameter count") {
   REQUIRE(presets().size() == expected.size() + 1);  // + transformer_base
   for (const auto& [name, count] : expected) {
     INFO(name);
-    Model m = create_model(name);
-    CHECK(count_parameters(*m.module) == count);
     CHECK(spec_parameters(resolve_model(name)) == count);
+    // Building (and initialising) ViT-L and ViT-H took most of this test's time, 23 s here and 38 s under ASan;
+    // their modules are those of the other ViTs at another size, and the shape-only count stands in.
+    if (count < 100'000'000) CHECK(count_parameters(*create_model(name).module) == count);
   }
 }
 
