@@ -19,45 +19,38 @@ constexpr uint64_t kMaxDeflateRatio = 1032;
 
 }  // namespace
 
-ZipArchive::ZipArchive(std::string_view bytes) : bytes_(bytes) {
+ZipArchive::ZipArchive(std::string_view bytes) : bytes_(bytes), archive_(nullptr, zip_discard) {
   zip_error_t error;
   zip_error_init(&error);
   zip_source_t* source = zip_source_buffer_create(bytes.data(), bytes.size(), 0, &error);
   if (!source) fail("not a zip archive: {}", libzip_message(&error));
   // ZIP_CHECKCONS also checks every local header against the central directory.
-  archive_ = zip_open_from_source(source, ZIP_RDONLY | ZIP_CHECKCONS, &error);
+  archive_.reset(zip_open_from_source(source, ZIP_RDONLY | ZIP_CHECKCONS, &error));
   if (!archive_) {
     zip_source_free(source);
     fail("not a valid zip archive: {}", libzip_message(&error));
   }
-  if (zip_get_num_entries(archive_, 0) <= 0) {
-    zip_discard(archive_);
-    fail("the zip archive holds no records");
-  }
-  const char* name = zip_get_name(archive_, 0, ZIP_FL_ENC_RAW);
+  if (zip_get_num_entries(archive_.get(), 0) <= 0) fail("the zip archive holds no records");
+  const char* name = zip_get_name(archive_.get(), 0, ZIP_FL_ENC_RAW);
   const std::string first = name ? name : "";
   const size_t slash = first.find('/');
-  if (slash == std::string::npos) {
-    zip_discard(archive_);
+  if (slash == std::string::npos)
     fail("record '{}' is not in a folder, expected the layout torch.save writes (archive/data.pkl, ...)", first);
-  }
   folder_ = first.substr(0, slash + 1);
 }
 
-ZipArchive::~ZipArchive() { zip_discard(archive_); }
-
-int64_t ZipArchive::index(const std::string& name) const {
-  return zip_name_locate(archive_, (folder_ + name).c_str(), ZIP_FL_ENC_RAW);
+int64_t ZipArchive::locate(const std::string& name) const {
+  return zip_name_locate(archive_.get(), (folder_ + name).c_str(), ZIP_FL_ENC_RAW);
 }
 
-bool ZipArchive::has(const std::string& name) const { return index(name) >= 0; }
+bool ZipArchive::has(const std::string& name) const { return locate(name) >= 0; }
 
-uint64_t ZipArchive::size(const std::string& name) const {
-  const int64_t i = index(name);
+ZipArchive::Entry ZipArchive::entry(const std::string& name) const {
+  const int64_t i = locate(name);
   if (i < 0) fail("record '{}{}' is missing from the archive", folder_, name);
   zip_stat_t stat;
-  if (zip_stat_index(archive_, i, ZIP_FL_ENC_RAW, &stat) != 0)
-    fail("record '{}{}': {}", folder_, name, zip_strerror(archive_));
+  if (zip_stat_index(archive_.get(), i, ZIP_FL_ENC_RAW, &stat) != 0)
+    fail("record '{}{}': {}", folder_, name, zip_strerror(archive_.get()));
   const bool stored = stat.comp_method == ZIP_CM_STORE;
   if (!stored && stat.comp_method != ZIP_CM_DEFLATE)
     fail("record '{}{}' uses zip compression method {}, expected stored or deflate (what torch.load reads)", folder_,
@@ -66,13 +59,17 @@ uint64_t ZipArchive::size(const std::string& name) const {
       (stored ? stat.size != stat.comp_size : stat.size / kMaxDeflateRatio > stat.comp_size))
     fail("record '{}{}' claims {} bytes from {} compressed in an archive of {}: the zip header is corrupt", folder_,
          name, stat.size, stat.comp_size, bytes_.size());
-  return stat.size;
+  return {i, stat.size};
 }
 
-void ZipArchive::read(const std::string& name, void* out) const {
-  const uint64_t n = size(name);
-  zip_file_t* file = zip_fopen_index(archive_, index(name), 0);
-  if (!file) fail("record '{}{}': {}", folder_, name, zip_strerror(archive_));
+uint64_t ZipArchive::size(const std::string& name) const { return entry(name).size; }
+
+void ZipArchive::read(const std::string& name, void* out) const { read(entry(name), name, out); }
+
+void ZipArchive::read(const Entry& entry, const std::string& name, void* out) const {
+  const uint64_t n = entry.size;
+  zip_file_t* file = zip_fopen_index(archive_.get(), entry.index, 0);
+  if (!file) fail("record '{}{}': {}", folder_, name, zip_strerror(archive_.get()));
   uint64_t done = 0;
   int64_t got = 0;
   while (done < n && (got = zip_fread(file, static_cast<char*>(out) + done, n - done)) > 0) done += got;
@@ -91,8 +88,9 @@ void ZipArchive::read(const std::string& name, void* out) const {
 }
 
 std::string ZipArchive::read(const std::string& name) const {
-  std::string out(size(name), '\0');
-  read(name, out.data());
+  const Entry record = entry(name);
+  std::string out(record.size, '\0');
+  read(record, name, out.data());
   return out;
 }
 

@@ -4,6 +4,7 @@
 // before it reads a byte (gigabytes, for a corrupt header); this one checks
 // the claim against the bytes that could hold it first.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -16,9 +17,6 @@ class ZipArchive {
   // Records are named relative to the folder that holds the first one
   // ("archive/" or the saved file's stem), as in PyTorch's reader.
   explicit ZipArchive(std::string_view bytes);
-  ~ZipArchive();
-  ZipArchive(const ZipArchive&) = delete;
-  ZipArchive& operator=(const ZipArchive&) = delete;
 
   bool has(const std::string& name) const;
   // The record's uncompressed size; an Error when it is missing or its
@@ -29,10 +27,17 @@ class ZipArchive {
   std::string read(const std::string& name) const;
 
  private:
-  int64_t index(const std::string& name) const;
+  struct Entry {
+    int64_t index;
+    uint64_t size;
+  };
+  int64_t locate(const std::string& name) const;  // -1 when missing
+  // The record's index and its checked size, as size() describes.
+  Entry entry(const std::string& name) const;
+  void read(const Entry& entry, const std::string& name, void* out) const;
 
   std::string_view bytes_;
-  zip* archive_ = nullptr;
+  std::unique_ptr<zip, void (*)(zip*)> archive_;
   std::string folder_;  // with its trailing '/'
 };
 
