@@ -39,33 +39,65 @@ bool is_image(const fs::path& p) {
   return false;
 }
 
-// Width x height as a PNG, JPEG or BMP header declares it, or 0 when none is
-// found (other formats, or a damaged header that the decoder rejects).
-uint64_t declared_pixels(std::string_view b) {
-  auto byte = [&](size_t i) -> uint64_t { return i < b.size() ? static_cast<uint8_t>(b[i]) : 0; };
-  auto be16 = [&](size_t i) { return byte(i) << 8 | byte(i + 1); };
-  auto be32 = [&](size_t i) { return be16(i) << 16 | be16(i + 2); };
-  auto le32 = [&](size_t i) { return byte(i) | byte(i + 1) << 8 | byte(i + 2) << 16 | byte(i + 3) << 24; };
-  if (b.size() >= 24 && b.substr(0, 8) == "\x89PNG\r\n\x1a\n" && b.substr(12, 4) == "IHDR") return be32(16) * be32(20);
-  if (b.substr(0, 2) == "BM") {
-    const auto height = static_cast<int32_t>(le32(22));  // negative: rows stored top-down
-    return le32(18) * static_cast<uint64_t>(std::abs(static_cast<int64_t>(height)));
-  }
-  if (b.substr(0, 2) != "\xff\xd8") return 0;
-  // JPEG: segments up to the frame header (SOF0..SOF15 but DHT, JPG, DAC);
-  // like libjpeg, skip bytes that are not a marker.
-  for (size_t i = 2; i + 8 < b.size();) {
-    if (byte(i) != 0xff || byte(i + 1) == 0xff) {
-      ++i;
-      continue;
-    }
-    const uint64_t marker = byte(i + 1);
-    if (marker >= 0xc0 && marker <= 0xcf && marker != 0xc4 && marker != 0xc8 && marker != 0xcc)
-      return be16(i + 5) * be16(i + 7);
-    i += 2 + be16(i + 2);
-  }
-  return 0;
+// The formats of the ImageFolder extensions, told by their first bytes. Any
+// other file is refused before OpenCV sees it: its other decoders (PxM, PFM,
+// HDR, Sun raster, JPEG 2000, EXR) are more of it to attack, and none is a
+// format an ImageFolder holds.
+bool known_format(std::string_view b) {
+  auto starts = [&](std::string_view s) { return b.substr(0, s.size()) == s; };
+  using namespace std::string_view_literals;
+  return starts("\xff\xd8\xff"sv) || starts("\x89PNG\r\n\x1a\n"sv) || starts("BM"sv) ||
+         (starts("RIFF"sv) && b.substr(8, 4) == "WEBP"sv) || starts("II*\0"sv) || starts("MM\0*"sv);
 }
+
+// A decoder sizes the image from its header and allocates all of it before
+// it reads any pixel data, so a file of a few hundred bytes can claim
+// gigabytes (OpenCV's own limit is 2^30 pixels). While decode_image runs on a
+// thread, every cv::Mat it makes there goes through this allocator, which
+// refuses one over kMaxDecodedBytes: one check that holds for every format
+// and every decoder, where parsing each header would have to agree with each
+// library's parser. Other threads and other code pass straight through.
+constexpr double kMaxDecodedBytes = double(1 << 28);  // 256 MiB, PIL's MAX_IMAGE_PIXELS of RGB
+thread_local bool t_decoding = false;
+
+struct ImageTooLarge {
+  int rows, cols, channels;
+  double bytes;
+};
+
+class DecodeAllocator : public cv::MatAllocator {
+ public:
+  explicit DecodeAllocator(cv::MatAllocator* base) : base_(base) {}
+  cv::UMatData* allocate(int dims, const int* sizes, int type, void* data, size_t* step, cv::AccessFlag flags,
+                         cv::UMatUsageFlags usage) const override {
+    if (t_decoding && !data) {
+      double bytes = CV_ELEM_SIZE(type);
+      for (int i = 0; i < dims; ++i) bytes *= sizes[i];
+      if (bytes > kMaxDecodedBytes)
+        throw ImageTooLarge{dims > 0 ? sizes[0] : 1, dims > 1 ? sizes[1] : 1, CV_MAT_CN(type), bytes};
+    }
+    return base_->allocate(dims, sizes, type, data, step, flags, usage);
+  }
+  bool allocate(cv::UMatData* u, cv::AccessFlag access, cv::UMatUsageFlags usage) const override {
+    return base_->allocate(u, access, usage);
+  }
+  void deallocate(cv::UMatData* u) const override { base_->deallocate(u); }
+
+ private:
+  cv::MatAllocator* base_;
+};
+
+// Installed when the program starts, before any thread makes a cv::Mat.
+const bool decode_allocator_installed = [] {
+  static DecodeAllocator allocator(cv::Mat::getDefaultAllocator());
+  cv::Mat::setDefaultAllocator(&allocator);
+  return true;
+}();
+
+struct DecodingScope {
+  DecodingScope() { t_decoding = true; }
+  ~DecodingScope() { t_decoding = false; }
+};
 
 // libjpeg's error manager, made to return instead of exit(), and to note
 // warnings (corrupt or truncated data that libjpeg would patch over).
@@ -103,8 +135,16 @@ bool decode_jpeg_rgb(const std::string& bytes, cv::Mat& out) {
     return false;
   }
   info.out_color_space = JCS_RGB;
+  jpeg_calc_output_dimensions(&info);
+  // Before jpeg_start_decompress, which allocates a progressive image's
+  // coefficients: DecodeAllocator refuses an oversized image first.
+  try {
+    out.create(static_cast<int>(info.output_height), static_cast<int>(info.output_width), CV_8UC3);
+  } catch (...) {
+    jpeg_destroy_decompress(&info);
+    throw;
+  }
   jpeg_start_decompress(&info);
-  out.create(static_cast<int>(info.output_height), static_cast<int>(info.output_width), CV_8UC3);
   while (info.output_scanline < info.output_height && !errors.warned) {
     JSAMPROW row = out.ptr<uchar>(static_cast<int>(info.output_scanline));
     jpeg_read_scanlines(&info, &row, 1);
@@ -147,17 +187,9 @@ ImageFolder scan_image_folder(const fs::path& split_dir, const std::vector<std::
   return folder;
 }
 
-cv::Mat decode_image(const fs::path& path, int in_chans) {
-  const std::string bytes = read_file(path);
-  if (bytes.empty()) fail("{}: empty file", path.string());
-  // OpenCV allocates the whole image (up to 2^30 pixels) before it reads the
-  // data: a few hundred bytes could claim gigabytes.
-  constexpr uint64_t kMaxPixels = uint64_t(1) << 26;
-  if (const uint64_t pixels = declared_pixels(bytes); pixels > kMaxPixels)
-    fail("{}: the header declares {} pixels; images over {} (8192 x 8192) are refused", path.string(), pixels,
-         kMaxPixels);
-  if (in_chans != 1 && in_chans != 3)
-    fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
+namespace {
+
+cv::Mat decode_known_format(const fs::path& path, const std::string& bytes, int in_chans) {
   cv::Mat img;
   if (in_chans == 3 && decode_jpeg_rgb(bytes, img)) return img;
   try {
@@ -186,6 +218,23 @@ cv::Mat decode_image(const fs::path& path, int in_chans) {
       cv::cvtColor(img, out, c == 4 ? cv::COLOR_BGRA2RGB : cv::COLOR_BGR2RGB);
   }
   return out;
+}
+
+}  // namespace
+
+cv::Mat decode_image(const fs::path& path, int in_chans) {
+  const std::string bytes = read_file(path);
+  if (bytes.empty()) fail("{}: empty file", path.string());
+  if (!known_format(bytes)) fail("{}: not a JPEG, PNG, BMP, WebP or TIFF file", path.string());
+  if (in_chans != 1 && in_chans != 3)
+    fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
+  DecodingScope scope;
+  try {
+    return decode_known_format(path, bytes, in_chans);
+  } catch (const ImageTooLarge& e) {
+    fail("{}: decoding needs a {} x {} image of {} channel(s), {:.0f} MiB; images over {:.0f} MiB are refused",
+         path.string(), e.cols, e.rows, e.channels, e.bytes / (1 << 20), kMaxDecodedBytes / (1 << 20));
+  }
 }
 
 }  // namespace vitlab

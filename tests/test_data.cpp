@@ -195,6 +195,6 @@ TEST_CASE("decode_image: grey, alpha and 16-bit convert consistently, broken fil
   write_file_atomic(dir / "text.jpg", "this is not a jpeg");
   CHECK_THROWS_WITH(decode_image(dir / "zero.png", 3), Catch::Contains("zero.png: empty file"));
   CHECK_THROWS_WITH(decode_image(dir / "truncated.png", 3), Catch::Contains("truncated.png"));
-  CHECK_THROWS_WITH(decode_image(dir / "text.jpg", 3), Catch::Contains("text.jpg: not a decodable image"));
+  CHECK_THROWS_WITH(decode_image(dir / "text.jpg", 3), Catch::Contains("text.jpg: not a JPEG, PNG, BMP, WebP or TIFF file"));
   CHECK_THROWS_WITH(decode_image(dir / "rgb.png", 4), Catch::Contains("model.in_chans is 4"));
 }

@@ -85,5 +85,8 @@ int main(int argc, char** argv) {
   put("fuzz_image", "16bit_grey.png", image(1, ".png", deep));
   put("fuzz_image", "rgb_randaugment.jpg", image(2, ".jpg", rgb));
   put("fuzz_image", "grey.jpg", image(1, ".jpg", grey));
+  put("fuzz_image", "rgb.bmp", image(0, ".bmp", rgb));
+  put("fuzz_image", "rgba_randaugment.webp", image(2, ".webp", rgba));
+  put("fuzz_image", "16bit_rgb.tiff", image(1, ".tiff", deep));
   return 0;
 }
