@@ -54,11 +54,13 @@ bool known_format(std::string_view b) {
 // it reads any pixel data, so a file of a few hundred bytes can claim
 // gigabytes (OpenCV's own limit is 2^30 pixels). While decode_image runs on a
 // thread, every cv::Mat it makes there goes through this allocator, which
-// refuses one over kMaxDecodedBytes: one check that holds for every format
-// and every decoder, where parsing each header would have to agree with each
-// library's parser. Other threads and other code pass straight through.
-constexpr double kMaxDecodedBytes = double(1 << 28);  // 256 MiB, PIL's MAX_IMAGE_PIXELS of RGB
-thread_local bool t_decoding = false;
+// refuses one over max_pixels (the transforms' time grows with the pixels)
+// or over kMaxDecodedBytes (16-bit and 4-channel images): one check that
+// holds for every format and every decoder, where parsing each header would
+// have to agree with each library's parser. Other threads and other code
+// pass straight through.
+constexpr double kMaxDecodedBytes = double(1 << 28);  // 256 MiB
+thread_local int64_t t_max_pixels = 0;                // 0: not inside decode_image
 
 struct ImageTooLarge {
   int rows, cols, channels;
@@ -70,10 +72,11 @@ class DecodeAllocator : public cv::MatAllocator {
   explicit DecodeAllocator(cv::MatAllocator* base) : base_(base) {}
   cv::UMatData* allocate(int dims, const int* sizes, int type, void* data, size_t* step, cv::AccessFlag flags,
                          cv::UMatUsageFlags usage) const override {
-    if (t_decoding && !data) {
-      double bytes = CV_ELEM_SIZE(type);
-      for (int i = 0; i < dims; ++i) bytes *= sizes[i];
-      if (bytes > kMaxDecodedBytes)
+    if (t_max_pixels > 0 && !data) {
+      double pixels = 1;
+      for (int i = 0; i < dims; ++i) pixels *= sizes[i];
+      const double bytes = pixels * CV_ELEM_SIZE(type);
+      if (pixels > static_cast<double>(t_max_pixels) || bytes > kMaxDecodedBytes)
         throw ImageTooLarge{dims > 0 ? sizes[0] : 1, dims > 1 ? sizes[1] : 1, CV_MAT_CN(type), bytes};
     }
     return base_->allocate(dims, sizes, type, data, step, flags, usage);
@@ -95,8 +98,8 @@ const bool decode_allocator_installed = [] {
 }();
 
 struct DecodingScope {
-  DecodingScope() { t_decoding = true; }
-  ~DecodingScope() { t_decoding = false; }
+  explicit DecodingScope(int64_t max_pixels) { t_max_pixels = max_pixels; }
+  ~DecodingScope() { t_max_pixels = 0; }
 };
 
 // libjpeg's error manager, made to return instead of exit(), and to note
@@ -222,18 +225,21 @@ cv::Mat decode_known_format(const fs::path& path, const std::string& bytes, int 
 
 }  // namespace
 
-cv::Mat decode_image(const fs::path& path, int in_chans) {
+cv::Mat decode_image(const fs::path& path, int in_chans, int64_t max_pixels) {
   const std::string bytes = read_file(path);
   if (bytes.empty()) fail("{}: empty file", path.string());
   if (!known_format(bytes)) fail("{}: not a JPEG, PNG, BMP, WebP or TIFF file", path.string());
   if (in_chans != 1 && in_chans != 3)
     fail("{}: images decode to 1 or 3 channels, model.in_chans is {}", path.string(), in_chans);
-  DecodingScope scope;
+  if (max_pixels < 1) fail("{}: the pixel limit must be >= 1, got {}", path.string(), max_pixels);
+  DecodingScope scope(max_pixels);
   try {
     return decode_known_format(path, bytes, in_chans);
   } catch (const ImageTooLarge& e) {
-    fail("{}: decoding needs a {} x {} image of {} channel(s), {:.0f} MiB; images over {:.0f} MiB are refused",
-         path.string(), e.cols, e.rows, e.channels, e.bytes / (1 << 20), kMaxDecodedBytes / (1 << 20));
+    fail(
+        "{}: decoding needs a {} x {} image of {} channel(s), {:.0f} MiB; images over {} pixels or {:.0f} MiB are "
+        "refused",
+        path.string(), e.cols, e.rows, e.channels, e.bytes / (1 << 20), max_pixels, kMaxDecodedBytes / (1 << 20));
   }
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 // The timm/torchvision ImageFolder layout: ROOT/<split>/<class>/**/<image>,
 // classes being the sorted folder names.
+#include <cstdint>
 #include <filesystem>
 #include <opencv2/core.hpp>
 #include <string>
@@ -33,10 +34,15 @@ std::filesystem::path find_split(const std::filesystem::path& root, const std::s
 ImageFolder scan_image_folder(const std::filesystem::path& split_dir,
                               const std::vector<std::string>* classes = nullptr);
 
+// Images over this many pixels are refused by default (8192 x 8192): the
+// decoded image and every transform's time grow with it.
+constexpr int64_t kMaxImagePixels = int64_t{1} << 26;
+
 // Decodes an image as 8-bit RGB (in_chans 3) or grey (in_chans 1): grey,
 // alpha and 16-bit images are converted the same way every time. A file that
-// does not decode is an Error naming it.
-cv::Mat decode_image(const std::filesystem::path& path, int in_chans);
+// does not decode, or whose decoded image would exceed max_pixels or 256 MiB,
+// is an Error naming it.
+cv::Mat decode_image(const std::filesystem::path& path, int in_chans, int64_t max_pixels = kMaxImagePixels);
 
 // decode_image's fast path: a colour JPEG (8-bit YCbCr or RGB) decoded by
 // libjpeg straight to RGB into out. False, leaving OpenCV to decode it, for

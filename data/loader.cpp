@@ -35,7 +35,7 @@ cv::Mat MemorySource::image(int64_t index, int in_chans) const {
 }
 
 cv::Mat FolderSource::image(int64_t index, int in_chans) const {
-  return decode_image(folder_.samples.at(index).path, in_chans);
+  return decode_image(folder_.samples.at(index).path, in_chans, max_pixels_);
 }
 
 uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {

@@ -47,7 +47,8 @@ class MemorySource : public ImageSource {
 
 class FolderSource : public ImageSource {
  public:
-  explicit FolderSource(ImageFolder folder) : folder_(std::move(folder)) {}
+  explicit FolderSource(ImageFolder folder, int64_t max_pixels = kMaxImagePixels)
+      : folder_(std::move(folder)), max_pixels_(max_pixels) {}
   int64_t size() const override { return static_cast<int64_t>(folder_.samples.size()); }
   int64_t label(int64_t index) const override { return folder_.samples.at(index).label; }
   cv::Mat image(int64_t index, int in_chans) const override;
@@ -55,6 +56,7 @@ class FolderSource : public ImageSource {
 
  private:
   ImageFolder folder_;
+  int64_t max_pixels_;
 };
 
 // The first `limit` samples of another source.

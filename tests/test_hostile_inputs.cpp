@@ -212,6 +212,11 @@ TEST_CASE("hostile images: damaged PNG and JPEG, empty files and directories dec
   // A 16-bit RGBA PNG of 8192 x 8192 (2^26 pixels): 512 MiB decoded.
   write_file_atomic(dir / "deep.png", set_ihdr(std::string("\0\0\x20\0\0\0\x20\0\x10\x06", 10)));
   CHECK_THROWS_WITH(decode_image(dir / "deep.png", 1), Catch::Contains("8192 x 8192 image of 4 channel(s), 512 MiB"));
+  // The pixel limit: the 56 x 40 image decodes at 2240 pixels, not at 2239.
+  write_file_atomic(dir / "small.png", std::string(png.begin(), png.end()));
+  CHECK(decode_image(dir / "small.png", 3, 56 * 40).size() == cv::Size(56, 40));
+  CHECK_THROWS_WITH(decode_image(dir / "small.png", 3, 56 * 40 - 1),
+                    Catch::Contains("56 x 40 image") && Catch::Contains("over 2239 pixels"));
   // Formats outside the ImageFolder extensions (a PGM) are refused by name.
   write_file_atomic(dir / "grey.png", "P5\n2 2\n255\n\x01\x02\x03\x04");
   CHECK_THROWS_WITH(decode_image(dir / "grey.png", 1),

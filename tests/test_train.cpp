@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 #include <limits>
+#include <opencv2/imgcodecs.hpp>
 
 #include "analysis/study.h"
 #include "common/error.h"
@@ -32,6 +33,8 @@ TEST_CASE("train config: unknown sections and keys, bad values, and a YAML round
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"optim.opt=adam"})),
                     Catch::Contains("optim.opt must be one of adamw, sgd"));
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"data.type=imagefolder"})), Catch::Contains("data.root is required"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"data.max_image_pixels=0"})),
+                    Catch::Contains("data.max_image_pixels must be >= 1, got 0"));
   CHECK_THROWS_WITH(TrainConfig::load("", sets({"aug.scale=0.5"})),
                     Catch::Contains("aug.scale: expected a list of numbers"));
   TempDir dir;
@@ -46,6 +49,20 @@ TEST_CASE("train config: unknown sections and keys, bad values, and a YAML round
   TrainConfig again = TrainConfig::load(dir / "resolved.yaml", {});
   CHECK(again.to_yaml() == c.to_yaml());
   CHECK(again.aug.mean == std::vector<double>{0.2860});
+}
+
+TEST_CASE("data.max_image_pixels reaches the ImageFolder decoder") {
+  TempDir dir;
+  for (const char* split : {"train", "val"}) {
+    fs::create_directories(dir / split / "a");
+    REQUIRE(cv::imwrite((dir / split / "a" / "x.png").string(), cv::Mat(16, 12, CV_8UC3, cv::Scalar(1, 2, 3))));
+  }
+  const std::string root = "data.root=" + dir.path().string();
+  TrainConfig c = TrainConfig::load("", sets({"data.type=imagefolder", root.c_str(), "data.max_image_pixels=192"}));
+  CHECK(open_data(c.data).val->image(0, 3).size() == cv::Size(12, 16));
+  c.data.max_image_pixels = 191;
+  CHECK_THROWS_WITH(open_data(c.data).train->image(0, 3),
+                    Catch::Contains("x.png") && Catch::Contains("12 x 16 image") && Catch::Contains("over 191 pixels"));
 }
 
 TEST_CASE("a tiny model overfits a small batch") {

@@ -24,6 +24,7 @@ void DataConfig::validate() const {
   if (workers < 1) fail("data.workers must be >= 1, got {}", workers);
   if (prefetch < 1) fail("data.prefetch must be >= 1, got {}", prefetch);
   if (train_limit < 0) fail("data.train_limit must be >= 0 (0: all), got {}", train_limit);
+  if (max_image_pixels < 1) fail("data.max_image_pixels must be >= 1, got {}", max_image_pixels);
 }
 
 void OptimConfig::validate() const {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/config.h"
+#include "data/image_folder.h"
 #include "data/transforms.h"
 
 namespace vitlab {
@@ -21,7 +22,8 @@ struct DataConfig {
   std::string on_error = "skip";       // skip | fail: unreadable images
   int64_t workers = 2;
   int64_t prefetch = 4;
-  int64_t train_limit = 0;  // > 0: train on the first N images only (quick studies)
+  int64_t train_limit = 0;                     // > 0: train on the first N images only (quick studies)
+  int64_t max_image_pixels = kMaxImagePixels;  // imagefolder: larger images are errors (PIL's MAX_IMAGE_PIXELS)
 
   template <class F>
   void visit(F&& f) {
@@ -33,6 +35,7 @@ struct DataConfig {
     f("workers", workers);
     f("prefetch", prefetch);
     f("train_limit", train_limit);
+    f("max_image_pixels", max_image_pixels);
   }
   void validate() const;
 };

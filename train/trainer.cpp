@@ -45,8 +45,8 @@ DataSplits open_data(const DataConfig& data) {
       if (f->samples.empty())
         fail("{}: no images found (extensions jpg, jpeg, png, bmp, webp, tif, tiff)", f->dir.string());
     }
-    s.train = std::make_shared<FolderSource>(std::move(train));
-    s.val = std::make_shared<FolderSource>(std::move(val));
+    s.train = std::make_shared<FolderSource>(std::move(train), data.max_image_pixels);
+    s.val = std::make_shared<FolderSource>(std::move(val), data.max_image_pixels);
   }
   s.classes = s.train->classes();
   if (data.train_limit > 0) s.train = std::make_shared<SubsetSource>(s.train, data.train_limit);
