@@ -3,7 +3,6 @@
 // loops): each input either loads or fails with an exception; none may crash
 // or hang the process.
 #include <unistd.h>
-#include <zlib.h>
 
 #include <catch2/catch.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -169,7 +168,7 @@ TEST_CASE("hostile images: damaged PNG and JPEG, empty files and directories dec
   auto set_ihdr = [&](const std::string& fields) {
     std::string b(png.begin(), png.end());
     b.replace(16, fields.size(), fields);
-    const uint32_t crc = crc32(0, reinterpret_cast<const Bytef*>(b.data() + 12), 17);
+    const uint32_t crc = crc32_of(std::string_view(b).substr(12, 17));
     for (int i = 0; i < 4; ++i) b[29 + i] = static_cast<char>(crc >> (24 - 8 * i));
     return b;
   };
@@ -204,7 +203,8 @@ TEST_CASE("hostile images: damaged PNG and JPEG, empty files and directories dec
         std::pair{"huge.webp", huge_webp}, std::pair{"huge.tiff", huge_tiff}}) {
     write_file_atomic(dir / name, bytes);
     // Debian's OpenCV reads WebP and TIFF; a build without them cannot decode these at all.
-    if (!cv::haveImageReader((dir / name).string())) continue;
+    const bool optional = std::string_view(name) == "huge.webp" || std::string_view(name) == "huge.tiff";
+    if (optional && !cv::haveImageReader((dir / name).string())) continue;
     INFO(name);
     CHECK_THROWS_WITH(decode_image(dir / name, 3),
                       Catch::Contains(name) && Catch::Contains("32768 x 32768") && Catch::Contains("are refused"));
