@@ -39,7 +39,7 @@ def rows(quick):
         ("vit_small_patch16_224 infer", "vit_small_patch16_224", [], "infer", 32, 6 // s, 2),
         ("vit_small_patch16_224 infer b1", "vit_small_patch16_224", [], "infer", 1, 30 // s, 5),
         ("fashion_mnist_vit.yaml model train", "vit_tiny_patch16_224", FMNIST_MODEL, "train", 128, 20 // s, 3),
-        ("deepvit_patch16_224_re_attn_16b train (PyTorch: plain ViT of its shape)",
+        ("deepvit_patch16_224_re_attn_16b train (PyTorch: the official DeepViT's code)",
          "deepvit_patch16_224_re_attn_16b", [], "train", 32, 4 // s, 1),
     ]
 
@@ -125,7 +125,7 @@ def main():
              f"{' --quick' if args.quick else ''}`), {datetime.date.today()}: {platform.node() or 'this machine'}, "
              f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}; vitlab with LibTorch "
              f"{gemm['libtorch']}, PyTorch {torch_version} (Python {platform.python_version()}) with "
-             f"torchvision's `VisionTransformer`; {t} threads both sides; float32; sgemm peak measured "
+             f"torchvision's `VisionTransformer` (DeepViT: the official code's re-attention); {t} threads both sides; float32; sgemm peak measured "
              f"by `vitlab bench --gemm`: {gemm['gflops']:.0f} GFLOP/s.",
              "",
              "| row | mode | batch | vitlab img/s | PyTorch img/s | vitlab / PyTorch | vitlab MFU | peak RSS vitlab / PyTorch (MB) |",

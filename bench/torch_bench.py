@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The PyTorch-eager side of `make bench`: the same measurement as `vitlab bench`
 for torchvision's VisionTransformer (same depth, width, heads, patch, image
-size, batch, threads and steps) and for torchvision's ImageFolder + PIL
+size, batch, threads and steps), for DeepViT written as its official code is
+(a config with `apply_transform`), and for torchvision's ImageFolder + PIL
 transforms + DataLoader. Its last line is one JSON object, as vitlab's.
 
   torch_bench.py model --config '{"img_size": 224, ...}' --mode train --batch 32 --steps 20 --warmup 5 --threads 2
@@ -16,6 +17,7 @@ import time
 
 import torch
 import torchvision
+from torch import nn
 from torchvision import transforms
 
 
@@ -23,14 +25,80 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_model(args):
-    c = json.loads(args.config)
-    torch.manual_seed(0)
+class ReAttention(nn.Module):
+    """zhoudaquan/dvit_repo's ReAttention (models/layers.py), as PyTorch users run it."""
+
+    def __init__(self, dim, num_heads, qkv_bias, apply_transform, reatten_scale):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.apply_transform, self.reatten_scale = apply_transform, reatten_scale
+        if apply_transform:
+            self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1, 1)
+            self.var_norm = nn.BatchNorm2d(num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        if self.apply_transform:
+            attn = self.var_norm(self.reatten_matrix(attn)) * self.reatten_scale
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class DeepViTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, apply_transform, reatten_scale):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = ReAttention(dim, num_heads, qkv_bias, apply_transform, reatten_scale)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class DeepViT(nn.Module):
+    """The official DeepVisionTransformer's layout: conv patch embedding, class token, blocks, norm, head."""
+
+    def __init__(self, c):
+        super().__init__()
+        dim, grid = c["embed_dim"], c["img_size"] // c["patch_size"]
+        scale = (dim // c["num_heads"]) ** -0.5 if c["transform_scale"] else 1.0
+        self.patch_embed = nn.Conv2d(c["in_chans"], dim, c["patch_size"], c["patch_size"])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+        self.blocks = nn.ModuleList(
+            DeepViTBlock(dim, c["num_heads"], c["mlp_ratio"], c["qkv_bias"], t, scale) for t in c["apply_transform"])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, c["num_classes"])
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def make_model(c):
+    if any(c.get("apply_transform", [])):
+        return DeepViT(c)
     model = torchvision.models.vision_transformer.VisionTransformer(
         image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"], num_heads=c["num_heads"],
         hidden_dim=c["embed_dim"], mlp_dim=int(c["embed_dim"] * c["mlp_ratio"]), num_classes=c["num_classes"])
     if c["in_chans"] != 3:  # torchvision's ViT is RGB-only: swap its patch embedding
         model.conv_proj = torch.nn.Conv2d(c["in_chans"], c["embed_dim"], c["patch_size"], c["patch_size"])
+    return model
+
+
+def bench_model(args):
+    c = json.loads(args.config)
+    torch.manual_seed(0)
+    model = make_model(c)
     train = args.mode == "train"
     model.train(train)
     x = torch.randn(args.batch, c["in_chans"], c["img_size"], c["img_size"])
