@@ -130,12 +130,20 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
   const torch::Tensor y = torch::randint(classes, {o.batch}, torch::kInt64).to(o.device);
   torch::optim::AdamW opt(model.module->parameters(), torch::optim::AdamWOptions(1e-4).weight_decay(0.05));
 
+  // With --attention, the maps as their users take them: `vitlab analyze`
+  // keeps one tensor per block, the trainer's similarity regulariser stacks them.
+  auto forward = [&]() -> torch::Tensor {
+    if (!o.attention) return model.vision->forward(x);
+    if (train) return model.vision->forward_with_attention(x).first;
+    std::vector<torch::Tensor> maps;
+    return model.vision->forward_head(model.vision->forward_features(x, &maps));
+  };
   auto step = [&] {
     if (train) {
       torch::Tensor logits;
       {
         Autocast autocast(o.device, o.amp);
-        logits = o.attention ? model.vision->forward_with_attention(x).first : model.vision->forward(x);
+        logits = forward();
       }
       torch::Tensor loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat), y);
       opt.zero_grad();
@@ -144,10 +152,7 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
     } else {
       torch::NoGradGuard no_grad;
       Autocast autocast(o.device, o.amp);
-      if (o.attention)
-        model.vision->forward_with_attention(x);
-      else
-        model.vision->forward(x);
+      forward();
     }
     sync(o.device);
   };
