@@ -74,6 +74,14 @@ torch::Tensor scratch(torch::Tensor& buffer, torch::IntArrayRef shape, torch::Sc
   return buffer.narrow(0, 0, numel).view(shape);
 }
 
+// Whether every tensor is a contiguous float32 one on the CPU: what the
+// CPU kernels read.
+bool cpu_float32(const std::vector<torch::Tensor>& tensors) {
+  return std::all_of(tensors.begin(), tensors.end(), [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();
+  });
+}
+
 // Gram matrices [N, K, K] of dot products to cosines, in place: entry
 // (p, q) divided by max(||p||, eps) * max(||q||, eps), the norms taken from
 // the diagonal (so no separate normalising pass over the maps). Returns the
@@ -147,42 +155,63 @@ VITLAB_CLONES void pack_columns(const float* const* maps, int64_t K, int64_t T, 
     }
 }
 
-// The cosines of one block of 8 columns (from t0, the first `skip` of them
-// already added with the previous block) from their dot products, added as
-// add_column_cosines says. inv: scratch of K * 8 floats.
-VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t t0, int64_t skip, float eps, float* sum,
-                                     int64_t pq_stride, float tau, int64_t* above, float* inv) {
+// Pairs p <= q of K items, in row-major order: (0,0), (0,1), ..., (1,1), ...
+int64_t pair_count(int64_t K) { return K * (K + 1) / 2; }
+
+// The values of the pairs p <= q ([pair_count(K)], row-major) as the
+// symmetric [K, K] matrix.
+torch::Tensor symmetric_from_pairs(const torch::Tensor& pairs, int64_t K) {
+  const torch::Tensor index = torch::triu_indices(K, K);  // row-major, as pair_count's order
+  torch::Tensor out = torch::zeros({K, K}, pairs.options());
+  out.index_put_({index[0], index[1]}, pairs);
+  out.index_put_({index[1], index[0]}, pairs);
+  return out;
+}
+
+// The cosines of one block of 8 columns from their dot products, for every
+// pair p <= q (the other half is the same), added to sum[pair * 8 + w]; the
+// lanes before `skip` (columns the previous block already had) add 0. Those
+// >= tau are counted in above[pair * 8 + w] when above is not null. inv:
+// scratch of K * 8 floats.
+VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip, float eps, float tau, float* sum,
+                                     int32_t* above, float* inv) {
   for (int64_t p = 0; p < K; ++p)
     for (int64_t w = 0; w < kW; ++w) {
       const float square = dots[(p * K + p) * kW + w];
       if (!std::isfinite(square)) return false;
       inv[p * kW + w] = 1.0f / std::max(std::sqrt(std::max(square, 0.0f)), eps);
     }
-  for (int64_t p = 0; p < K; ++p)
-    for (int64_t q = 0; q < K; ++q) {
-      const float* d = dots + (p * K + q) * kW;
-      // In a local array first, min/max rather than clamp: so that the
-      // loop vectorises.
-      float c[kW];
-      int32_t count = 0;
-      for (int64_t w = 0; w < kW; ++w) {
-        c[w] = std::min(std::max(d[w] * inv[p * kW + w] * inv[q * kW + w], -1.0f), 1.0f);
-        count += (w >= skip) & (c[w] >= tau);
+  const simd::IntLanes lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const auto valid = lane >= static_cast<int32_t>(skip);
+  const Lanes one = simd::splat(1.0f), minus_one = simd::splat(-1.0f), zero = {}, threshold = simd::splat(tau);
+  int64_t pair = 0;
+  for (int64_t p = 0; p < K; ++p) {
+    const Lanes inv_p = simd::load(inv + p * kW);
+    for (int64_t q = p; q < K; ++q, ++pair) {
+      Lanes c = simd::load(dots + (p * K + q) * kW) * inv_p * simd::load(inv + q * kW);
+      c = c > one ? one : c;
+      c = c < minus_one ? minus_one : c;
+      c = valid ? c : zero;
+      simd::store(sum + pair * kW, simd::load(sum + pair * kW) + c);
+      if (above) {
+        simd::IntLanes count;
+        std::memcpy(&count, above + pair * kW, sizeof count);
+        count -= (c >= threshold) & valid;  // true is -1
+        std::memcpy(above + pair * kW, &count, sizeof count);
       }
-      float* out = sum + (p * K + q) * pq_stride + t0;
-      for (int64_t w = skip; w < kW; ++w) out[w] += c[w];
-      if (above) above[p * K + q] += count;
     }
+  }
   return true;
 }
 
-// Adds cos(maps[p][:, t], maps[q][:, t]) for every p, q < K and column t to
-// sum[(p * K + q) * pq_stride + t], and counts those >= tau in
-// above[p * K + q] when above is not null. Columns are divided by
-// max(norm, eps) as in gram_to_cosine. Returns false when a column's norm
-// is not finite. Needs T >= 8; dots and packed are scratch.
-bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float eps, float* sum, int64_t pq_stride,
-                        float tau, int64_t* above, std::vector<float>& dots, std::vector<float>& packed) {
+// For every block of 8 columns i (the last one overlapping the one before
+// when 8 does not divide T): the cosines cos(maps[p][:, t], maps[q][:, t])
+// of every pair p <= q of the K maps, added by add_block_cosines to
+// sum + i * block_stride (block_stride 0 sums over the columns). Columns
+// are divided by max(norm, eps) as in gram_to_cosine. Returns false when a
+// column's norm is not finite. Needs T >= 8; dots and packed are scratch.
+bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float eps, float tau, float* sum,
+                        int64_t block_stride, int32_t* above, std::vector<float>& dots, std::vector<float>& packed) {
   const int64_t blocks = (T + kW - 1) / kW;
   dots.resize(static_cast<size_t>(K * K * kW + K * kW));  // the dot products, then the reciprocal norms
   packed.resize(static_cast<size_t>(blocks * K * T * kW));
@@ -191,25 +220,100 @@ bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float ep
   for (int64_t i = 0; i < blocks; ++i) {
     for (int64_t k = 0; k < K; ++k) columns[k] = packed.data() + (i * K + k) * T * kW;
     column_dots(columns.data(), K, T, dots.data());
-    const int64_t t0 = std::min(i * kW, T - kW);
-    if (!add_block_cosines(dots.data(), K, t0, i * kW - t0, eps, sum, pq_stride, tau, above, dots.data() + K * K * kW))
+    const int64_t skip = i * kW - std::min(i * kW, T - kW);
+    if (!add_block_cosines(dots.data(), K, skip, eps, tau, sum + i * block_stride, above, dots.data() + K * K * kW))
       return false;
   }
   return true;
 }
 
+// dots[p * K + q] = features[p] . features[q] for every p, q < K (both
+// halves), for vectors of length D, in the same 4x2 tiles as column_dots
+// with each tile's 8 sums reduced together at the end.
+VITLAB_CLONES void vector_dots(const float* const* features, int64_t K, int64_t D, float* dots) {
+  const int64_t whole = D / kW * kW;
+  for (int64_t p0 = 0; p0 < K; p0 += kP)
+    for (int64_t q0 = p0; q0 < K; q0 += kQ) {
+      const float* a[kP];
+      const float* b[kQ];
+      for (int64_t i = 0; i < kP; ++i) a[i] = features[std::min(p0 + i, K - 1)];
+      for (int64_t j = 0; j < kQ; ++j) b[j] = features[std::min(q0 + j, K - 1)];
+      Lanes acc[kP * kQ] = {};
+      for (int64_t r = 0; r < whole; r += kW) {
+        Lanes x[kP], y[kQ];
+        for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
+        for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
+        for (int64_t i = 0; i < kP; ++i)
+          for (int64_t j = 0; j < kQ; ++j) acc[i * kQ + j] += x[i] * y[j];
+      }
+      static_assert(kP * kQ == kW, "sum8 reduces one tile");
+      const Lanes tile = simd::sum8(acc);
+      for (int64_t i = 0; i < kP && p0 + i < K; ++i)
+        for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
+          float dot = tile[i * kQ + j];
+          for (int64_t r = whole; r < D; ++r) dot += a[i][r] * b[j][r];
+          dots[(p0 + i) * K + q0 + j] = dots[(q0 + j) * K + p0 + i] = dot;
+        }
+    }
+}
+
+// add()'s CPU path for contiguous float32 block outputs ([B, T, D] each):
+// per token, the Gram matrix of its K = L block outputs, the norms from its
+// diagonal, the cosines of the pairs p <= q summed in float64. Reads each
+// output once, where normalising a copy and one [L, B·T·D] x [B·T·D, L]
+// sgemm read it three times (docs/BENCHMARKS.md). Returns the sums as the
+// symmetric [L, L] matrix, or an undefined tensor when a norm is not finite.
+torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features, double eps) {
+  const int64_t L = static_cast<int64_t>(features.size()), N = features[0].size(0) * features[0].size(1),
+                D = features[0].size(2), pairs = pair_count(L);
+  std::vector<const float*> base;
+  for (const auto& f : features) base.push_back(f.data_ptr<float>());
+  // Fixed runs of tokens, each with its own sums, added in order: the
+  // result does not depend on the number of threads.
+  constexpr int64_t kRun = 64;
+  const int64_t runs = (N + kRun - 1) / kRun;
+  std::vector<double> partial(static_cast<size_t>(runs * pairs), 0.0);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> token(L);
+    std::vector<float> dots(L * L), inv(L);
+    for (int64_t run = begin; run < end; ++run)
+      for (int64_t t = run * kRun; t < std::min(N, (run + 1) * kRun); ++t) {
+        for (int64_t l = 0; l < L; ++l) token[l] = base[l] + t * D;
+        vector_dots(token.data(), L, D, dots.data());
+        for (int64_t p = 0; p < L; ++p) {
+          if (!std::isfinite(dots[p * L + p])) finite = false;
+          inv[p] = 1.0f / std::max(std::sqrt(std::max(dots[p * L + p], 0.0f)), static_cast<float>(eps));
+        }
+        double* sum = partial.data() + run * pairs;
+        for (int64_t p = 0, pair = 0; p < L; ++p)
+          for (int64_t q = p; q < L; ++q, ++pair)
+            sum[pair] += std::clamp(dots[p * L + q] * inv[p] * inv[q], -1.0f, 1.0f);
+      }
+  });
+  if (!finite) return {};
+  torch::Tensor sums = torch::zeros({pairs}, torch::kDouble);
+  double* total = sums.data_ptr<double>();
+  for (int64_t run = 0; run < runs; ++run)
+    for (int64_t pair = 0; pair < pairs; ++pair) total[pair] += partial[run * pairs + pair];
+  return symmetric_from_pairs(sums, L);
+}
+
 // add()'s CPU path for float32 maps: parallel over heads for the
 // cross-layer cosines and over blocks for the inter-head ones, so that no
-// two threads add to the same sums.
-void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& m_sum,
+// two threads add to the same sums. The cross-layer sums go to `sum` in the
+// kernel's layout [H, blocks of 8 columns, pairs p <= q, 8] (unpacked by
+// add_kernel_sums), the rest to above_tau and head_sum as add() keeps them.
+void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& sum,
                   torch::Tensor& above_tau, torch::Tensor& head_sum) {
   const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1), T = attn[0].size(2);
+  const int64_t blocks = (T + kW - 1) / kW, layer_pairs = pair_count(L), head_pairs = pair_count(H);
   const auto eps = static_cast<float>(o.eps), tau = static_cast<float>(o.tau);
   std::vector<const float*> base;
   for (const auto& a : attn) base.push_back(a.data_ptr<float>());
-  torch::Tensor above = torch::zeros({H, L, L}, torch::kLong);
-  float* sum_data = m_sum.data_ptr<float>();
-  int64_t* above_data = above.data_ptr<int64_t>();
+  torch::Tensor above = torch::zeros({H, layer_pairs, kW}, torch::kInt);
+  float* sum_data = sum.data_ptr<float>();
+  int32_t* above_data = above.data_ptr<int32_t>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> maps(L);
@@ -217,29 +321,48 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOption
     for (int64_t h = begin; h < end; ++h)
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t l = 0; l < L; ++l) maps[l] = base[l] + (b * H + h) * T * T;
-        if (!add_column_cosines(maps.data(), L, T, eps, sum_data + h * T, H * T, tau, above_data + h * L * L, dots,
-                                packed))
+        if (!add_column_cosines(maps.data(), L, T, eps, tau, sum_data + h * blocks * layer_pairs * kW, layer_pairs * kW,
+                                above_data + h * layer_pairs * kW, dots, packed))
           finite = false;
       }
   });
   if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
-  above_tau += above.sum(0).to(above_tau.options());
+  above_tau +=
+      symmetric_from_pairs(above.sum(torch::IntArrayRef{0, 2}, false, torch::kLong), L).to(above_tau.options());
 
-  torch::Tensor heads = torch::zeros({L, H, H}, torch::kDouble);
-  double* heads_data = heads.data_ptr<double>();
+  torch::Tensor heads = torch::zeros({L, head_pairs, kW}, torch::kFloat);  // over the batch's columns
+  float* heads_data = heads.data_ptr<float>();
   at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> maps(H);
-    std::vector<float> dots, packed, columns(H * H * T);  // float32 over one image's columns, then float64
+    std::vector<float> dots, packed;
     for (int64_t l = begin; l < end; ++l)
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t h = 0; h < H; ++h) maps[h] = base[l] + (b * H + h) * T * T;
-        std::fill(columns.begin(), columns.end(), 0.0f);
-        add_column_cosines(maps.data(), H, T, eps, columns.data(), T, tau, nullptr, dots, packed);
-        for (int64_t k = 0; k < H * H; ++k)
-          heads_data[l * H * H + k] += std::accumulate(columns.begin() + k * T, columns.begin() + (k + 1) * T, 0.0f);
+        add_column_cosines(maps.data(), H, T, eps, tau, heads_data + l * head_pairs * kW, 0, nullptr, dots, packed);
       }
   });
-  head_sum += heads.to(head_sum.options());
+  for (int64_t l = 0; l < L; ++l)
+    head_sum[l] += symmetric_from_pairs(heads[l].sum(1, false, torch::kDouble), H).to(head_sum.options());
+}
+
+// The CPU kernel's cross-layer sums [H, blocks of 8 columns, pairs p <= q,
+// 8] as [L, L, H, T].
+torch::Tensor unpack_kernel_sums(const torch::Tensor& sum, int64_t L, int64_t T) {
+  const int64_t H = sum.size(0), blocks = sum.size(1), pairs = sum.size(2);
+  // Column t is lane t - t0 of the block that starts at t0 = min(8i, T - 8).
+  std::vector<int64_t> lane_of(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t i = std::min(t / kW, blocks - 1);
+    lane_of[t] = i * kW + t - std::min(i * kW, T - kW);
+  }
+  const torch::Tensor columns = sum.permute({2, 0, 1, 3})
+                                    .reshape({pairs, H, blocks * kW})
+                                    .index_select(2, torch::tensor(lane_of, torch::kLong));  // [pairs, H, T]
+  const torch::Tensor index = torch::triu_indices(L, L);
+  torch::Tensor out = torch::zeros({L * L, H, T}, sum.options());
+  out.index_copy_(0, index[0] * L + index[1], columns);
+  out.index_copy_(0, index[1] * L + index[0], columns);
+  return out.view({L, L, H, T});
 }
 
 }  // namespace
@@ -319,22 +442,31 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   // a batch with a non-finite map leaves the accumulator as it was.
   // m_sum is float32: sums over one batch's images, added to the float64
   // total once per batch.
-  torch::Tensor m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
+  // The CPU kernel keeps its own layout of them (unpacked in result()).
   torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
-  const bool cpu_kernel = device_.is_cpu() && T >= kW && std::all_of(attn.begin(), attn.end(), [](const auto& a) {
-                            return a.device().is_cpu() && a.scalar_type() == torch::kFloat && a.is_contiguous();
-                          });
-  if (cpu_kernel) add_maps_cpu(attn, options_, m_sum, above_tau, head_sum);
-  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+  const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_float32(attn);
+  const bool feature_kernel = with_features && device_.is_cpu() && cpu_float32(features);
+  torch::Tensor m_sum;
+  if (cpu_kernel) {
+    m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();
+    add_maps_cpu(attn, options_, m_sum, above_tau, head_sum);
+  } else {
+    m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
+  }
+  if (feature_kernel) {
+    feature_sum = feature_cosine_sums_cpu(features, eps);
+    if (!feature_sum.defined()) fail_non_finite(features, "block outputs", "(weights overflow?)");
+  }
+  for (int64_t b0 = 0; b0 < B && !(cpu_kernel && (feature_kernel || !with_features)); b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     if (!cpu_kernel) add_maps_chunk(attn, b0, n, m_sum, above_tau, head_sum);
-    if (with_features) {
+    if (with_features && !feature_kernel) {
       // The sum over tokens of cos(F_p[t], F_q[t]) is the dot product of
       // blocks p and q's outputs with every token vector normalised, all
       // tokens flattened into one row: one [L, n*T*D] x [n*T*D, L] product
-      // instead of n*T small Gram matrices (a batched matmul of 32x768
-      // matrices runs one at a time in LibTorch 1.13's CPU bmm).
+      // instead of n*T small Gram matrices (LibTorch's bmm would launch one
+      // per token).
       torch::Tensor F = scratch(normalised_features_, {L, n, TF, D}, torch::kFloat, device_);
       torch::Tensor finite = torch::ones({}, torch::TensorOptions().dtype(torch::kBool).device(device_));
       for (int64_t l = 0; l < L; ++l) {
@@ -349,7 +481,13 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
       feature_sum += torch::mm(flat, flat.t()).to(torch::kDouble);
     }
   }
-  m_sum_ += m_sum;
+  if (!cpu_kernel) {
+    m_sum_ += m_sum;
+  } else if (kernel_sum_.defined()) {
+    kernel_sum_ += m_sum;
+  } else {
+    kernel_sum_ = m_sum.to(torch::kDouble);
+  }
   above_tau_ += above_tau;
   head_sum_ += head_sum;
   images_ += B;
@@ -370,7 +508,8 @@ SimilarityResult SimilarityAccumulator::result() const {
   r.tokens = T;
   r.options = options_;
   const auto cpu = [](const torch::Tensor& t) { return t.to(torch::kCPU).contiguous(); };
-  torch::Tensor mean = m_sum_ / static_cast<double>(images_);  // [L, L, H, T]
+  torch::Tensor sum = kernel_sum_.defined() ? m_sum_ + unpack_kernel_sums(kernel_sum_, L, T) : m_sum_;
+  torch::Tensor mean = sum / static_cast<double>(images_);  // [L, L, H, T]
   r.M = cpu(mean.to(torch::kFloat));
   r.S = cpu(mean.mean({2, 3}));
   r.adjacent = L > 1 ? r.S.diagonal(1).contiguous() : torch::zeros({0}, torch::kDouble);

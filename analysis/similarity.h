@@ -81,6 +81,7 @@ class SimilarityAccumulator {
   int64_t images_ = 0;
   int64_t feature_images_ = 0;
   torch::Tensor m_sum_;        // float64 [L, L, H, T]: sum over images of the per-image cosines
+  torch::Tensor kernel_sum_;   // float64: the CPU kernel's part of m_sum_, in its layout (see add_maps_cpu)
   torch::Tensor above_tau_;    // int64 [L, L]: entries with cosine >= tau
   torch::Tensor head_sum_;     // float64 [L, H, H]: sum over images and tokens
   torch::Tensor feature_sum_;  // float64 [L, L]: sum over images and tokens

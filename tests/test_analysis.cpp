@@ -168,18 +168,22 @@ TEST_CASE("similarity: the CPU kernel agrees with the batched-product path") {
   // in float64 take the bmm path. Shapes cover partial tiles (L, H not
   // multiples of 4 or 2) and column blocks (T not a multiple of 8), signed
   // maps (re-attention) and an all-zero column.
-  for (auto [L, H, T] : std::vector<std::array<int64_t, 3>>{{1, 1, 8}, {3, 5, 13}, {6, 2, 20}, {9, 3, 17}}) {
-    INFO("L " << L << ", H " << H << ", T " << T);
+  // float32 block outputs take the feature kernel, float64 ones the
+  // product path; D covers vectors shorter than 8 and partial ones.
+  for (auto [L, H, T, D] :
+       std::vector<std::array<int64_t, 4>>{{1, 1, 8, 4}, {3, 5, 13, 13}, {6, 2, 20, 16}, {9, 3, 17, 21}}) {
+    INFO("L " << L << ", H " << H << ", T " << T << ", D " << D);
     torch::manual_seed(11);
     torch::Tensor attn = torch::randn({L, 3, H, T, T});
     torch::Tensor softmaxed = attn.narrow(0, 0, (L + 1) / 2);
     softmaxed.copy_(softmaxed.softmax(-1));
     attn.select(1, 1).select(2, 0).select(2, T - 1).zero_();  // column T-1 of head 0, image 1, every block
-    const torch::Tensor features = torch::randn({L, 3, T, 4});
+    torch::Tensor features = torch::randn({L, 3, T, D});
+    features[0][2][1].zero_();  // a zero token vector: cosine 0, as torch.nn.functional.normalize gives
     SimilarityOptions o;
     o.tau = 0.3;
     const SimilarityResult kernel = similarity_of(attn, features, o);
-    const SimilarityResult reference = similarity_of(attn.to(torch::kDouble), features, o);
+    const SimilarityResult reference = similarity_of(attn.to(torch::kDouble), features.to(torch::kDouble), o);
     check_same(kernel, reference, 2e-6);
     CHECK(kernel.ratio.sum().item<double>() > 0.0);
   }
@@ -201,6 +205,14 @@ TEST_CASE("similarity: non-finite maps, bad shapes and options are clear errors"
   acc.add(attn);  // the failed batches left nothing behind
   CHECK(max_abs_diff(acc.result().M, similarity_of(attn).M) == 0.0);
   CHECK_THROWS_WITH(acc.add(attn, features), Catch::Contains("with every batch or with none"));
+  torch::Tensor bad = features.clone();
+  bad[1][0][2][1] = std::numeric_limits<float>::quiet_NaN();
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {  // the CPU kernel and the product path
+    SimilarityAccumulator fresh(2, 2, 5);
+    CHECK_THROWS_WITH(fresh.add(attn, bad.to(dtype)),
+                      Catch::Contains("block outputs contain non-finite values (NaN or Inf) in block 1"));
+    CHECK(fresh.images() == 0);
+  }
   SimilarityOptions o;
   o.tau = 2.0;
   CHECK_THROWS_WITH(SimilarityAccumulator(2, 2, 5, o),
