@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <numeric>
 
 #include "common/error.h"
 #include "common/simd.h"
@@ -303,7 +302,7 @@ torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features
 // cross-layer cosines and over blocks for the inter-head ones, so that no
 // two threads add to the same sums. The cross-layer sums go to `sum` in the
 // kernel's layout [H, blocks of 8 columns, pairs p <= q, 8] (unpacked by
-// add_kernel_sums), the rest to above_tau and head_sum as add() keeps them.
+// unpack_kernel_sums), the rest to above_tau and head_sum as add() keeps them.
 void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& sum,
                   torch::Tensor& above_tau, torch::Tensor& head_sum) {
   const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1), T = attn[0].size(2);
@@ -458,7 +457,9 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
     feature_sum = feature_cosine_sums_cpu(features, eps);
     if (!feature_sum.defined()) fail_non_finite(features, "block outputs", "(weights overflow?)");
   }
-  for (int64_t b0 = 0; b0 < B && !(cpu_kernel && (feature_kernel || !with_features)); b0 += chunk) {
+  // What the kernels above did not take goes through batched products.
+  const bool products = !cpu_kernel || (with_features && !feature_kernel);
+  for (int64_t b0 = 0; products && b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     if (!cpu_kernel) add_maps_chunk(attn, b0, n, m_sum, above_tau, head_sum);
     if (with_features && !feature_kernel) {

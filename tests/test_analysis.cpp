@@ -186,6 +186,12 @@ TEST_CASE("similarity: the CPU kernel agrees with the batched-product path") {
     const SimilarityResult reference = similarity_of(attn.to(torch::kDouble), features.to(torch::kDouble), o);
     check_same(kernel, reference, 2e-6);
     CHECK(kernel.ratio.sum().item<double>() > 0.0);
+    // The kernels and the product path keep separate sums: one accumulator
+    // taking a batch each way gives the same result.
+    SimilarityAccumulator mixed(L, H, T, o);
+    mixed.add(attn.narrow(1, 0, 1), features.narrow(1, 0, 1));
+    mixed.add(attn.narrow(1, 1, 2).to(torch::kDouble), features.narrow(1, 1, 2).to(torch::kDouble));
+    check_same(mixed.result(), reference, 2e-6);
   }
 }
 
