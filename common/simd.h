@@ -56,18 +56,26 @@ VITLAB_LANES float sum(Lanes v) {
   return s;
 }
 
+// Lanes of a (0-7) and b (8-15) picked by eight constant indices; GCC and
+// Clang spell it differently.
+#if defined(__clang__)
+#define VITLAB_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define VITLAB_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IntLanes{__VA_ARGS__})
+#endif
+
 // The lane sums of v[0..7] as one vector: lane k is the sum of v[k]'s
 // lanes (three rounds of pairwise shuffles and adds).
 VITLAB_LANES Lanes sum8(const Lanes* v) {
-  const IntLanes even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-  const IntLanes low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
-  const IntLanes first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
   Lanes t[4];
   for (int k = 0; k < 4; ++k)
-    t[k] = __builtin_shuffle(v[2 * k], v[2 * k + 1], even) + __builtin_shuffle(v[2 * k], v[2 * k + 1], odd);
-  const Lanes u0 = __builtin_shuffle(t[0], t[1], low) + __builtin_shuffle(t[0], t[1], high);
-  const Lanes u1 = __builtin_shuffle(t[2], t[3], low) + __builtin_shuffle(t[2], t[3], high);
-  return __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second);
+    t[k] = VITLAB_SHUFFLE(v[2 * k], v[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           VITLAB_SHUFFLE(v[2 * k], v[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const Lanes u0 =
+      VITLAB_SHUFFLE(t[0], t[1], 0, 1, 8, 9, 4, 5, 12, 13) + VITLAB_SHUFFLE(t[0], t[1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const Lanes u1 =
+      VITLAB_SHUFFLE(t[2], t[3], 0, 1, 8, 9, 4, 5, 12, 13) + VITLAB_SHUFFLE(t[2], t[3], 2, 3, 10, 11, 6, 7, 14, 15);
+  return VITLAB_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + VITLAB_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 VITLAB_LANES float max(Lanes v) {
