@@ -112,28 +112,36 @@ static_assert(kP % kQ == 0, "tiles starting on the diagonal cover every pair");
 using simd::kW;
 using simd::Lanes;
 
+// The kP x kQ tile of lane-wise dot products of vectors p0.. and q0.. over
+// their first n floats (a multiple of 8): acc[i * kQ + j][w] = sum over r
+// of v[p0 + i][8r + w] * v[q0 + j][8r + w]. Past the last vector, the tile
+// repeats vector K - 1 (the caller drops those results).
+VITLAB_LANES void tile_dots(const float* const* v, int64_t K, int64_t p0, int64_t q0, int64_t n, Lanes* acc) {
+  const float* a[kP];
+  const float* b[kQ];
+  for (int64_t i = 0; i < kP; ++i) a[i] = v[std::min(p0 + i, K - 1)];
+  for (int64_t j = 0; j < kQ; ++j) b[j] = v[std::min(q0 + j, K - 1)];
+  for (int64_t k = 0; k < kP * kQ; ++k) acc[k] = Lanes{};
+  for (int64_t r = 0; r < n; r += kW) {
+    Lanes x[kP], y[kQ];
+    for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
+    for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
+    for (int64_t i = 0; i < kP; ++i)
+      for (int64_t j = 0; j < kQ; ++j) acc[i * kQ + j] += x[i] * y[j];
+  }
+}
+
 // dots[p][q][w] = sum over rows r of columns[p][r * 8 + w] * columns[q][r * 8 + w]
 // for every p, q < K (both halves of the symmetric matrix).
 VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t rows, float* dots) {
   for (int64_t p0 = 0; p0 < K; p0 += kP)
     for (int64_t q0 = p0; q0 < K; q0 += kQ) {
-      // Past the last block, the tile repeats block K - 1 and drops the result.
-      const float* a[kP];
-      const float* b[kQ];
-      for (int64_t i = 0; i < kP; ++i) a[i] = columns[std::min(p0 + i, K - 1)];
-      for (int64_t j = 0; j < kQ; ++j) b[j] = columns[std::min(q0 + j, K - 1)];
-      Lanes acc[kP][kQ] = {};
-      for (int64_t r = 0; r < rows * kW; r += kW) {
-        Lanes x[kP], y[kQ];
-        for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
-        for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
-        for (int64_t i = 0; i < kP; ++i)
-          for (int64_t j = 0; j < kQ; ++j) acc[i][j] += x[i] * y[j];
-      }
+      Lanes acc[kP * kQ];
+      tile_dots(columns, K, p0, q0, rows * kW, acc);
       for (int64_t i = 0; i < kP && p0 + i < K; ++i)
         for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
           // From a copy: taking acc's address would keep the tile out of registers.
-          const Lanes v = acc[i][j];
+          const Lanes v = acc[i * kQ + j];
           simd::store(dots + ((p0 + i) * K + q0 + j) * kW, v);
           simd::store(dots + ((q0 + j) * K + p0 + i) * kW, v);
         }
@@ -231,26 +239,17 @@ bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float ep
 // with each tile's 8 sums reduced together at the end.
 VITLAB_CLONES void vector_dots(const float* const* features, int64_t K, int64_t D, float* dots) {
   const int64_t whole = D / kW * kW;
+  static_assert(kP * kQ == kW, "sum8 reduces one tile");
   for (int64_t p0 = 0; p0 < K; p0 += kP)
     for (int64_t q0 = p0; q0 < K; q0 += kQ) {
-      const float* a[kP];
-      const float* b[kQ];
-      for (int64_t i = 0; i < kP; ++i) a[i] = features[std::min(p0 + i, K - 1)];
-      for (int64_t j = 0; j < kQ; ++j) b[j] = features[std::min(q0 + j, K - 1)];
-      Lanes acc[kP * kQ] = {};
-      for (int64_t r = 0; r < whole; r += kW) {
-        Lanes x[kP], y[kQ];
-        for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
-        for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
-        for (int64_t i = 0; i < kP; ++i)
-          for (int64_t j = 0; j < kQ; ++j) acc[i * kQ + j] += x[i] * y[j];
-      }
-      static_assert(kP * kQ == kW, "sum8 reduces one tile");
+      Lanes acc[kP * kQ];
+      tile_dots(features, K, p0, q0, whole, acc);
       const Lanes tile = simd::sum8(acc);
       for (int64_t i = 0; i < kP && p0 + i < K; ++i)
         for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
+          const float *a = features[p0 + i], *b = features[q0 + j];
           float dot = tile[i * kQ + j];
-          for (int64_t r = whole; r < D; ++r) dot += a[i][r] * b[j][r];
+          for (int64_t r = whole; r < D; ++r) dot += a[r] * b[r];
           dots[(p0 + i) * K + q0 + j] = dots[(q0 + j) * K + p0 + i] = dot;
         }
     }
