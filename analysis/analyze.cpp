@@ -19,11 +19,17 @@
 
 namespace vitlab {
 
+void check_maps(const std::string& maps, const std::string& key) {
+  if (maps != "applied" && maps != "softmax")
+    fail("{} must be 'applied' (the map that multiplies V) or 'softmax' (before re-attention), got '{}'", key, maps);
+}
+
 void AnalyzeOptions::validate() const {
   similarity.validate();
   if (batch_size < 1) fail("analysis batch size must be >= 1, got {}", batch_size);
   if (limit < 0) fail("analysis limit must be >= 0 images (0: all), got {}", limit);
   if (visualize < 0) fail("analysis visualize must be >= 0 images, got {}", visualize);
+  check_maps(maps, "analysis maps");
   if (mean.size() != std.size())
     fail("analysis mean has {} values and std {}: give one per channel for both (or neither)", mean.size(), std.size());
   for (double s : std)
@@ -136,13 +142,18 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
 
   model.module->to(o.device);
   {
-    // Eval mode for the passes, the caller's mode back afterwards, errors included.
-    struct EvalMode {
+    // Eval mode and the chosen maps for the passes, the caller's mode and
+    // the applied maps back afterwards, errors included.
+    struct PassMode {
       VisionTransformerImpl& m;
       bool was_training;
-      ~EvalMode() { m.train(was_training); }
-    } eval_mode{vit, vit.is_training()};
+      ~PassMode() {
+        m.train(was_training);
+        for (auto& b : m.blocks) b->attn->capture_softmax = false;
+      }
+    } pass_mode{vit, vit.is_training()};
     vit.eval();
+    for (auto& b : vit.blocks) b->attn->capture_softmax = o.maps == "softmax";
     torch::NoGradGuard no_grad;
     int64_t seen = 0;
     while (o.limit == 0 || seen < o.limit) {
@@ -177,6 +188,8 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   report.similarity = r;
   const int64_t N = r.images;
   const std::string images_text = fmt::format("{} image{}", N, N == 1 ? "" : "s");
+  // What the attention figures' titles say they measured.
+  const std::string maps_text = o.maps == "softmax" ? "softmax maps, " + images_text : images_text;
 
   StagedOutputs staged;
   auto add = [&](const std::string& file, const std::string& bytes) {
@@ -205,7 +218,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   const double smin = colour_floor(r.S);
   {
     HeatmapOptions h;
-    h.title = fmt::format("{}: cross-layer attention similarity ({})", name, images_text);
+    h.title = fmt::format("{}: cross-layer attention similarity ({})", name, maps_text);
     h.subtitle = "S[p,q]: cosine of attention-map columns, mean over heads and tokens";
     h.x_label = "block q";
     h.y_label = "block p";
@@ -215,7 +228,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   }
   {
     HeatmapGridOptions g;
-    g.title = fmt::format("{}: cross-layer attention similarity per head ({})", name, images_text);
+    g.title = fmt::format("{}: cross-layer attention similarity per head ({})", name, maps_text);
     g.subtitle = "mean over tokens of M[p,q,h,t]";
     g.x_label = "block q";
     g.y_label = "block p";
@@ -235,7 +248,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
       ratio.y.push_back(r.ratio[k - 1][k].item<double>());
     }
     LinePlotOptions p;
-    p.title = fmt::format("{}: adjacent-block attention similarity ({})", name, images_text);
+    p.title = fmt::format("{}: adjacent-block attention similarity ({})", name, maps_text);
     p.subtitle = fmt::format("similar blocks (S[k-1, k] >= {}): {} of {}", rounded(o.similarity.similar_threshold),
                              r.similar_blocks, L);
     p.x_label = "block k";
@@ -248,7 +261,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   }
   {
     HeatmapGridOptions g;
-    g.title = fmt::format("{}: inter-head attention similarity ({})", name, images_text);
+    g.title = fmt::format("{}: inter-head attention similarity ({})", name, maps_text);
     g.subtitle = fmt::format("cosine of the same column in heads g and h; off-diagonal mean {}",
                              H > 1 ? rounded(r.inter_head_mean.mean().item<double>()) : std::string("n/a"));
     g.x_label = "head h";
@@ -292,11 +305,12 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
     const int columns = overlay_columns(static_cast<int>(panels.size()));
     add(fmt::format("attention_image{}.png", i),
         encode_png(panel_grid_image(
-            panels, columns, fmt::format("{}: image {}", name, i),
+            panels, columns, fmt::format("{}: image {}{}", name, i, o.maps == "softmax" ? " (softmax maps)" : ""),
             fmt::format("{}: heads of block {} (the last), their mean, and rollout", row_name, L - 1))));
   }
 
   nlohmann::json j = r.to_json();
+  j["parameters"]["maps"] = o.maps;
   j["model"] = name;
   j["family"] = model.family;
   j["config"] = model.config;
@@ -308,7 +322,8 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   j["definitions"] = {
       {"A",
        "per block, head and image: the T x T map that multiplies V (post-softmax; after Theta and BatchNorm for "
-       "re-attention blocks); rows are output tokens, columns input tokens"},
+       "re-attention blocks), or with parameters.maps 'softmax' the softmax map before Theta and BatchNorm; rows are "
+       "output tokens, columns input tokens"},
       {"M", "similarity.pt [L,L,H,T]: mean over images of cos(A^p[h,:,t], A^q[h,:,t]), columns of the maps"},
       {"cross_layer", "S[p][q]: mean of M over heads and tokens"},
       {"adjacent", "S[k-1][k] for k = 1..L-1"},

@@ -23,6 +23,10 @@ struct AnalyzeOptions {
   at::ScalarType amp = at::ScalarType::Undefined;  // autocast dtype of the forward passes; Undefined: fp32
   int64_t visualize = 4;                           // the first images get attention overlays
   bool features = true;                            // also the cross-layer similarity of block outputs
+  // Which map A is: "applied", the one that multiplies V (after Θ and
+  // BatchNorm in re-attention blocks), or "softmax", the softmax map before
+  // them (the same in blocks without re-attention).
+  std::string maps = "applied";
   // The normalisation the inputs went through (TransformOptions::mean/std),
   // undone for the overlays; empty: each image is stretched to [0, 1].
   std::vector<double> mean, std;
@@ -30,6 +34,9 @@ struct AnalyzeOptions {
 
   void validate() const;  // errors name the option and the expectation
 };
+
+// Throws unless maps is "applied" or "softmax"; key names the setting.
+void check_maps(const std::string& maps, const std::string& key);
 
 struct AnalyzeReport {
   SimilarityResult similarity;

@@ -105,6 +105,7 @@ StudyConfig StudyConfig::load(const fs::path& file, const std::vector<Override>&
   if (study["analysis"]) read_options(c.analysis, study["analysis"], "study.analysis");
   if (c.analysis.images < 1) fail("study.analysis.images must be >= 1, got {}", c.analysis.images);
   if (c.analysis.batch_size < 1) fail("study.analysis.batch_size must be >= 1, got {}", c.analysis.batch_size);
+  check_maps(c.analysis.maps, "study.analysis.maps");
   if (study["members"]) {
     if (!study["members"].IsSequence()) fail("study.members must be a list of {{family, depth, weights}}");
     for (const auto& m : study["members"]) {
@@ -157,7 +158,8 @@ std::optional<nlohmann::json> finished_analysis(const fs::path& dir, const Study
   auto j = nlohmann::json::parse(read_file(dir / "summary.json"), nullptr, false);
   if (j.is_discarded() || j.value("images", int64_t(-1)) != a.images || !j.contains("parameters") ||
       j["parameters"].value("tau", -1.0) != a.tau ||
-      j["parameters"].value("similar_threshold", -1.0) != a.similar_threshold)
+      j["parameters"].value("similar_threshold", -1.0) != a.similar_threshold ||
+      j["parameters"].value("maps", std::string("applied")) != a.maps)  // analyses before the option: applied
     return std::nullopt;
   return j;
 }
@@ -344,6 +346,7 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
         ao.batch_size = config.analysis.batch_size;
         ao.similarity.tau = config.analysis.tau;
         ao.similarity.similar_threshold = config.analysis.similar_threshold;
+        ao.maps = config.analysis.maps;
         ao.device = device;
         ao.model_name = fmt::format("{} ({} blocks)", family.name, depth);
         ao.mean = tf.mean;
@@ -389,7 +392,8 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
     }
     adjacent_series.push_back(s);
   }
-  const std::string subtitle = fmt::format("{} evaluation images per member", config.analysis.images);
+  const std::string subtitle = fmt::format("{} evaluation images per member{}", config.analysis.images,
+                                           config.analysis.maps == "softmax" ? ", softmax maps" : "");
   LinePlotOptions p;
   p.title = "Top-1 accuracy against depth";
   p.x_label = "blocks";
@@ -430,9 +434,10 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
   std::string md = "# Depth-scaling study\n\n";
   md += fmt::format(
       "ViT and DeepViT at {} blocks, trained with one recipe and analysed on the first {} evaluation images "
-      "(τ = {}, similar-block threshold {}). Definitions: docs/ANALYSIS.md. Each member's outputs are under "
+      "({} maps, τ = {}, similar-block threshold {}). Definitions: docs/ANALYSIS.md. Each member's outputs are under "
       "`members/<family>_d<depth>/` (run directory, `analysis/` with similarity.pt, summary.json and figures).\n\n",
-      fmt::join(config.depths, ", "), config.analysis.images, config.analysis.tau, config.analysis.similar_threshold);
+      fmt::join(config.depths, ", "), config.analysis.images, config.analysis.maps, config.analysis.tau,
+      config.analysis.similar_threshold);
   md += "| family | depth | params | top-1 % | top-5 % | similar blocks | mean adjacent similarity | train time |\n";
   md += "|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : results) {

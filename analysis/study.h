@@ -33,6 +33,7 @@ struct StudyAnalysis {
   int64_t batch_size = 64;
   double tau = 0.9;
   double similar_threshold = 0.9;
+  std::string maps = "applied";  // AnalyzeOptions::maps
 
   template <class F>
   void visit(F&& f) {
@@ -40,6 +41,7 @@ struct StudyAnalysis {
     f("batch_size", batch_size);
     f("tau", tau);
     f("similar_threshold", similar_threshold);
+    f("maps", maps);
   }
 };
 

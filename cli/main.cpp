@@ -193,7 +193,7 @@ void run_train(const TrainArgs& a, const CommonOptions& common) {
 }
 
 struct AnalyzeArgs {
-  std::string checkpoint, model, weights, config, input, data, out;
+  std::string checkpoint, model, weights, config, input, data, out, maps = "applied";
   int64_t limit = 0, batch = 32, visualize = 4;
   double tau = 0.9, threshold = 0.9;
 };
@@ -233,6 +233,7 @@ void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
   ao.batch_size = a.batch;
   ao.limit = a.limit;
   ao.visualize = a.visualize;
+  ao.maps = a.maps;
   ao.similarity.tau = a.tau;
   ao.similarity.similar_threshold = a.threshold;
   AnalyzeReport report;
@@ -484,6 +485,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   analyze_cmd->add_option("--tau", an.tau, "Per-image cosine counted as similar in the ratio R")->capture_default_str();
   analyze_cmd->add_option("--threshold", an.threshold, "S[k-1,k] at or above which block k is a similar block")
+      ->capture_default_str();
+  analyze_cmd
+      ->add_option(
+          "--maps", an.maps,
+          "applied: the maps that multiply V (after re-attention in DeepViT); softmax: the softmax maps before "
+          "re-attention")
+      ->check(CLI::IsMember({"applied", "softmax"}))
       ->capture_default_str();
   analyze_cmd->add_option("--visualize", an.visualize, "Images with attention overlays")
       ->check(CLI::NonNegativeNumber)

@@ -87,8 +87,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
     const bool kernel = attention_kernel_applies(q, k, v);
     torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
     a = attn_drop(a);
+    if (attn && capture_softmax) *attn = a;
     if (options.re_attention) a = re_attend(a);
-    if (attn) *attn = a;
+    if (attn && !capture_softmax) *attn = a;
     out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
   }
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));

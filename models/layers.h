@@ -80,12 +80,17 @@ void set_batch_norm_sync(SumAcrossProcesses sum);
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const AttentionOptions& options);
-  // attn: when not null, receives the map that multiplies V, [B, H, T, T].
+  // attn: when not null, receives the map that multiplies V, [B, H, T, T]
+  // (or the softmax map before re-attention, with capture_softmax).
   torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
   // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale.
   torch::Tensor re_attend(const torch::Tensor& a);
 
   AttentionOptions options;
+  // Capture the softmax map instead of the re-attention map, so that DeepViT's
+  // maps can be compared with ViT's like for like; the same map without
+  // re-attention.
+  bool capture_softmax = false;
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
   torch::nn::Dropout attn_drop{nullptr}, proj_drop{nullptr};
   torch::nn::Conv2d reatten_matrix{nullptr};

@@ -337,7 +337,38 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
     o.visualize = 1;
     AnalyzeReport r = analyze(m, x, o, dir / "deepvit");
     CHECK(r.summary["re_attention_blocks"] == nlohmann::json({3, 4}));
+    CHECK(r.summary["parameters"]["maps"] == "applied");
     CHECK(max_abs_diff(r.similarity.M, read_torch_tensor(fixture("deepvit_official_S_style.similarity.pt"))) <= 1e-5);
+
+    // The softmax maps before re-attention: row-stochastic, the same output,
+    // and the applied maps in the blocks without re-attention (0-2).
+    std::vector<torch::Tensor> softmax_maps, applied_maps;
+    torch::Tensor with_softmax, with_applied;
+    {
+      torch::NoGradGuard no_grad;
+      with_applied = m.vision->forward_features(x, &applied_maps);
+      for (auto& b : m.vision->blocks) b->attn->capture_softmax = true;
+      with_softmax = m.vision->forward_features(x, &softmax_maps);
+      for (auto& b : m.vision->blocks) b->attn->capture_softmax = false;
+    }
+    CHECK(max_abs_diff(with_softmax, with_applied) == 0.0);
+    for (int l = 0; l < 5; ++l) {
+      INFO("block " << l);
+      CHECK(max_abs_diff(softmax_maps[l].sum(-1), torch::ones_like(softmax_maps[l].sum(-1))) < 1e-5);
+      CHECK(softmax_maps[l].min().item<float>() >= 0.0f);
+      CHECK((max_abs_diff(softmax_maps[l], applied_maps[l]) == 0.0) == (l < 3));
+    }
+    o.maps = "softmax";
+    AnalyzeReport s = analyze(m, x, o, dir / "deepvit_softmax");
+    CHECK(s.summary["parameters"]["maps"] == "softmax");
+    CHECK(max_abs_diff(s.similarity.M, similarity_of(torch::stack(softmax_maps)).M) <= 1e-6);
+    CHECK(max_abs_diff(s.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3),
+                       r.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3)) <= 1e-6);
+    CHECK(max_abs_diff(s.similarity.M[3][4], r.similarity.M[3][4]) > 0.01);
+    for (auto& b : m.vision->blocks) CHECK(!b->attn->capture_softmax);  // the applied maps again afterwards
+    o.maps = "post";
+    CHECK_THROWS_WITH(analyze(m, x, o, dir / "bad"),
+                      Catch::Contains("analysis maps must be 'applied'") && Catch::Contains("got 'post'"));
   }
   {
     Model m = create_model("vit_tiny_patch16_224", YAML::Load("{img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, "

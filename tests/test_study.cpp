@@ -1,5 +1,6 @@
 // `vitlab study` end to end on a tiny budget, and its config checks.
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include "analysis/study.h"
 #include "common/files.h"
@@ -43,6 +44,9 @@ TEST_CASE("study config: members, overrides and clear errors") {
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.image=3")}),
                     Catch::Contains("unknown key 'study.analysis.image'") && Catch::Contains("images"));
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("model.dept=3")}), Catch::Contains("model.dept"));
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.maps=post")}),
+                    Catch::Contains("study.analysis.maps must be 'applied'") && Catch::Contains("got 'post'"));
+  CHECK(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.maps=softmax")}).analysis.maps == "softmax");
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.depths=[0]")}),
                     Catch::Contains("positive integers"));
   write_file_atomic(dir / "plain.yaml", "train: {epochs: 1}\n");
@@ -71,6 +75,19 @@ TEST_CASE("a two-member study completes, reports both, and a rerun skips them") 
              Catch::Contains("ViT_d2 is trained, skipping") && Catch::Contains("DeepViT_d2 is trained, skipping"));
   CHECK(fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors") == trained);
   CHECK(read_file(dir / "out" / "REPORT.md").find("| DeepViT | 2 |") != std::string::npos);
+
+  // Other maps: the trained members are analysed again, not retrained.
+  RunResult softmax = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " +
+                              (dir / "out").string() + " --set study.analysis.maps=softmax");
+  INFO(softmax.output);
+  REQUIRE(softmax.status == 0);
+  CHECK_THAT(softmax.output, Catch::Contains("DeepViT_d2 is trained, skipping") &&
+                                 Catch::Contains("analysing DeepViT_d2") && !Catch::Contains("is analysed, skipping"));
+  CHECK(fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors") == trained);
+  const auto summary =
+      nlohmann::json::parse(read_file(dir / "out" / "members" / "DeepViT_d2" / "analysis" / "summary.json"));
+  CHECK(summary["parameters"]["maps"] == "softmax");
+  CHECK_THAT(read_file(dir / "out" / "REPORT.md"), Catch::Contains("softmax maps"));
 }
 
 TEST_CASE("study --jobs trains members in parallel processes, each as it would train alone") {
