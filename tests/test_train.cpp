@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
 #include "analysis/study.h"
@@ -166,10 +167,20 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
       run_cli("train" + base + data + " --set train.epochs=4 --stop-after 2 --out " + (dir / "split").string());
   REQUIRE(first.status == 0);
   CHECK_THAT(first.output, Catch::Contains("stopped after epoch 2 of 4"));
+  // The training time sums the runs: pretend the first one took 1000 s longer.
+  const fs::path state_path = dir / "split" / "checkpoint-last" / "state.json";
+  nlohmann::json state = nlohmann::json::parse(read_file(state_path));
+  const double first_seconds = state.at("seconds");
+  CHECK(first_seconds > 0);
+  state["seconds"] = first_seconds + 1000;
+  write_file_atomic(state_path, state.dump());
   RunResult r = run_cli("train" + base + data + " --set train.epochs=4 --resume --out " + (dir / "split").string());
   INFO(r.output);
   REQUIRE(r.status == 0);
   CHECK_THAT(r.output, Catch::Contains("resuming"));
+  const double wall = nlohmann::json::parse(read_file(dir / "split" / "summary.json")).at("wall_seconds");
+  CHECK(wall > first_seconds + 1000);
+  CHECK(wall < first_seconds + 1000 + 600);
   CHECK(read_file(dir / "straight" / "model.safetensors") == read_file(dir / "split" / "model.safetensors"));
   CHECK(read_file(dir / "straight" / "model_ema.safetensors") == read_file(dir / "split" / "model_ema.safetensors"));
   CHECK(read_file(dir / "straight" / "metrics.csv") == read_file(dir / "split" / "metrics.csv"));

@@ -149,6 +149,9 @@ struct RunState {
   double loss_scale = 65536.0;  // fp16 only
   int64_t scale_growth_tracker = 0;
   int64_t skipped_steps = 0;
+  // Wall-clock seconds of training up to this state, summed over the runs
+  // (a resumed training's time counts every run up to its checkpoint).
+  double seconds = 0;
 };
 
 // fp16 loss scaling as torch.cuda.amp.GradScaler does it: a step whose
@@ -244,6 +247,7 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
                       {"loss_scale", st.loss_scale},
                       {"scale_growth_tracker", st.scale_growth_tracker},
                       {"skipped_steps", st.skipped_steps},
+                      {"seconds", st.seconds},
                       {"files", manifest},
                       {"vitlab", version()},
                       {"libtorch", TORCH_VERSION},
@@ -298,6 +302,7 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
     st.loss_scale = j.value("loss_scale", st.loss_scale);
     st.scale_growth_tracker = j.value("scale_growth_tracker", int64_t(0));
     st.skipped_steps = j.value("skipped_steps", int64_t(0));
+    st.seconds = j.value("seconds", 0.0);  // 0 in checkpoints written before it was recorded
   } catch (const nlohmann::json::exception& e) {
     fail("{}: damaged ({})", state_path.string(), e.what());
   }
@@ -446,6 +451,10 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       fmt::print(stderr, "resuming {} at epoch {}, batch {} (step {})\n", run_dir.string(), st.epoch + 1, st.batch,
                  st.step);
   }
+  const double earlier_seconds = st.seconds;
+  auto total_seconds = [&] {
+    return earlier_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  };
   const std::string config_yaml = cfg.to_yaml();
   const StopSignals stop_signals;
   std::ofstream steps_log;
@@ -585,6 +594,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
           st.batch_index = batch_index;
           st.loss_sum = loss_sum;
           st.loss_count = loss_count;
+          st.seconds = total_seconds();
           if (main) {
             progress.end_epoch();
             save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
@@ -621,6 +631,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     st.epoch = epoch + 1;
     const bool best = ev.top1 > st.best_top1;
     if (best) st.best_top1 = ev.top1;
+    st.seconds = total_seconds();
     if (!main) continue;
     std::string csv = csv_header(cfg.train.ema);
     for (const auto& r : st.csv_rows) csv += r + "\n";
@@ -634,7 +645,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   if (!main) return st.best_top1;
   write_weights(run_dir / "model.safetensors", module_state(*model.module));
   if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
-  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  const double wall = total_seconds();
   const int64_t skipped = train_loader.skipped() + val_loader.skipped();
   nlohmann::json summary = {
       {"model", spec.name},
