@@ -19,6 +19,11 @@
 
 namespace vitlab {
 
+std::string maps_label(const std::string& maps, bool center) {
+  if (maps == "softmax") return center ? "centred softmax maps" : "softmax maps";
+  return center ? "centred maps" : "";
+}
+
 void check_maps(const std::string& maps, const std::string& key) {
   if (maps != "applied" && maps != "softmax")
     fail("{} must be 'applied' (the map that multiplies V) or 'softmax' (before re-attention), got '{}'", key, maps);
@@ -189,7 +194,8 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   const int64_t N = r.images;
   const std::string images_text = fmt::format("{} image{}", N, N == 1 ? "" : "s");
   // What the attention figures' titles say they measured.
-  const std::string maps_text = o.maps == "softmax" ? "softmax maps, " + images_text : images_text;
+  const std::string label = maps_label(o.maps, r.options.center);
+  const std::string maps_text = label.empty() ? images_text : label + ", " + images_text;
 
   StagedOutputs staged;
   auto add = [&](const std::string& file, const std::string& bytes) {
@@ -219,7 +225,8 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   {
     HeatmapOptions h;
     h.title = fmt::format("{}: cross-layer attention similarity ({})", name, maps_text);
-    h.subtitle = "S[p,q]: cosine of attention-map columns, mean over heads and tokens";
+    h.subtitle = r.options.center ? "S[p,q]: cosine of attention-map columns, rows centred, mean over heads and tokens"
+                                  : "S[p,q]: cosine of attention-map columns, mean over heads and tokens";
     h.x_label = "block q";
     h.y_label = "block p";
     h.vmin = smin;
@@ -324,7 +331,10 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
        "per block, head and image: the T x T map that multiplies V (post-softmax; after Theta and BatchNorm for "
        "re-attention blocks), or with parameters.maps 'softmax' the softmax map before Theta and BatchNorm; rows are "
        "output tokens, columns input tokens"},
-      {"M", "similarity.pt [L,L,H,T]: mean over images of cos(A^p[h,:,t], A^q[h,:,t]), columns of the maps"},
+      {"M",
+       "similarity.pt [L,L,H,T]: mean over images of cos(A^p[h,:,t], A^q[h,:,t]), columns of the maps; with "
+       "parameters.center each row minus its mean first (1/T for a softmax map: the deviation from uniform "
+       "attention)"},
       {"cross_layer", "S[p][q]: mean of M over heads and tokens"},
       {"adjacent", "S[k-1][k] for k = 1..L-1"},
       {"ratio", "share of (image, head, token) entries whose cosine is >= tau"},

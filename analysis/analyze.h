@@ -37,6 +37,9 @@ struct AnalyzeOptions {
 
 // Throws unless maps is "applied" or "softmax"; key names the setting.
 void check_maps(const std::string& maps, const std::string& key);
+// What figure titles call the measured maps: "" (the default, applied and
+// not centred), "softmax maps", "centred maps" or "centred softmax maps".
+std::string maps_label(const std::string& maps, bool center);
 
 struct AnalyzeReport {
   SimilarityResult similarity;

@@ -433,6 +433,14 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
     }
   }
   if (B == 0) return;
+  std::vector<torch::Tensor> centred;
+  if (options_.center)
+    for (const auto& a : attn) {
+      // Half-precision maps are centred in float32; dim 3 is the input tokens.
+      const torch::Tensor f = a.element_size() < 4 ? a.to(torch::kFloat) : a;
+      centred.push_back(f - f.mean(3, /*keepdim=*/true));
+    }
+  const std::vector<torch::Tensor>& maps = options_.center ? centred : attn;
 
   const int64_t chunk = chunk_images(D);
   const double eps = options_.eps;
@@ -443,12 +451,12 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   // The CPU kernel keeps its own layout of them (unpacked in result()).
   torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
-  const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_float32(attn);
+  const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_float32(maps);
   const bool feature_kernel = with_features && device_.is_cpu() && cpu_float32(features);
   torch::Tensor m_sum;
   if (cpu_kernel) {
     m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();
-    add_maps_cpu(attn, options_, m_sum, above_tau, head_sum);
+    add_maps_cpu(maps, options_, m_sum, above_tau, head_sum);
   } else {
     m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
   }
@@ -460,7 +468,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   const bool products = !cpu_kernel || (with_features && !feature_kernel);
   for (int64_t b0 = 0; products && b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    if (!cpu_kernel) add_maps_chunk(attn, b0, n, m_sum, above_tau, head_sum);
+    if (!cpu_kernel) add_maps_chunk(maps, b0, n, m_sum, above_tau, head_sum);
     if (with_features && !feature_kernel) {
       // The sum over tokens of cos(F_p[t], F_q[t]) is the dot product of
       // blocks p and q's outputs with every token vector normalised, all
@@ -552,7 +560,10 @@ nlohmann::json SimilarityResult::to_json() const {
   j["layers"] = layers;
   j["heads"] = heads;
   j["tokens"] = tokens;
-  j["parameters"] = {{"tau", options.tau}, {"similar_threshold", options.similar_threshold}, {"eps", options.eps}};
+  j["parameters"] = {{"tau", options.tau},
+                     {"similar_threshold", options.similar_threshold},
+                     {"eps", options.eps},
+                     {"center", options.center}};
   j["cross_layer"] = to_json_lists(S);
   j["adjacent"] = to_json_lists(adjacent);
   j["adjacent_mean"] = adjacent.numel() > 0 ? number_or_null(adjacent.mean().item<double>()) : nlohmann::json();

@@ -25,6 +25,11 @@ struct SimilarityOptions {
   // Columns are divided by max(||column||, eps), as torch.nn.functional.normalize:
   // an all-zero column has cosine 0 with everything, itself included.
   double eps = 1e-8;
+  // Subtract each row's mean first (1/T for a softmax map), so that only how
+  // the maps deviate from uniform attention counts: uniform maps, which
+  // every pair of softmax maps partly shares, no longer make columns alike.
+  // Off: the paper's measure.
+  bool center = false;
 
   void validate() const;  // errors name the option and the expectation
 };

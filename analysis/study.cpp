@@ -159,7 +159,8 @@ std::optional<nlohmann::json> finished_analysis(const fs::path& dir, const Study
   if (j.is_discarded() || j.value("images", int64_t(-1)) != a.images || !j.contains("parameters") ||
       j["parameters"].value("tau", -1.0) != a.tau ||
       j["parameters"].value("similar_threshold", -1.0) != a.similar_threshold ||
-      j["parameters"].value("maps", std::string("applied")) != a.maps)  // analyses before the option: applied
+      j["parameters"].value("maps", std::string("applied")) != a.maps ||  // analyses before the options: applied,
+      j["parameters"].value("center", false) != a.center)                 // not centred
     return std::nullopt;
   return j;
 }
@@ -347,6 +348,7 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
         ao.similarity.tau = config.analysis.tau;
         ao.similarity.similar_threshold = config.analysis.similar_threshold;
         ao.maps = config.analysis.maps;
+        ao.similarity.center = config.analysis.center;
         ao.device = device;
         ao.model_name = fmt::format("{} ({} blocks)", family.name, depth);
         ao.mean = tf.mean;
@@ -392,8 +394,9 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
     }
     adjacent_series.push_back(s);
   }
-  const std::string subtitle = fmt::format("{} evaluation images per member{}", config.analysis.images,
-                                           config.analysis.maps == "softmax" ? ", softmax maps" : "");
+  const std::string label = maps_label(config.analysis.maps, config.analysis.center);
+  const std::string subtitle =
+      fmt::format("{} evaluation images per member{}", config.analysis.images, label.empty() ? "" : ", " + label);
   LinePlotOptions p;
   p.title = "Top-1 accuracy against depth";
   p.x_label = "blocks";
@@ -434,10 +437,11 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
   std::string md = "# Depth-scaling study\n\n";
   md += fmt::format(
       "ViT and DeepViT at {} blocks, trained with one recipe and analysed on the first {} evaluation images "
-      "({} maps, τ = {}, similar-block threshold {}). Definitions: docs/ANALYSIS.md. Each member's outputs are under "
-      "`members/<family>_d<depth>/` (run directory, `analysis/` with similarity.pt, summary.json and figures).\n\n",
-      fmt::join(config.depths, ", "), config.analysis.images, config.analysis.maps, config.analysis.tau,
-      config.analysis.similar_threshold);
+      "({}{} maps, τ = {}, similar-block threshold {}). Definitions: docs/ANALYSIS.md. Each member's outputs are "
+      "under `members/<family>_d<depth>/` (run directory, `analysis/` with similarity.pt, summary.json and "
+      "figures).\n\n",
+      fmt::join(config.depths, ", "), config.analysis.images, config.analysis.center ? "centred " : "",
+      config.analysis.maps, config.analysis.tau, config.analysis.similar_threshold);
   md += "| family | depth | params | top-1 % | top-5 % | similar blocks | mean adjacent similarity | train time |\n";
   md += "|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : results) {

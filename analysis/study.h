@@ -34,6 +34,7 @@ struct StudyAnalysis {
   double tau = 0.9;
   double similar_threshold = 0.9;
   std::string maps = "applied";  // AnalyzeOptions::maps
+  bool center = false;           // SimilarityOptions::center
 
   template <class F>
   void visit(F&& f) {
@@ -42,6 +43,7 @@ struct StudyAnalysis {
     f("tau", tau);
     f("similar_threshold", similar_threshold);
     f("maps", maps);
+    f("center", center);
   }
 };
 

@@ -196,6 +196,7 @@ struct AnalyzeArgs {
   std::string checkpoint, model, weights, config, input, data, out, maps = "applied";
   int64_t limit = 0, batch = 32, visualize = 4;
   double tau = 0.9, threshold = 0.9;
+  bool center = false;
 };
 
 // --data SPEC: fashion_mnist, cifar10:ROOT or imagefolder:ROOT (its validation split).
@@ -236,6 +237,7 @@ void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
   ao.maps = a.maps;
   ao.similarity.tau = a.tau;
   ao.similarity.similar_threshold = a.threshold;
+  ao.similarity.center = a.center;
   AnalyzeReport report;
   if (!a.input.empty()) {
     YAML::Node keys = YAML::Clone(cfg.model_overrides);
@@ -493,6 +495,9 @@ int main(int argc, char** argv) {
           "re-attention")
       ->check(CLI::IsMember({"applied", "softmax"}))
       ->capture_default_str();
+  analyze_cmd->add_flag(
+      "--center", an.center,
+      "Subtract each map row's mean first (1/T for softmax): compare deviations from uniform attention");
   analyze_cmd->add_option("--visualize", an.visualize, "Images with attention overlays")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();

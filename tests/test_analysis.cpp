@@ -136,6 +136,43 @@ TEST_CASE("similarity of hand-built maps has the known answers") {
   CHECK(z.S[0][0].item<double>() == Approx(1.0).margin(1e-6));
 }
 
+TEST_CASE("similarity with center compares the maps' deviations from uniform attention") {
+  auto [attn, features] = random_maps(3, 4, 2, 9, 4);
+  SimilarityOptions o;
+  o.center = true;
+  // The definition in float64: rows minus their mean (1/T for these softmax
+  // maps), cosines of the columns (over the rows, dim 3) per image, then the
+  // mean over the images.
+  torch::Tensor c = attn.to(torch::kDouble);
+  c = c - c.mean(4, true);
+  c = c / at::linalg_vector_norm(c, 2, torch::IntArrayRef{3}, true);
+  const torch::Tensor expected = torch::einsum("pbhit,qbhit->pqht", {c, c}) / attn.size(1);
+  const SimilarityResult kernel = similarity_of(attn, {}, o);  // float32, T >= 8: the CPU kernel
+  const SimilarityResult products = similarity_of(attn.to(torch::kDouble), {}, o);
+  CHECK(max_abs_diff(kernel.M, expected) < 1e-5);
+  CHECK(max_abs_diff(products.M, expected) < 1e-5);
+  CHECK(max_abs_diff(kernel.inter_head, products.inter_head) < 1e-5);
+  CHECK(kernel.to_json()["parameters"]["center"] == true);
+  CHECK(similarity_of(attn).to_json()["parameters"]["center"] == false);
+
+  // A constant added to every row leaves the centred map as it was; a
+  // uniform map has nothing left (cosine 0), though its raw cosine is high.
+  torch::Tensor shifted = attn.clone();
+  shifted[1] = attn[0] + torch::rand({4, 2, 9, 1});
+  shifted[2].fill_(1.0 / 9);
+  const SimilarityResult centred = similarity_of(shifted, {}, o), raw = similarity_of(shifted);
+  CHECK(centred.S[0][1].item<double>() == Approx(1.0).margin(1e-5));
+  CHECK(raw.S[0][1].item<double>() < 0.99);
+  CHECK(centred.S[0][2].item<double>() == 0.0);
+  CHECK(raw.S[0][2].item<double>() > 0.5);
+  // Every query attending alike (all rows one distribution, the same in
+  // both blocks) still counts as similar: centring the columns would not.
+  torch::Tensor shared = attn.select(3, 0).unsqueeze(3).expand({3, 4, 2, 9, 9}).contiguous();
+  CHECK(similarity_of(shared, {}, o).S[0][1].item<double>() < 1.0 - 1e-3);  // blocks 0, 1 differ
+  shared[1] = shared[0];
+  CHECK(similarity_of(shared, {}, o).S[0][1].item<double>() == Approx(1.0).margin(1e-5));
+}
+
 TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same result") {
   auto [attn, features] = random_maps(4, 7, 3, 10, 16);
   const SimilarityResult once = similarity_of(attn, features);

@@ -133,6 +133,13 @@ TEST_CASE("vitlab analyze on a fixture reproduces its similarity and writes the 
   CHECK(max_abs_diff(m, read_torch_tensor(fixture(name + ".similarity.pt"))) <= 1e-5);
   for (const char* f : {"summary.json", "cross_layer.png", "adjacent.png", "inter_head.png", "cross_layer.csv"})
     CHECK(fs::exists(dir / "out" / f));
+  RunResult centred = run_cli(fmt::format("analyze {} --weights {} --input {} --center --visualize 0 --out {}", kSmall,
+                                          fixture(name + ".safetensors").string(), fixture(name + ".input.pt").string(),
+                                          (dir / "centred").string()));
+  INFO(centred.output);
+  REQUIRE(centred.status == 0);
+  CHECK(nlohmann::json::parse(read_file(dir / "centred" / "summary.json"))["parameters"]["center"] == true);
+  CHECK(max_abs_diff(read_torch_tensor(dir / "centred" / "similarity.pt"), m) > 0.01);
 
   RunResult both = run_cli(fmt::format("analyze {} --weights {} --input x.pt --data fashion_mnist --out {}", kSmall,
                                        fixture(name + ".safetensors").string(), (dir / "bad").string()));

@@ -77,8 +77,9 @@ TEST_CASE("a two-member study completes, reports both, and a rerun skips them") 
   CHECK(read_file(dir / "out" / "REPORT.md").find("| DeepViT | 2 |") != std::string::npos);
 
   // Other maps: the trained members are analysed again, not retrained.
-  RunResult softmax = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " +
-                              (dir / "out").string() + " --set study.analysis.maps=softmax");
+  RunResult softmax =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string() +
+              " --set study.analysis.maps=softmax" + " --set study.analysis.center=true");
   INFO(softmax.output);
   REQUIRE(softmax.status == 0);
   CHECK_THAT(softmax.output, Catch::Contains("DeepViT_d2 is trained, skipping") &&
@@ -87,7 +88,8 @@ TEST_CASE("a two-member study completes, reports both, and a rerun skips them") 
   const auto summary =
       nlohmann::json::parse(read_file(dir / "out" / "members" / "DeepViT_d2" / "analysis" / "summary.json"));
   CHECK(summary["parameters"]["maps"] == "softmax");
-  CHECK_THAT(read_file(dir / "out" / "REPORT.md"), Catch::Contains("softmax maps"));
+  CHECK(summary["parameters"]["center"] == true);
+  CHECK_THAT(read_file(dir / "out" / "REPORT.md"), Catch::Contains("centred softmax maps"));
 }
 
 TEST_CASE("study --jobs trains members in parallel processes, each as it would train alone") {
