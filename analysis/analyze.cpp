@@ -24,6 +24,10 @@ std::string maps_label(const std::string& maps, bool center) {
   return center ? "centred maps" : "";
 }
 
+double colour_floor(const torch::Tensor& values) {
+  return std::min(0.0, std::floor(values.min().item<double>() * 10.0 + 1e-6) / 10.0);
+}
+
 void check_maps(const std::string& maps, const std::string& key) {
   if (maps != "applied" && maps != "softmax")
     fail("{} must be 'applied' (the map that multiplies V) or 'softmax' (before re-attention), got '{}'", key, maps);
@@ -118,12 +122,6 @@ int overlay_columns(int panels) {
     }
   }
   return best;
-}
-
-// The colour range's lower end: 0, or below it a round tenth (cosines of
-// re-attention maps can be negative), so the colour bar ends on a tick.
-double colour_floor(const torch::Tensor& values) {
-  return std::min(0.0, std::floor(values.min().item<double>() * 10.0 + 1e-6) / 10.0);
 }
 
 std::string rounded(double v) { return fmt::format("{:.2f}", v); }

@@ -40,6 +40,10 @@ void check_maps(const std::string& maps, const std::string& key);
 // What figure titles call the measured maps: "" (the default, applied and
 // not centred), "softmax maps", "centred maps" or "centred softmax maps".
 std::string maps_label(const std::string& maps, bool center);
+// The lower end of a similarity colour bar: 0, or below it a round tenth
+// (cosines of re-attention or centred maps can be negative), so the colour
+// bar ends on a tick.
+double colour_floor(const torch::Tensor& values);
 
 struct AnalyzeReport {
   SimilarityResult similarity;

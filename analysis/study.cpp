@@ -416,15 +416,17 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
   p.threshold_label = "threshold";
   out.add(out_dir / "adjacent_similarity.png", line_plot_png(adjacent_series, p));
 
-  // Cross-layer heatmaps, family × depth, each panel at its own size.
+  // Cross-layer heatmaps, family × depth, each panel at its own size and all
+  // on one colour scale, so that members compare by colour.
+  double vmin = 0.0;
+  for (const auto& r : results) vmin = std::min(vmin, colour_floor(r.S));
   std::vector<cv::Mat> panels;
   for (const auto& r : results) {
     HeatmapOptions h;
     h.title = member_name(r.family, r.depth);
     h.x_label = "block q";
     h.y_label = "block p";
-    // Re-attention maps (after BatchNorm) can have negative cosines.
-    h.vmin = std::min(0.0, r.S.min().item<double>());
+    h.vmin = vmin;
     h.vmax = 1.0;
     h.annotate = r.depth <= 8;
     h.cell = static_cast<int>(std::max<int64_t>(8, 240 / r.depth));
