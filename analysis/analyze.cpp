@@ -216,6 +216,17 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
     add("inter_head_mean.csv", csv);
   }
   if (r.feature_similarity.defined()) add("feature_similarity.csv", matrix_csv(r.feature_similarity, "p\\q"));
+  {
+    std::string csv = "block,mean";
+    for (int64_t h = 0; h < r.heads; ++h) csv += fmt::format(",head{}", h);
+    csv += "\n";
+    for (int64_t l = 0; l < L; ++l) {
+      csv += fmt::format("{},{:.8g}", l, r.row_square_norm[l].mean().item<double>());
+      for (int64_t h = 0; h < r.heads; ++h) csv += fmt::format(",{:.8g}", r.row_square_norm[l][h].item<double>());
+      csv += "\n";
+    }
+    add("row_square_norm.csv", csv);
+  }
 
   // Figures. Cosines of attention maps lie in [0, 1] for softmax maps; the
   // colour range starts lower only when re-attention makes them negative.
@@ -339,6 +350,9 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
       {"similar_blocks", "blocks k >= 1 with S[k-1][k] >= similar_threshold; its ratio is to the depth L"},
       {"inter_head", "[L][H][H]: cosine of the same column between heads g and h, mean over tokens and images"},
       {"feature_similarity", "[L][L]: cosine of the same token's block outputs, mean over tokens and images"},
+      {"row_square_norm",
+       "[L][H]: mean over images and rows of sum_t A[i,t]^2 (of the maps as analysed); for softmax maps 1/T is "
+       "uniform attention, 1 one token per row, and 1/value the effective number of tokens attended"},
       {"indices", "blocks and heads are numbered from 0"}};
   j["visualized_images"] = visuals.size();
   if (skipped_files) j["skipped_files"] = skipped_files();

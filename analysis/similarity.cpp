@@ -33,6 +33,7 @@ SimilarityAccumulator::SimilarityAccumulator(int64_t layers, int64_t heads, int6
   m_sum_ = torch::zeros({L_, L_, H_, T_}, f64);
   above_tau_ = torch::zeros({L_, L_}, f64.dtype(torch::kLong));
   head_sum_ = torch::zeros({L_, H_, H_}, f64);
+  square_sum_ = torch::zeros({L_, H_}, f64);
   feature_sum_ = torch::zeros({L_, L_}, f64);
 }
 
@@ -178,15 +179,17 @@ torch::Tensor symmetric_from_pairs(const torch::Tensor& pairs, int64_t K) {
 // The cosines of one block of 8 columns from their dot products, for every
 // pair p <= q (the other half is the same), added to sum[pair * 8 + w]; the
 // lanes before `skip` (columns the previous block already had) add 0. Those
-// >= tau are counted in above[pair * 8 + w] when above is not null. inv:
-// scratch of K * 8 floats.
+// >= tau are counted in above[pair * 8 + w] when above is not null, and
+// the columns' squared norms added to squares[p * 8 + w] when squares is
+// not null. inv: scratch of K * 8 floats.
 VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip, float eps, float tau, float* sum,
-                                     int32_t* above, float* inv) {
+                                     int32_t* above, float* squares, float* inv) {
   for (int64_t p = 0; p < K; ++p)
     for (int64_t w = 0; w < kW; ++w) {
       const float square = dots[(p * K + p) * kW + w];
       if (!std::isfinite(square)) return false;
       inv[p * kW + w] = 1.0f / std::max(std::sqrt(std::max(square, 0.0f)), eps);
+      if (squares && w >= skip) squares[p * kW + w] += square;
     }
   const simd::IntLanes lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const auto valid = lane >= static_cast<int32_t>(skip);
@@ -214,11 +217,14 @@ VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip,
 // For every block of 8 columns i (the last one overlapping the one before
 // when 8 does not divide T): the cosines cos(maps[p][:, t], maps[q][:, t])
 // of every pair p <= q of the K maps, added by add_block_cosines to
-// sum + i * block_stride (block_stride 0 sums over the columns). Columns
-// are divided by max(norm, eps) as in gram_to_cosine. Returns false when a
-// column's norm is not finite. Needs T >= 8; dots and packed are scratch.
+// sum + i * block_stride (block_stride 0 sums over the columns), and the
+// squared column norms of map k to the 8 lanes of squares + 8k when
+// squares is not null. Columns are divided by max(norm, eps) as in
+// gram_to_cosine. Returns false when a column's norm is not finite. Needs
+// T >= 8; dots and packed are scratch.
 bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float eps, float tau, float* sum,
-                        int64_t block_stride, int32_t* above, std::vector<float>& dots, std::vector<float>& packed) {
+                        int64_t block_stride, int32_t* above, float* squares, std::vector<float>& dots,
+                        std::vector<float>& packed) {
   const int64_t blocks = (T + kW - 1) / kW;
   dots.resize(static_cast<size_t>(K * K * kW + K * kW));  // the dot products, then the reciprocal norms
   packed.resize(static_cast<size_t>(blocks * K * T * kW));
@@ -228,7 +234,8 @@ bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float ep
     for (int64_t k = 0; k < K; ++k) columns[k] = packed.data() + (i * K + k) * T * kW;
     column_dots(columns.data(), K, T, dots.data());
     const int64_t skip = i * kW - std::min(i * kW, T - kW);
-    if (!add_block_cosines(dots.data(), K, skip, eps, tau, sum + i * block_stride, above, dots.data() + K * K * kW))
+    if (!add_block_cosines(dots.data(), K, skip, eps, tau, sum + i * block_stride, above, squares,
+                           dots.data() + K * K * kW))
       return false;
   }
   return true;
@@ -301,16 +308,18 @@ torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features
 // cross-layer cosines and over blocks for the inter-head ones, so that no
 // two threads add to the same sums. The cross-layer sums go to `sum` in the
 // kernel's layout [H, blocks of 8 columns, pairs p <= q, 8] (unpacked by
-// unpack_kernel_sums), the rest to above_tau and head_sum as add() keeps them.
+// unpack_kernel_sums), the rest to above_tau, head_sum and square_sum as
+// add() keeps them.
 void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& sum,
-                  torch::Tensor& above_tau, torch::Tensor& head_sum) {
+                  torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum) {
   const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1), T = attn[0].size(2);
   const int64_t blocks = (T + kW - 1) / kW, layer_pairs = pair_count(L), head_pairs = pair_count(H);
   const auto eps = static_cast<float>(o.eps), tau = static_cast<float>(o.tau);
   std::vector<const float*> base;
   for (const auto& a : attn) base.push_back(a.data_ptr<float>());
   torch::Tensor above = torch::zeros({H, layer_pairs, kW}, torch::kInt);
-  float* sum_data = sum.data_ptr<float>();
+  torch::Tensor squares = torch::zeros({H, L, kW}, torch::kFloat);
+  float *sum_data = sum.data_ptr<float>(), *squares_data = squares.data_ptr<float>();
   int32_t* above_data = above.data_ptr<int32_t>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
@@ -320,13 +329,14 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOption
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t l = 0; l < L; ++l) maps[l] = base[l] + (b * H + h) * T * T;
         if (!add_column_cosines(maps.data(), L, T, eps, tau, sum_data + h * blocks * layer_pairs * kW, layer_pairs * kW,
-                                above_data + h * layer_pairs * kW, dots, packed))
+                                above_data + h * layer_pairs * kW, squares_data + h * L * kW, dots, packed))
           finite = false;
       }
   });
   if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
   above_tau +=
       symmetric_from_pairs(above.sum(torch::IntArrayRef{0, 2}, false, torch::kLong), L).to(above_tau.options());
+  square_sum += squares.sum(2, false, torch::kDouble).t().to(square_sum.options());
 
   torch::Tensor heads = torch::zeros({L, head_pairs, kW}, torch::kFloat);  // over the batch's columns
   float* heads_data = heads.data_ptr<float>();
@@ -336,7 +346,8 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOption
     for (int64_t l = begin; l < end; ++l)
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t h = 0; h < H; ++h) maps[h] = base[l] + (b * H + h) * T * T;
-        add_column_cosines(maps.data(), H, T, eps, tau, heads_data + l * head_pairs * kW, 0, nullptr, dots, packed);
+        add_column_cosines(maps.data(), H, T, eps, tau, heads_data + l * head_pairs * kW, 0, nullptr, nullptr, dots,
+                           packed);
       }
   });
   for (int64_t l = 0; l < L; ++l)
@@ -368,7 +379,8 @@ torch::Tensor unpack_kernel_sums(const torch::Tensor& sum, int64_t L, int64_t T)
 // The maps' part of add() for images [b0, b0 + n) on any device: batched
 // matrix products on a transposed copy of the maps.
 void SimilarityAccumulator::add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n,
-                                           torch::Tensor& m_sum, torch::Tensor& above_tau, torch::Tensor& head_sum) {
+                                           torch::Tensor& m_sum, torch::Tensor& above_tau, torch::Tensor& head_sum,
+                                           torch::Tensor& square_sum) {
   const int64_t L = L_, H = H_, T = T_;
   // X [n, T(column), H, L, T(row)]: column t of every block side by side,
   // the one copy made of the maps.
@@ -380,6 +392,8 @@ void SimilarityAccumulator::add_maps_chunk(const std::vector<torch::Tensor>& att
   torch::Tensor flat = X.view({n * T * H, L, T});
   torch::Tensor G = scratch(gram_, {n * T * H, L, L}, torch::kFloat, device_);
   at::bmm_out(G, flat, flat.transpose(1, 2));
+  // The squared column norms, summed over images and columns: [H, L] -> [L, H].
+  square_sum += at::sum(G.diagonal(0, 1, 2).view({n, T, H, L}), torch::IntArrayRef{0, 1}, false, torch::kDouble).t();
   auto [inv_norm, finite] = gram_to_cosine(G, options_.eps);
   if (!finite.item<bool>())
     fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
@@ -451,12 +465,13 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   // The CPU kernel keeps its own layout of them (unpacked in result()).
   torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
+  torch::Tensor square_sum = torch::zeros_like(square_sum_);
   const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_float32(maps);
   const bool feature_kernel = with_features && device_.is_cpu() && cpu_float32(features);
   torch::Tensor m_sum;
   if (cpu_kernel) {
     m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();
-    add_maps_cpu(maps, options_, m_sum, above_tau, head_sum);
+    add_maps_cpu(maps, options_, m_sum, above_tau, head_sum, square_sum);
   } else {
     m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
   }
@@ -468,7 +483,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   const bool products = !cpu_kernel || (with_features && !feature_kernel);
   for (int64_t b0 = 0; products && b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    if (!cpu_kernel) add_maps_chunk(maps, b0, n, m_sum, above_tau, head_sum);
+    if (!cpu_kernel) add_maps_chunk(maps, b0, n, m_sum, above_tau, head_sum, square_sum);
     if (with_features && !feature_kernel) {
       // The sum over tokens of cos(F_p[t], F_q[t]) is the dot product of
       // blocks p and q's outputs with every token vector normalised, all
@@ -498,6 +513,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   }
   above_tau_ += above_tau;
   head_sum_ += head_sum;
+  square_sum_ += square_sum;
   images_ += B;
   if (with_features) {
     feature_sum_ += feature_sum;
@@ -532,6 +548,7 @@ SimilarityResult SimilarityAccumulator::result() const {
     r.inter_head_mean = torch::full({L}, std::numeric_limits<double>::quiet_NaN(), torch::kDouble);
   }
   if (feature_images_ > 0) r.feature_similarity = cpu(feature_sum_ / static_cast<double>(feature_tokens_));
+  r.row_square_norm = cpu(square_sum_ / static_cast<double>(images_ * T));
   return r;
 }
 
@@ -574,6 +591,8 @@ nlohmann::json SimilarityResult::to_json() const {
   j["inter_head_mean"] = to_json_lists(inter_head_mean);
   j["inter_head_mean_overall"] = heads > 1 ? number_or_null(inter_head_mean.mean().item<double>()) : nlohmann::json();
   j["feature_similarity"] = to_json_lists(feature_similarity);
+  j["row_square_norm"] = to_json_lists(row_square_norm);
+  j["row_square_norm_mean"] = to_json_lists(row_square_norm.mean(1));
   return j;
 }
 

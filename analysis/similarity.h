@@ -48,6 +48,11 @@ struct SimilarityResult {
   torch::Tensor inter_head;       // [L, H, H]: cos between heads g, h of the same column, mean over tokens and images
   torch::Tensor inter_head_mean;  // [L]: mean of inter_head's off-diagonal entries (NaN with one head)
   torch::Tensor feature_similarity;  // [L, L]: token-wise cosine of block outputs; undefined without features
+  // [L, H]: mean over images and rows of Σ_t A[i, t]², of the maps as
+  // analysed (centred with options.center). For softmax maps it lies in
+  // [1/T, 1]: 1/T for uniform attention, 1 when every row attends to one
+  // token; its reciprocal is the effective number of tokens a row attends to.
+  torch::Tensor row_square_norm;
 
   // Everything but M, as nested lists; parameters included.
   nlohmann::json to_json() const;
@@ -78,7 +83,7 @@ class SimilarityAccumulator {
  private:
   int64_t chunk_images(int64_t feature_dim) const;
   void add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n, torch::Tensor& m_sum,
-                      torch::Tensor& above_tau, torch::Tensor& head_sum);
+                      torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum);
 
   int64_t L_, H_, T_;
   SimilarityOptions options_;
@@ -89,6 +94,7 @@ class SimilarityAccumulator {
   torch::Tensor kernel_sum_;   // float64: the CPU kernel's part of m_sum_, in its layout (see add_maps_cpu)
   torch::Tensor above_tau_;    // int64 [L, L]: entries with cosine >= tau
   torch::Tensor head_sum_;     // float64 [L, H, H]: sum over images and tokens
+  torch::Tensor square_sum_;   // float64 [L, H]: sum over images of the maps' squared Frobenius norms
   torch::Tensor feature_sum_;  // float64 [L, L]: sum over images and tokens
   int64_t feature_tokens_ = 0;
   // Scratch memory reused from chunk to chunk: fresh allocations of this

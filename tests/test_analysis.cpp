@@ -60,6 +60,7 @@ void check_same(const SimilarityResult& a, const SimilarityResult& b, double tol
   CHECK(max_abs_diff(a.ratio, b.ratio) <= tol);
   CHECK(max_abs_diff(a.inter_head, b.inter_head) <= tol);
   CHECK(max_abs_diff(a.feature_similarity, b.feature_similarity) <= tol);
+  CHECK(max_abs_diff(a.row_square_norm, b.row_square_norm) <= tol);
   CHECK(a.similar_blocks == b.similar_blocks);
 }
 
@@ -171,6 +172,25 @@ TEST_CASE("similarity with center compares the maps' deviations from uniform att
   CHECK(similarity_of(shared, {}, o).S[0][1].item<double>() < 1.0 - 1e-3);  // blocks 0, 1 differ
   shared[1] = shared[0];
   CHECK(similarity_of(shared, {}, o).S[0][1].item<double>() == Approx(1.0).margin(1e-5));
+}
+
+TEST_CASE("row_square_norm: 1/T for uniform maps, 1 for one token per row, and its definition") {
+  const int64_t T = 9;
+  torch::Tensor maps = torch::full({2, 3, 2, T, T}, 1.0 / T);
+  maps[1].zero_();
+  maps[1].select(3, 4).fill_(1.0);                      // every row attends to token 4
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {  // the CPU kernel and the product path
+    const SimilarityResult r = similarity_of(maps.to(dtype));
+    CHECK(max_abs_diff(r.row_square_norm[0], torch::full({2}, 1.0 / T)) < 1e-6);
+    CHECK(max_abs_diff(r.row_square_norm[1], torch::ones({2})) < 1e-6);
+  }
+  auto [attn, features] = random_maps(3, 4, 2, 11, 4);
+  const torch::Tensor expected = attn.to(torch::kDouble).square().sum(4).mean({1, 3});  // [L, H]
+  CHECK(max_abs_diff(similarity_of(attn).row_square_norm, expected) < 1e-6);
+  CHECK(max_abs_diff(similarity_of(attn.to(torch::kDouble)).row_square_norm, expected) < 1e-6);
+  const nlohmann::json j = similarity_of(attn).to_json();
+  CHECK(j["row_square_norm"].size() == 3);
+  CHECK(j["row_square_norm_mean"][0].get<double>() == Approx(expected[0].mean().item<double>()).epsilon(1e-6));
 }
 
 TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same result") {
@@ -308,11 +328,11 @@ TEST_CASE("analyze writes every output for a fixture model") {
   o.std = {0.25, 0.25, 0.25};
   AnalyzeReport report = analyze(m, images, o, dir / "out");
 
-  const std::vector<std::string> expected = {"similarity.pt",        "cross_layer.csv",        "cross_layer_ratio.csv",
-                                             "adjacent.csv",         "inter_head_mean.csv",    "feature_similarity.csv",
-                                             "cross_layer.png",      "cross_layer_heads.png",  "adjacent.png",
-                                             "inter_head.png",       "feature_similarity.png", "attention_image0.png",
-                                             "attention_image1.png", "attention_image2.png",   "summary.json"};
+  const std::vector<std::string> expected = {
+      "similarity.pt",        "cross_layer.csv",        "cross_layer_ratio.csv",  "adjacent.csv",
+      "inter_head_mean.csv",  "feature_similarity.csv", "cross_layer.png",        "cross_layer_heads.png",
+      "adjacent.png",         "inter_head.png",         "feature_similarity.png", "attention_image0.png",
+      "attention_image1.png", "attention_image2.png",   "summary.json",           "row_square_norm.csv"};
   CHECK(report.files.size() == expected.size());
   for (const auto& f : expected) {
     INFO(f);
