@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/simd.h"
+#include "models/head_mixing.h"
 
 namespace vitlab {
 
@@ -28,11 +29,12 @@ struct Matrix {
   int64_t rs, cs;
 };
 
-// Per-thread scratch: small_gemm's packed B and staged operand, and a block
-// of rows.
+// Per-thread scratch for N tokens and head size d: small_gemm's packed B
+// and staged operand, and a block of rows.
 struct Scratch {
+  int64_t N, d;
   std::vector<float> b, stage, rows;
-  Scratch(int64_t N, int64_t d) {
+  Scratch(int64_t N, int64_t d) : N(N), d(d) {
     const int64_t n = std::max(N, d);
     b.resize(n * round_up(n, kCols));
     stage.resize(n * n);
@@ -153,6 +155,22 @@ struct Heads {
   Matrix transposed(int64_t bh) const { return {data + bh / H * sb + bh % H * sh, 1, sn}; }
 };
 
+// The attention product of one (batch, head) pair bh: its N x N map p
+// times its v, into out [B, N, H, d] (heads merged).
+void apply_head(const float* p, const Heads& V, int64_t bh, float* out, Scratch& s) {
+  const int64_t N = s.N, d = s.d, H = V.H;
+  small_gemm(N, d, N, {p, N, 1}, V.at(bh), 1.0f, out + (bh / H * N * H + bh % H) * d, H * d, s);
+}
+
+// Its backward for dout [B, N, H, d]: dp = dout_bh v_bhᵀ, dv = pᵀ dout_bh.
+void apply_head_backward(const float* p, const Heads& V, int64_t bh, const float* dout, float* dp, float* dv,
+                         Scratch& s) {
+  const int64_t N = s.N, d = s.d, H = V.H;
+  const Matrix dO_bh = {dout + (bh / H * N * H + bh % H) * d, H * d, 1};
+  small_gemm(N, N, d, dO_bh, V.transposed(bh), 1.0f, dp, N, s);
+  small_gemm(N, d, N, {p, 1, N}, dO_bh, 1.0f, dv, d, s);
+}
+
 torch::Tensor unit_inner_stride(const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // Runs fn(bh, scratch) for every (batch, head) pair, in parallel.
@@ -214,9 +232,7 @@ struct ApplyFunction : torch::autograd::Function<ApplyFunction> {
     const Heads V(v);
     const float* P = p.data_ptr<float>();
     float* O = out.data_ptr<float>();
-    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
-      small_gemm(N, d, N, {P + bh * N * N, N, 1}, V.at(bh), 1.0f, O + (bh / H * N * H + bh % H) * d, H * d, s);
-    });
+    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) { apply_head(P + bh * N * N, V, bh, O, s); });
     ctx->save_for_backward({p, v});
     return out;
   }
@@ -231,9 +247,7 @@ struct ApplyFunction : torch::autograd::Function<ApplyFunction> {
     const float *P = p.data_ptr<float>(), *dO = dout.data_ptr<float>();
     float *dP = dp.data_ptr<float>(), *dV = dv.data_ptr<float>();
     for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
-      const Matrix dO_bh = {dO + (bh / H * N * H + bh % H) * d, H * d, 1};
-      small_gemm(N, N, d, dO_bh, V.transposed(bh), 1.0f, dP + bh * N * N, N, s);
-      small_gemm(N, d, N, {P + bh * N * N, 1, N}, dO_bh, 1.0f, dV + bh * N * d, d, s);
+      apply_head_backward(P + bh * N * N, V, bh, dO, dP + bh * N * N, dV + bh * N * d, s);
     });
     return {dp, dv};
   }
@@ -265,6 +279,85 @@ torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v) {
   TORCH_CHECK(p.sizes() == torch::IntArrayRef({B, H, N, N}), "attention kernel: p is ", p.sizes(), ", expected [", B,
               ", ", H, ", ", N, ", ", N, "] for v ", v.sizes());
   return ApplyFunction::apply(p, v).permute({0, 2, 1, 3});
+}
+
+namespace {
+
+struct MixedMaps {
+  torch::Tensor a, v, w, c;
+  int64_t B, H, N, d;
+};
+
+MixedMaps check_mixed(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a, const torch::Tensor& v) {
+  check_heads(a, "a");
+  check_heads(v, "v");
+  const int64_t B = v.size(0), H = v.size(1), N = v.size(2);
+  TORCH_CHECK(a.sizes() == torch::IntArrayRef({B, H, N, N}), "attention kernel: the maps are ", a.sizes(),
+              ", expected [", B, ", ", H, ", ", N, ", ", N, "] for v ", v.sizes());
+  TORCH_CHECK(w.sizes() == torch::IntArrayRef({H, H}) && c.numel() == H, "attention kernel: the mixing must be [", H,
+              ", ", H, "] and its offset [", H, "], got ", w.sizes(), " and ", c.sizes());
+  return {
+      a.contiguous(), unit_inner_stride(v), w.to(torch::kFloat).contiguous(), c.to(torch::kFloat).contiguous(), B, H, N,
+      v.size(3)};
+}
+
+// Runs fn(b, y, scratch) for every image b, in parallel, with y its mixed
+// maps w a[b] + c in per-thread memory ([H, N, N], a few MB: in cache).
+template <typename Fn>
+void for_each_mixed_image(const MixedMaps& m, const Fn& fn) {
+  const float *A = m.a.data_ptr<float>(), *W = m.w.data_ptr<float>(), *C = m.c.data_ptr<float>();
+  const int64_t NN = m.N * m.N;
+  at::parallel_for(0, m.B, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(m.N, m.d);
+    std::vector<float> y(static_cast<size_t>(m.H * NN));
+    for (int64_t b = begin; b < end; ++b) {
+      mix_image(m.H, W, A + b * m.H * NN, C, y.data(), NN);
+      fn(b, y.data(), scratch);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor mixed_attention_apply(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
+                                    const torch::Tensor& v) {
+  RECORD_USER_SCOPE("vitlab::mixed_attention_apply");
+  const MixedMaps m = check_mixed(w, c, a, v);
+  torch::Tensor out = torch::empty({m.B, m.N, m.H, m.d}, m.v.options());
+  const Heads V(m.v);
+  float* O = out.data_ptr<float>();
+  for_each_mixed_image(m, [&](int64_t b, const float* y, Scratch& s) {
+    for (int64_t h = 0; h < m.H; ++h) apply_head(y + h * m.N * m.N, V, b * m.H + h, O, s);
+  });
+  return out;
+}
+
+MixedApplyGrads mixed_attention_apply_backward(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
+                                               const torch::Tensor& v, const torch::Tensor& dout, double shift) {
+  RECORD_USER_SCOPE("vitlab::mixed_attention_apply_backward");
+  const MixedMaps m = check_mixed(w, c, a, v);
+  const int64_t B = m.B, H = m.H, N = m.N, d = m.d, NN = N * N;
+  TORCH_CHECK(dout.sizes() == torch::IntArrayRef({B, N, H, d}), "attention kernel: the output gradient is ",
+              dout.sizes(), ", expected [", B, ", ", N, ", ", H, ", ", d, "]");
+  const torch::Tensor dO = dout.contiguous();
+  torch::Tensor dy = torch::empty({B, H, N, N}, m.a.options()), dv = torch::empty({B, H, N, d}, m.v.options());
+  std::vector<double> partial(static_cast<size_t>(B * (H * H + H)), 0.0);
+  const Heads V(m.v);
+  const float *A = m.a.data_ptr<float>(), *dO_data = dO.data_ptr<float>();
+  float *dY = dy.data_ptr<float>(), *dV = dv.data_ptr<float>();
+  for_each_mixed_image(m, [&](int64_t b, const float* y, Scratch& s) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      apply_head_backward(y + h * NN, V, bh, dO_data, dY + bh * NN, dV + bh * N * d, s);
+    }
+    // While this image's dy and a are in cache.
+    head_gram_image(H, dY + b * H * NN, 0.0, A + b * H * NN, shift, NN, partial.data() + b * (H * H + H));
+  });
+  torch::Tensor total = torch::zeros({H * H + H}, torch::kDouble);  // images added in order: deterministic
+  double* T = total.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H * H + H; ++i) T[i] += partial[b * (H * H + H) + i];
+  return {dy, dv, total.slice(0, 0, H * H).view({H, H}), total.slice(0, H * H)};
 }
 
 }  // namespace vitlab

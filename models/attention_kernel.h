@@ -22,4 +22,21 @@ bool attention_kernel_applies(const torch::Tensor& q, const torch::Tensor& k, co
 torch::Tensor attention_probs(const torch::Tensor& q, const torch::Tensor& k, double scale);
 torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v);
 
+// DeepViT's re-attended maps applied without storing them: per image b,
+// y = w a[b] + c mixes the H maps a[b] (w [H, H], c [H], any floating
+// type), and the result is y v as [B, N, H, d] (heads merged, not yet
+// permuted). The backward recomputes y one image at a time, in cache, and
+// returns the gradient of y, dy = dout vᵀ [B, H, N, N], the gradient of v
+// [B, H, N, d] and, summed in the same pass, head_gram(dy, 0, a, shift):
+// Σ dy (a - shift)ᵀ [H, H] and Σ dy [H] (float64). Saves writing y and
+// reading it back twice, and keeping it between the passes
+// (docs/BENCHMARKS.md).
+torch::Tensor mixed_attention_apply(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
+                                    const torch::Tensor& v);
+struct MixedApplyGrads {
+  torch::Tensor dy, dv, cross, dy_sums;
+};
+MixedApplyGrads mixed_attention_apply_backward(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
+                                               const torch::Tensor& v, const torch::Tensor& dout, double shift);
+
 }  // namespace vitlab

@@ -112,6 +112,25 @@ VITLAB_CLONES void gram_columns(int64_t H, const float* x, const float* y, int64
   }
 }
 
+// Adds Σ (x_g - sx)(y_h - sy) to out[g * H + h] and Σ (x_g - sx) to
+// out[H * H + g] (float64) over cols columns of H rows (row stride L);
+// acc and sums are float scratch.
+void gram_chunk(int64_t H, const float* x, double sx, const float* y, double sy, int64_t L, int64_t cols,
+                std::vector<float>& acc, std::vector<float>& sums, double* out) {
+  const int64_t lanes = cols / kW * kW;
+  acc.assign(static_cast<size_t>(H * H * kW), 0.0f);
+  sums.assign(static_cast<size_t>(H * kW), 0.0f);
+  gram_columns(H, x, y, L, lanes, static_cast<float>(sx), static_cast<float>(sy), acc.data(), sums.data());
+  for (int64_t i = 0; i < H * H; ++i) out[i] += std::accumulate(&acc[i * kW], &acc[i * kW] + kW, 0.0);
+  for (int64_t g = 0; g < H; ++g) out[H * H + g] += std::accumulate(&sums[g * kW], &sums[g * kW] + kW, 0.0);
+  for (int64_t j = lanes; j < cols; ++j)  // the last few columns of a map
+    for (int64_t g = 0; g < H; ++g) {
+      const double xg = x[g * L + j] - sx;
+      out[H * H + g] += xg;
+      for (int64_t h = 0; h < H; ++h) out[g * H + h] += xg * (y[h * L + j] - sy);
+    }
+}
+
 void check_maps(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) == x.size(3), "head mixing: ", name, " must be [B, H, N, N] maps, got ",
               x.sizes());
@@ -127,6 +146,20 @@ void check_same(const torch::Tensor& a, const torch::Tensor& b, const char* a_na
 }  // namespace
 
 bool head_mixing_applies(const torch::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == torch::kFloat; }
+
+void mix_image(int64_t H, const float* w, const float* x, const float* c, float* out, int64_t L) {
+  std::vector<const float*> rows(H);
+  for (int64_t j0 = 0; j0 < L; j0 += kMixCols) {
+    for (int64_t h = 0; h < H; ++h) rows[h] = x + h * L + j0;
+    mix_columns(H, H, w, rows.data(), c, out + j0, L, std::min(kMixCols, L - j0));
+  }
+}
+
+void head_gram_image(int64_t H, const float* x, double sx, const float* y, double sy, int64_t L, double* out) {
+  std::vector<float> acc, sums;
+  for (int64_t j0 = 0; j0 < L; j0 += kGramCols)
+    gram_chunk(H, x + j0, sx, y + j0, sy, L, std::min(kGramCols, L - j0), acc, sums, out);
+}
 
 torch::Tensor mix_heads(const torch::Tensor& w1, const torch::Tensor& x1_in, const torch::Tensor& c,
                         const torch::Tensor& w2, const torch::Tensor& x2_in) {
@@ -173,23 +206,11 @@ std::pair<torch::Tensor, torch::Tensor> head_gram(const torch::Tensor& x_in, dou
   std::vector<double> partial(tasks * (H * H + H));
   const float *X = x.data_ptr<float>(), *Y = y.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(H * H * kW), sums(H * kW);
+    std::vector<float> acc, sums;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, j0 = task % chunks * kGramCols, cols = std::min(kGramCols, L - j0);
-      const int64_t lanes = cols / kW * kW;
-      const float *xb = X + b * H * L + j0, *yb = Y + b * H * L + j0;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      gram_columns(H, xb, yb, L, lanes, static_cast<float>(sx), static_cast<float>(sy), acc.data(), sums.data());
-      double* out = partial.data() + task * (H * H + H);
-      for (int64_t i = 0; i < H * H; ++i) out[i] = std::accumulate(&acc[i * kW], &acc[i * kW] + kW, 0.0);
-      for (int64_t g = 0; g < H; ++g) out[H * H + g] = std::accumulate(&sums[g * kW], &sums[g * kW] + kW, 0.0);
-      for (int64_t j = lanes; j < cols; ++j)  // the last few columns of a map
-        for (int64_t g = 0; g < H; ++g) {
-          const double xg = xb[g * L + j] - sx;
-          out[H * H + g] += xg;
-          for (int64_t h = 0; h < H; ++h) out[g * H + h] += xg * (yb[h * L + j] - sy);
-        }
+      const int64_t b = task / chunks, j0 = task % chunks * kGramCols;
+      gram_chunk(H, X + b * H * L + j0, sx, Y + b * H * L + j0, sy, L, std::min(kGramCols, L - j0), acc, sums,
+                 partial.data() + task * (H * H + H));
     }
   });
   torch::Tensor total = torch::zeros({H * H + H}, torch::kDouble);

@@ -88,9 +88,14 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
     torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
     a = attn_drop(a);
     if (attn && capture_softmax) *attn = a;
-    if (options.re_attention) a = re_attend(a);
-    if (attn && !capture_softmax) *attn = a;
-    out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
+    const bool keep_applied = attn && !capture_softmax;
+    if (options.re_attention && !keep_applied) {
+      out = re_attend(a, v);  // the re-attended maps are not asked for: never stored
+    } else {
+      if (options.re_attention) a = re_attend(a);
+      if (keep_applied) *attn = a;
+      out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
+    }
   }
   return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
 }
@@ -153,72 +158,126 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
 // one H×H mixing of a (one pass), and the backward needs Σ dy ãᵀ and Σ dy
 // (one pass) and one mixing of dy and a for the gradient of a. Statistics
 // are synchronised across processes as in SyncBatchNormFunction.
+//
+// ReAttentionApplyFunction goes on to apply the re-attended maps to v
+// ([B, N, H, d], as attention_apply before its permute) without ever
+// storing them (mixed_attention_apply): its backward recomputes them.
+
+// What both functions' forward passes share: the batch statistics, the
+// running statistics' update and what the backward needs (in ctx). Returns
+// the mixing [H, H] and the offset [H] (float64) of the output maps,
+// y = mix a + offset per image.
+std::pair<torch::Tensor, torch::Tensor> re_attention_mixing(AutogradContext* ctx, const torch::Tensor& a,
+                                                            const torch::Tensor& theta, const torch::Tensor& theta_bias,
+                                                            const torch::Tensor& weight, const torch::Tensor& bias,
+                                                            torch::Tensor running_mean, torch::Tensor running_var,
+                                                            double eps, double momentum, double scale) {
+  const int64_t H = a.size(1);
+  const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
+  auto [moments, sums] = head_gram(a, shift, a, shift);  // Σ ã ãᵀ, Σ ã over this process's batch
+  std::vector<torch::Tensor> stats = {torch::cat({sums, moments.flatten(), torch::full({1}, count, torch::kDouble)})};
+  if (batch_norm_sync()) batch_norm_sync()(stats);
+  const double total = stats[0][H * H + H].item<double>();
+  const torch::Tensor mean = stats[0].slice(0, 0, H) / total;  // of ã
+  const torch::Tensor cov = stats[0].slice(0, H, H + H * H).view({H, H}) / total - torch::outer(mean, mean);
+  const torch::Tensor T = theta.reshape({H, H}).to(torch::kDouble);
+  const torch::Tensor var = (T.mm(cov) * T).sum(1).clamp_min(0.0);  // of Θ a + b, per head
+  const torch::Tensor invstd = (var + eps).rsqrt(), k = weight.to(torch::kDouble) * scale * invstd;
+  const torch::Tensor mix = k.unsqueeze(1) * T, offset = bias.to(torch::kDouble) * scale - mix.mv(mean + shift);
+  running_mean.mul_(1.0 - momentum)
+      .add_((T.mv(mean + shift) + theta_bias.to(torch::kDouble)).to(running_mean.dtype()), momentum);
+  running_var.mul_(1.0 - momentum).add_((var * (total / std::max(total - 1.0, 1.0))).to(running_var.dtype()), momentum);
+  for (auto& [name, value] : {std::pair{"theta", T},
+                              {"mean", mean},
+                              {"invstd", invstd},
+                              {"k", k},
+                              {"moments", moments},
+                              {"sums", sums},
+                              {"mix", mix},
+                              {"offset", offset}})
+    ctx->saved_data[name] = value;
+  ctx->saved_data["total"] = total;
+  ctx->saved_data["scale"] = scale;
+  return {mix, offset};
+}
+
+// What both backward passes share: from the maps a, the gradient dy of the
+// output maps, Σ dy ãᵀ (cross) and Σ dy, the gradients of a, Θ, Θ's bias
+// and BatchNorm's weight and bias.
+variable_list re_attention_gradients(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& dy,
+                                     const torch::Tensor& cross, const torch::Tensor& dy_sums) {
+  auto saved = [&](const char* name) { return ctx->saved_data[name].toTensor(); };
+  const torch::Tensor T = saved("theta"), mean = saved("mean"), k = saved("k"), moments = saved("moments"),
+                      sums = saved("sums");
+  const double total = ctx->saved_data["total"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
+  const int64_t H = a.size(1);
+  const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
+  const torch::Tensor wz = saved("invstd").unsqueeze(1) * T, cz = -wz.mv(mean);  // ẑ = wz ã + cz
+  const torch::Tensor dy_zhat = (wz * cross).sum(1) + cz * dy_sums;              // Σ dy ẑ
+  std::vector<torch::Tensor> global = {torch::cat({dy_sums, dy_zhat})};
+  if (batch_norm_sync()) batch_norm_sync()(global);
+  // The gradient of Θ a + b: dz = k dy - m1 - m2 ẑ = k dy - qz ã - rz.
+  const torch::Tensor m1 = k * global[0].slice(0, 0, H) / total, m2 = k * global[0].slice(0, H) / total;
+  const torch::Tensor qz = m2.unsqueeze(1) * wz, rz = m1 + m2 * cz;
+  // da = Θᵀ dz = Θᵀ diag(k) dy + q (a - 1/N) - Θᵀ rz
+  const torch::Tensor Tt = T.t(), q = -Tt.mm(qz);
+  torch::Tensor da = mix_heads(Tt * k.unsqueeze(0), dy, -q.sum(1) * shift - Tt.mv(rz), q, a);
+  // dΘ = Σ dz aᵀ = Σ dz ãᵀ + (Σ dz) 1ᵀ / N, over this process's batch
+  const torch::Tensor dz_sum = k * dy_sums - qz.mv(sums) - rz * count;
+  const torch::Tensor dtheta =
+      k.unsqueeze(1) * cross - qz.mm(moments) - torch::outer(rz, sums) + shift * dz_sum.unsqueeze(1);
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
+  return {da, f32(dtheta).view({H, H, 1, 1}), f32(dz_sum), f32(dy_zhat * scale), f32(dy_sums * scale)};
+}
+
+// The inputs after the differentiable ones: the running statistics, eps,
+// momentum and the scale, which get no gradient.
+constexpr size_t kReAttentionConstants = 5;
+
 struct ReAttentionFunction : torch::autograd::Function<ReAttentionFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor a, torch::Tensor theta, torch::Tensor theta_bias,
                                torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
                                torch::Tensor running_var, double eps, double momentum, double scale) {
     RECORD_USER_SCOPE("vitlab::re_attention");
     a = a.contiguous();
-    const int64_t H = a.size(1);
-    const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
-    auto [moments, sums] = head_gram(a, shift, a, shift);  // Σ ã ãᵀ, Σ ã over this process's batch
-    std::vector<torch::Tensor> stats = {torch::cat({sums, moments.flatten(), torch::full({1}, count, torch::kDouble)})};
-    if (batch_norm_sync()) batch_norm_sync()(stats);
-    const double total = stats[0][H * H + H].item<double>();
-    const torch::Tensor mean = stats[0].slice(0, 0, H) / total;  // of ã
-    const torch::Tensor cov = stats[0].slice(0, H, H + H * H).view({H, H}) / total - torch::outer(mean, mean);
-    const torch::Tensor T = theta.reshape({H, H}).to(torch::kDouble);
-    const torch::Tensor var = (T.mm(cov) * T).sum(1).clamp_min(0.0);  // of Θ a + b, per head
-    const torch::Tensor invstd = (var + eps).rsqrt(), k = weight.to(torch::kDouble) * scale * invstd;
-    const torch::Tensor mix = k.unsqueeze(1) * T;
-    torch::Tensor y = mix_heads(mix, a, bias.to(torch::kDouble) * scale - mix.mv(mean + shift));
-    running_mean.mul_(1.0 - momentum)
-        .add_((T.mv(mean + shift) + theta_bias.to(torch::kDouble)).to(running_mean.dtype()), momentum);
-    running_var.mul_(1.0 - momentum)
-        .add_((var * (total / std::max(total - 1.0, 1.0))).to(running_var.dtype()), momentum);
+    auto [mix, offset] =
+        re_attention_mixing(ctx, a, theta, theta_bias, weight, bias, running_mean, running_var, eps, momentum, scale);
     ctx->save_for_backward({a});
-    for (auto& [name, value] :
-         {std::pair{"theta", T}, {"mean", mean}, {"invstd", invstd}, {"k", k}, {"moments", moments}, {"sums", sums}})
-      ctx->saved_data[name] = value;
-    ctx->saved_data["total"] = total;
-    ctx->saved_data["scale"] = scale;
-    return y;
+    return mix_heads(mix, a, offset);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const torch::Tensor a = ctx->get_saved_variables()[0], dy = grads[0].contiguous();
-    auto saved = [&](const char* name) { return ctx->saved_data[name].toTensor(); };
-    const torch::Tensor T = saved("theta"), mean = saved("mean"), k = saved("k"), moments = saved("moments"),
-                        sums = saved("sums");
-    const double total = ctx->saved_data["total"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
-    const int64_t H = a.size(1);
-    const double shift = 1.0 / static_cast<double>(a.size(2)), count = static_cast<double>(a.numel() / H);
-    auto [cross, dy_sums] = head_gram(dy, 0.0, a, shift);                          // Σ dy ãᵀ, Σ dy
-    const torch::Tensor wz = saved("invstd").unsqueeze(1) * T, cz = -wz.mv(mean);  // ẑ = wz ã + cz
-    const torch::Tensor dy_zhat = (wz * cross).sum(1) + cz * dy_sums;              // Σ dy ẑ
-    std::vector<torch::Tensor> global = {torch::cat({dy_sums, dy_zhat})};
-    if (batch_norm_sync()) batch_norm_sync()(global);
-    // The gradient of Θ a + b: dz = k dy - m1 - m2 ẑ = k dy - qz ã - rz.
-    const torch::Tensor m1 = k * global[0].slice(0, 0, H) / total, m2 = k * global[0].slice(0, H) / total;
-    const torch::Tensor qz = m2.unsqueeze(1) * wz, rz = m1 + m2 * cz;
-    // da = Θᵀ dz = Θᵀ diag(k) dy + q (a - 1/N) - Θᵀ rz
-    const torch::Tensor Tt = T.t(), q = -Tt.mm(qz);
-    torch::Tensor da = mix_heads(Tt * k.unsqueeze(0), dy, -q.sum(1) * shift - Tt.mv(rz), q, a);
-    // dΘ = Σ dz aᵀ = Σ dz ãᵀ + (Σ dz) 1ᵀ / N, over this process's batch
-    const torch::Tensor dz_sum = k * dy_sums - qz.mv(sums) - rz * count;
-    const torch::Tensor dtheta =
-        k.unsqueeze(1) * cross - qz.mm(moments) - torch::outer(rz, sums) + shift * dz_sum.unsqueeze(1);
-    auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
-    return {da,
-            f32(dtheta).view({H, H, 1, 1}),
-            f32(dz_sum),
-            f32(dy_zhat * scale),
-            f32(dy_sums * scale),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor()};
+    auto [cross, dy_sums] = head_gram(dy, 0.0, a, 1.0 / static_cast<double>(a.size(2)));  // Σ dy ãᵀ, Σ dy
+    variable_list g = re_attention_gradients(ctx, a, dy, cross, dy_sums);
+    g.resize(g.size() + kReAttentionConstants);
+    return g;
+  }
+};
+
+struct ReAttentionApplyFunction : torch::autograd::Function<ReAttentionApplyFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor a, torch::Tensor v, torch::Tensor theta,
+                               torch::Tensor theta_bias, torch::Tensor weight, torch::Tensor bias,
+                               torch::Tensor running_mean, torch::Tensor running_var, double eps, double momentum,
+                               double scale) {
+    RECORD_USER_SCOPE("vitlab::re_attention_apply");
+    a = a.contiguous();
+    auto [mix, offset] =
+        re_attention_mixing(ctx, a, theta, theta_bias, weight, bias, running_mean, running_var, eps, momentum, scale);
+    ctx->save_for_backward({a, v});
+    return mixed_attention_apply(mix, offset, a, v);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto inputs = ctx->get_saved_variables();
+    const torch::Tensor &a = inputs[0], &v = inputs[1];
+    const MixedApplyGrads m =
+        mixed_attention_apply_backward(ctx->saved_data["mix"].toTensor(), ctx->saved_data["offset"].toTensor(), a, v,
+                                       grads[0], 1.0 / static_cast<double>(a.size(2)));
+    variable_list g = re_attention_gradients(ctx, a, m.dy, m.cross, m.dy_sums);
+    g.insert(g.begin() + 1, m.dv);
+    g.resize(g.size() + kReAttentionConstants);
+    return g;
   }
 };
 }  // namespace
@@ -251,22 +310,37 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor& x) {
 // instead of four (1.5-1.9x faster re-attention, docs/BENCHMARKS.md). In
 // training on the CPU, ReAttentionFunction does the same with the batch
 // statistics.
-torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a) {
+//
+// With v, the maps are applied to it as well; on the CPU kernels' path
+// (float32) this happens without storing the re-attended maps, in training
+// and in evaluation without gradients.
+torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tensor& v) {
   const double s = options.reatten_scale;
+  const bool kernel = head_mixing_applies(a) && (!v.defined() || attention_kernel_applies(v, v, v));
+  auto apply = [&](const torch::Tensor& y) {
+    if (!v.defined()) return y;
+    return attention_kernel_applies(y, v, v) ? attention_apply(y, v) : torch::matmul(y, v);
+  };
   if (is_training()) {
-    if (!head_mixing_applies(a)) return var_norm(reatten_matrix(a)) * s;
+    if (!kernel) return apply(var_norm(reatten_matrix(a)) * s);
     BatchNorm2dImpl& bn = *var_norm;
     bn.track_batch();
-    return ReAttentionFunction::apply(a, reatten_matrix->weight, reatten_matrix->bias, bn.weight, bn.bias,
-                                      bn.running_mean, bn.running_var, bn.eps, bn.momentum, s);
+    if (!v.defined())
+      return ReAttentionFunction::apply(a, reatten_matrix->weight, reatten_matrix->bias, bn.weight, bn.bias,
+                                        bn.running_mean, bn.running_var, bn.eps, bn.momentum, s);
+    return ReAttentionApplyFunction::apply(a, v, reatten_matrix->weight, reatten_matrix->bias, bn.weight, bn.bias,
+                                           bn.running_mean, bn.running_var, bn.eps, bn.momentum, s)
+        .permute({0, 2, 1, 3});
   }
   const int64_t B = a.size(0), H = a.size(1), N = a.size(2);
   const BatchNorm2dImpl& bn = *var_norm;
   const torch::Tensor k = bn.weight * s * (bn.running_var + bn.eps).rsqrt();
   const torch::Tensor w = reatten_matrix->weight.view({H, H}) * k.unsqueeze(1);
   const torch::Tensor c = (reatten_matrix->bias - bn.running_mean) * k + bn.bias * s;
-  return at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
-      .view({B, H, N, N});
+  if (kernel && v.defined() && !torch::GradMode::is_enabled())
+    return mixed_attention_apply(w, c, a, v).permute({0, 2, 1, 3});
+  return apply(at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
+                   .view({B, H, N, N}));
 }
 
 }  // namespace vitlab

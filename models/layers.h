@@ -83,8 +83,9 @@ class AttentionImpl : public torch::nn::Module {
   // attn: when not null, receives the map that multiplies V, [B, H, T, T]
   // (or the softmax map before re-attention, with capture_softmax).
   torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
-  // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale.
-  torch::Tensor re_attend(const torch::Tensor& a);
+  // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale;
+  // with v [B, H, N, d], the result applied to v ([B, H, N, d]).
+  torch::Tensor re_attend(const torch::Tensor& a, const torch::Tensor& v = {});
 
   AttentionOptions options;
   // Capture the softmax map instead of the re-attention map, so that DeepViT's

@@ -408,7 +408,9 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
       with_softmax = m.vision->forward_features(x, &softmax_maps);
       for (auto& b : m.vision->blocks) b->attn->capture_softmax = false;
     }
-    CHECK(max_abs_diff(with_softmax, with_applied) == 0.0);
+    // (Not bit for bit: without the applied maps asked for, re-attention
+    // mixes and applies them in one kernel, which rounds differently.)
+    CHECK(max_abs_diff(with_softmax, with_applied) < 1e-5 * with_applied.abs().max().item<double>());
     for (int l = 0; l < 5; ++l) {
       INFO("block " << l);
       CHECK(max_abs_diff(softmax_maps[l].sum(-1), torch::ones_like(softmax_maps[l].sum(-1))) < 1e-5);

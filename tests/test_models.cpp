@@ -7,6 +7,7 @@
 
 #include "common/runtime.h"
 #include "io/torch_file.h"
+#include "models/attention_kernel.h"
 #include "models/head_mixing.h"
 #include "models/registry.h"
 #include "tests/helpers.h"
@@ -178,6 +179,18 @@ TEST_CASE("re-attention in evaluation, folded into one mixing, equals Θ then Ba
   torch::Tensor folded = attention->re_attend(a);
   CHECK(folded.sizes() == reference.sizes());
   CHECK(max_abs_diff(folded, reference) < 1e-5 * reference.abs().max().item<double>());
+  // Applied to v: without gradients, the maps are never stored; with
+  // them, autograd goes through the stored maps.
+  const torch::Tensor v = torch::randn({3, 6, 11, 8}), expected = reference.matmul(v);
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(max_abs_diff(attention->re_attend(a, v), expected) < 1e-5 * expected.abs().max().item<double>());
+  }
+  torch::Tensor vg = v.clone().requires_grad_();
+  torch::Tensor applied = attention->re_attend(a, vg);
+  CHECK(max_abs_diff(applied, expected) < 1e-5 * expected.abs().max().item<double>());
+  applied.sum().backward();  // d/dv of Σ y v: each row m of v gets the column sum of y
+  CHECK(max_abs_diff(vg.grad(), reference.sum(2).unsqueeze(-1).expand_as(v)) < 1e-4);
   attention->train();  // training keeps the batch statistics: not folded
   CHECK(max_abs_diff(attention->re_attend(a), reference) > 1e-2);
 }
@@ -356,36 +369,69 @@ TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm 
       {"near-uniform softmax maps (as at initialisation)", torch::softmax(0.01 * torch::randn({B, H, N, N}), -1)},
       {"maps that are not probabilities (after dropout)", torch::rand({B, H, N, N}) * 0.1},
   };
-  for (const Maps& in : inputs) {
-    INFO(in.what);
-    // The reference runs in float64: in float32 the unfused path loses the
-    // small spread of near-uniform maps to rounding in Θ a + b.
-    Attention fused = re_attention_layer(H, 0.7), reference = re_attention_layer(H, 0.7);
-    copy_state(fused, reference);
-    reference->to(torch::kDouble);
-    const torch::Tensor dy = torch::randn({B, H, N, N});
-    for (int step = 0; step < 2; ++step) {
-      torch::Tensor af = in.a.clone().requires_grad_(), ar = in.a.to(torch::kDouble).requires_grad_();
-      const torch::Tensor yf = fused->re_attend(af), yr = re_attend_unfused(reference, ar);
-      CHECK_THAT(yf.grad_fn()->name(), Catch::Contains("ReAttentionFunction"));  // not the unfused fallback
-      CHECK(relative_diff(yf, yr) < 1e-5);
-      yf.backward(dy);
-      yr.backward(dy.to(torch::kDouble));
-      CHECK(relative_diff(af.grad(), ar.grad()) < 1e-5);
-      const auto f = fused->named_parameters(), r = reference->named_parameters();
-      for (const char* name : {"reatten_matrix.weight", "var_norm.weight", "var_norm.bias"}) {
-        INFO(name);
-        CHECK(relative_diff(f[name].grad(), r[name].grad()) < 1e-5);
-      }
-      // Zero in exact arithmetic (BatchNorm removes per-head offsets).
-      CHECK(f["reatten_matrix.bias"].grad().abs().max().item<double>() <
-            1e-5 * r["reatten_matrix.weight"].grad().abs().max().item<double>());
-      for (const char* name : {"var_norm.running_mean", "var_norm.running_var", "var_norm.num_batches_tracked"}) {
-        INFO(name);
-        CHECK(relative_diff(fused->named_buffers()[name], reference->named_buffers()[name]) < 1e-6);
+  // With v, the maps are applied to it without being stored (the path a
+  // DeepViT block takes in training).
+  const torch::Tensor v = torch::randn({B, H, N, 8});
+  for (const bool with_v : {false, true})
+    for (const Maps& in : inputs) {
+      INFO(in.what << (with_v ? ", applied to v" : ""));
+      // The reference runs in float64: in float32 the unfused path loses the
+      // small spread of near-uniform maps to rounding in Θ a + b.
+      Attention fused = re_attention_layer(H, 0.7), reference = re_attention_layer(H, 0.7);
+      copy_state(fused, reference);
+      reference->to(torch::kDouble);
+      const torch::Tensor dy = torch::randn(with_v ? v.sizes() : in.a.sizes());
+      for (int step = 0; step < 2; ++step) {
+        torch::Tensor af = in.a.clone().requires_grad_(), ar = in.a.to(torch::kDouble).requires_grad_();
+        torch::Tensor vf = v.clone().requires_grad_(), vr = v.to(torch::kDouble).requires_grad_();
+        torch::Tensor yf = fused->re_attend(af, with_v ? vf : torch::Tensor()), yr = re_attend_unfused(reference, ar);
+        if (with_v) {
+          yr = yr.matmul(vr);
+          REQUIRE(yf.grad_fn()->next_edges().size() == 1);
+          CHECK_THAT(yf.grad_fn()->next_edges()[0].function->name(), Catch::Contains("ReAttentionApplyFunction"));
+        } else {
+          CHECK_THAT(yf.grad_fn()->name(), Catch::Contains("ReAttentionFunction"));  // not the unfused fallback
+        }
+        CHECK(relative_diff(yf, yr) < 1e-5);
+        yf.backward(dy);
+        yr.backward(dy.to(torch::kDouble));
+        CHECK(relative_diff(af.grad(), ar.grad()) < 1e-5);
+        if (with_v) CHECK(relative_diff(vf.grad(), vr.grad()) < 1e-5);
+        const auto f = fused->named_parameters(), r = reference->named_parameters();
+        for (const char* name : {"reatten_matrix.weight", "var_norm.weight", "var_norm.bias"}) {
+          INFO(name);
+          CHECK(relative_diff(f[name].grad(), r[name].grad()) < 1e-5);
+        }
+        // Zero in exact arithmetic (BatchNorm removes per-head offsets).
+        CHECK(f["reatten_matrix.bias"].grad().abs().max().item<double>() <
+              1e-5 * r["reatten_matrix.weight"].grad().abs().max().item<double>());
+        for (const char* name : {"var_norm.running_mean", "var_norm.running_var", "var_norm.num_batches_tracked"}) {
+          INFO(name);
+          CHECK(relative_diff(fused->named_buffers()[name], reference->named_buffers()[name]) < 1e-6);
+        }
       }
     }
+}
+
+TEST_CASE("a re-attention block in training gives the same output and gradients with its maps kept or not") {
+  torch::manual_seed(8);
+  Attention kept = re_attention_layer(6, 1.0), not_kept = re_attention_layer(6, 1.0);
+  copy_state(kept, not_kept);
+  const torch::Tensor x = torch::randn({3, 20, 48}), dy = torch::randn({3, 20, 48});
+  torch::Tensor x1 = x.clone().requires_grad_(), x2 = x.clone().requires_grad_(), maps;
+  const torch::Tensor y1 = kept->forward(x1, &maps), y2 = not_kept->forward(x2);
+  REQUIRE(maps.defined());
+  CHECK(maps.sizes() == torch::IntArrayRef({3, 6, 20, 20}));
+  CHECK(relative_diff(y2, y1) < 1e-5);
+  y1.backward(dy);
+  y2.backward(dy);
+  CHECK(relative_diff(x2.grad(), x1.grad()) < 1e-5);
+  for (const auto& p : kept->named_parameters()) {
+    INFO(p.key());
+    if (p.key() == "reatten_matrix.bias") continue;  // zero in exact arithmetic: rounding noise
+    CHECK(relative_diff(not_kept->named_parameters()[p.key()].grad(), p.value().grad()) < 1e-5);
   }
+  CHECK(relative_diff(not_kept->var_norm->running_var, kept->var_norm->running_var) < 1e-6);
 }
 
 TEST_CASE("fused re-attention over two simulated ranks equals it over their joint batch") {
@@ -418,7 +464,8 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
 }
 
 // Θ + BatchNorm + scale in training on [B, 12, 197, 197] maps, fused and as
-// LibTorch's modules, forward and backward, best of 5 (docs/BENCHMARKS.md),
+// LibTorch's modules, alone and applied to v, forward and backward, best of
+// 5 (docs/BENCHMARKS.md),
 // on all logical CPUs unless VITLAB_BENCH_THREADS says otherwise:
 //   VITLAB_BENCH_BATCH=16 build/bin/vitlab_tests "re-attention training benchmark"
 TEST_CASE("re-attention training benchmark", "[.]") {
@@ -442,18 +489,33 @@ TEST_CASE("re-attention training benchmark", "[.]") {
     }
     return best;
   };
-  for (const bool fused : {true, false}) {
+  // The maps alone, then applied to v as a block does (d = 64): without
+  // re-attention (ViT's cost), with the re-attended maps kept for the
+  // product's backward, and with them never stored.
+  const torch::Tensor v = torch::randn({B, H, N, 64}), dout = torch::randn({B, H, N, 64});
+  const std::pair<const char*, std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>> variants[] = {
+      {"fused", [&](const torch::Tensor& x, const torch::Tensor&) { return layer->re_attend(x); }},
+      {"unfused", [&](const torch::Tensor& x, const torch::Tensor&) { return re_attend_unfused(layer, x); }},
+      {"no re-attention, applied to v",
+       [&](const torch::Tensor& x, const torch::Tensor& vx) { return attention_apply(x, vx); }},
+      {"fused, then applied to v",
+       [&](const torch::Tensor& x, const torch::Tensor& vx) { return attention_apply(layer->re_attend(x), vx); }},
+      {"fused and applied to v, maps not stored",
+       [&](const torch::Tensor& x, const torch::Tensor& vx) { return layer->re_attend(x, vx); }},
+  };
+  for (const auto& [name, run] : variants) {
     // Results dropped at once, as in a training step: a kept result makes
     // the next one land on fresh pages.
-    torch::Tensor x = a.clone().requires_grad_();
-    auto run = [&] { return fused ? layer->re_attend(x) : re_attend_unfused(layer, x); };
-    const double forward = best_ms([&] { run(); });
+    torch::Tensor x = a.clone().requires_grad_(), vx = v.clone().requires_grad_();
+    const double forward = best_ms([&] { run(x, vx); });
     const double both = best_ms([&] {
       x.mutable_grad() = torch::Tensor();
-      run().backward(dy);
+      vx.mutable_grad() = torch::Tensor();
+      torch::Tensor y = run(x, vx);
+      y.backward(y.size(-1) == N ? dy : dout);
     });
-    std::printf("%s, batch %lld, %d threads: forward %.1f ms, forward + backward %.1f ms\n",
-                fused ? "fused" : "unfused", static_cast<long long>(B), torch::get_num_threads(), forward, both);
+    std::printf("%s, batch %lld, %d threads: forward %.1f ms, forward + backward %.1f ms\n", name,
+                static_cast<long long>(B), torch::get_num_threads(), forward, both);
   }
   std::printf("head_gram %.1f ms, mix_heads %.1f ms, mix_heads of two %.1f ms\n",
               best_ms([&] { head_gram(a, 1.0 / N, a, 1.0 / N); }),
