@@ -182,20 +182,41 @@ void for_each_head(int64_t BH, int64_t N, int64_t d, const Fn& fn) {
   });
 }
 
+}  // namespace
+
+torch::Tensor attention_probs_forward(const torch::Tensor& q_in, const torch::Tensor& k_in, double scale) {
+  const torch::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  torch::Tensor p = torch::empty({B, H, N, N}, q.options());
+  const Heads Q(q), K(k);
+  float* P = p.data_ptr<float>();
+  for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
+    const int64_t lds = round_up(N, kCols);
+    small_gemm(N, N, d, Q.at(bh), K.transposed(bh), static_cast<float>(scale), s.rows.data(), lds, s);
+    softmax_rows(s.rows.data(), N, N, lds, P + bh * N * N);
+  });
+  return p;
+}
+
+namespace {
+
+// The backward of one (batch, head) pair bh of attention_probs_forward:
+// from its map p and the map's gradient dp, its rows of dq and dk.
+void probs_head_backward(const float* p, const float* dp, const Heads& Q, const Heads& K, int64_t bh, float scale,
+                         float* dQ, float* dK, Scratch& s) {
+  const int64_t N = s.N, d = s.d;
+  float* ds = s.rows.data();
+  softmax_backward_rows(p, dp, ds, N, N);
+  small_gemm(N, d, N, {ds, N, 1}, K.at(bh), scale, dQ + bh * N * d, d, s);
+  small_gemm(N, d, N, {ds, 1, N}, Q.at(bh), scale, dK + bh * N * d, d, s);
+}
+
 struct ProbsFunction : torch::autograd::Function<ProbsFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, double scale) {
     RECORD_USER_SCOPE("vitlab::attention_probs");  // named in profiles; backward nodes are by their type
     q = unit_inner_stride(q);
     k = unit_inner_stride(k);
-    const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
-    torch::Tensor p = torch::empty({B, H, N, N}, q.options());
-    const Heads Q(q), K(k);
-    float* P = p.data_ptr<float>();
-    for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
-      const int64_t lds = round_up(N, kCols);
-      small_gemm(N, N, d, Q.at(bh), K.transposed(bh), static_cast<float>(scale), s.rows.data(), lds, s);
-      softmax_rows(s.rows.data(), N, N, lds, P + bh * N * N);
-    });
+    torch::Tensor p = attention_probs_forward(q, k, scale);
     ctx->save_for_backward({q, k, p});
     ctx->saved_data["scale"] = scale;
     return p;
@@ -212,10 +233,7 @@ struct ProbsFunction : torch::autograd::Function<ProbsFunction> {
     const float *P = p.data_ptr<float>(), *dP = dp.data_ptr<float>();
     float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>();
     for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
-      float* ds = s.rows.data();
-      softmax_backward_rows(P + bh * N * N, dP + bh * N * N, ds, N, N);
-      small_gemm(N, d, N, {ds, N, 1}, K.at(bh), scale, dQ + bh * N * d, d, s);
-      small_gemm(N, d, N, {ds, 1, N}, Q.at(bh), scale, dK + bh * N * d, d, s);
+      probs_head_backward(P + bh * N * N, dP + bh * N * N, Q, K, bh, scale, dQ, dK, s);
     });
     return {dq, dk, torch::Tensor()};
   }
@@ -301,17 +319,19 @@ MixedMaps check_mixed(const torch::Tensor& w, const torch::Tensor& c, const torc
       v.size(3)};
 }
 
-// Runs fn(b, y, scratch) for every image b, in parallel, with y its mixed
-// maps w a[b] + c in per-thread memory ([H, N, N], a few MB: in cache).
+// Runs fn(b, y, scratch) for every image b < B, in parallel, with y =
+// w [x1[b]; x2[b]] + c (x2 may be null; w [H, H] or [H, 2H]) in per-thread
+// memory ([H, N, N], a few MB: in cache).
 template <typename Fn>
-void for_each_mixed_image(const MixedMaps& m, const Fn& fn) {
-  const float *A = m.a.data_ptr<float>(), *W = m.w.data_ptr<float>(), *C = m.c.data_ptr<float>();
-  const int64_t NN = m.N * m.N;
-  at::parallel_for(0, m.B, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(m.N, m.d);
-    std::vector<float> y(static_cast<size_t>(m.H * NN));
+void for_each_mixed_image(const torch::Tensor& w, const torch::Tensor& c, const float* x1, const float* x2, int64_t B,
+                          int64_t H, int64_t N, int64_t d, const Fn& fn) {
+  const float *W = w.data_ptr<float>(), *C = c.data_ptr<float>();
+  const int64_t NN = N * N;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(N, d);
+    std::vector<float> y(static_cast<size_t>(H * NN));
     for (int64_t b = begin; b < end; ++b) {
-      mix_image(m.H, W, A + b * m.H * NN, C, y.data(), NN);
+      mix_image(H, W, x1 + b * H * NN, x2 ? x2 + b * H * NN : nullptr, C, y.data(), NN);
       fn(b, y.data(), scratch);
     }
   });
@@ -326,9 +346,10 @@ torch::Tensor mixed_attention_apply(const torch::Tensor& w, const torch::Tensor&
   torch::Tensor out = torch::empty({m.B, m.N, m.H, m.d}, m.v.options());
   const Heads V(m.v);
   float* O = out.data_ptr<float>();
-  for_each_mixed_image(m, [&](int64_t b, const float* y, Scratch& s) {
-    for (int64_t h = 0; h < m.H; ++h) apply_head(y + h * m.N * m.N, V, b * m.H + h, O, s);
-  });
+  for_each_mixed_image(m.w, m.c, m.a.data_ptr<float>(), nullptr, m.B, m.H, m.N, m.d,
+                       [&](int64_t b, const float* y, Scratch& s) {
+                         for (int64_t h = 0; h < m.H; ++h) apply_head(y + h * m.N * m.N, V, b * m.H + h, O, s);
+                       });
   return out;
 }
 
@@ -345,7 +366,7 @@ MixedApplyGrads mixed_attention_apply_backward(const torch::Tensor& w, const tor
   const Heads V(m.v);
   const float *A = m.a.data_ptr<float>(), *dO_data = dO.data_ptr<float>();
   float *dY = dy.data_ptr<float>(), *dV = dv.data_ptr<float>();
-  for_each_mixed_image(m, [&](int64_t b, const float* y, Scratch& s) {
+  for_each_mixed_image(m.w, m.c, A, nullptr, B, H, N, d, [&](int64_t b, const float* y, Scratch& s) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t bh = b * H + h;
       apply_head_backward(y + h * NN, V, bh, dO_data, dY + bh * NN, dV + bh * N * d, s);
@@ -358,6 +379,31 @@ MixedApplyGrads mixed_attention_apply_backward(const torch::Tensor& w, const tor
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < H * H + H; ++i) T[i] += partial[b * (H * H + H) + i];
   return {dy, dv, total.slice(0, 0, H * H).view({H, H}), total.slice(0, H * H)};
+}
+
+std::pair<torch::Tensor, torch::Tensor> attention_probs_backward_mixed(
+    const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& p, double scale, const torch::Tensor& w1,
+    const torch::Tensor& x1, const torch::Tensor& w2, const torch::Tensor& x2, const torch::Tensor& c) {
+  RECORD_USER_SCOPE("vitlab::attention_probs_backward_mixed");
+  const torch::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), NN = N * N;
+  for (const torch::Tensor* t : {&p, &x1, &x2})
+    TORCH_CHECK(t->sizes() == torch::IntArrayRef({B, H, N, N}) && t->is_contiguous(), "attention kernel: maps ",
+                t->sizes(), " must be contiguous [", B, ", ", H, ", ", N, ", ", N, "] for q ", q.sizes());
+  const torch::Tensor w = torch::cat({w1, w2}, 1).to(torch::kFloat).contiguous(), offset = c.to(torch::kFloat);
+  TORCH_CHECK(w.sizes() == torch::IntArrayRef({H, 2 * H}) && offset.numel() == H,
+              "attention kernel: the mixings must be [", H, ", ", H, "] and the offset [", H, "]");
+  torch::Tensor dq = torch::empty({B, H, N, d}, q.options()), dk = torch::empty({B, H, N, d}, q.options());
+  const Heads Q(q), K(k);
+  const float* P = p.data_ptr<float>();
+  float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>();
+  const auto scale_f = static_cast<float>(scale);
+  for_each_mixed_image(w, offset.contiguous(), x1.data_ptr<float>(), x2.data_ptr<float>(), B, H, N, d,
+                       [&](int64_t b, const float* dp, Scratch& s) {
+                         for (int64_t h = 0; h < H; ++h)
+                           probs_head_backward(P + (b * H + h) * NN, dp + h * NN, Q, K, b * H + h, scale_f, dQ, dK, s);
+                       });
+  return {dq, dk};
 }
 
 }  // namespace vitlab

@@ -20,6 +20,8 @@ namespace vitlab {
 bool attention_kernel_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 
 torch::Tensor attention_probs(const torch::Tensor& q, const torch::Tensor& k, double scale);
+// The same without autograd, for functions that fuse it with what follows.
+torch::Tensor attention_probs_forward(const torch::Tensor& q, const torch::Tensor& k, double scale);
 torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v);
 
 // DeepViT's re-attended maps applied without storing them: per image b,
@@ -38,5 +40,16 @@ struct MixedApplyGrads {
 };
 MixedApplyGrads mixed_attention_apply_backward(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
                                                const torch::Tensor& v, const torch::Tensor& dout, double shift);
+
+// The backward of attention_probs_forward (p its output, contiguous) when
+// the gradient of p is a mixing of two map tensors, per image b:
+// dp[b] = w1 x1[b] + w2 x2[b] + c (re-attention's gradient of its input
+// maps), computed one image at a time in cache instead of stored. Returns
+// the gradients of q and k, [B, H, N, d].
+std::pair<torch::Tensor, torch::Tensor> attention_probs_backward_mixed(const torch::Tensor& q, const torch::Tensor& k,
+                                                                       const torch::Tensor& p, double scale,
+                                                                       const torch::Tensor& w1, const torch::Tensor& x1,
+                                                                       const torch::Tensor& w2, const torch::Tensor& x2,
+                                                                       const torch::Tensor& c);
 
 }  // namespace vitlab

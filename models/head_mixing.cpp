@@ -147,11 +147,15 @@ void check_same(const torch::Tensor& a, const torch::Tensor& b, const char* a_na
 
 bool head_mixing_applies(const torch::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == torch::kFloat; }
 
-void mix_image(int64_t H, const float* w, const float* x, const float* c, float* out, int64_t L) {
-  std::vector<const float*> rows(H);
+void mix_image(int64_t H, const float* w, const float* x1, const float* x2, const float* c, float* out, int64_t L) {
+  const int64_t K = x2 ? 2 * H : H;
+  std::vector<const float*> rows(K);
   for (int64_t j0 = 0; j0 < L; j0 += kMixCols) {
-    for (int64_t h = 0; h < H; ++h) rows[h] = x + h * L + j0;
-    mix_columns(H, H, w, rows.data(), c, out + j0, L, std::min(kMixCols, L - j0));
+    for (int64_t h = 0; h < H; ++h) {
+      rows[h] = x1 + h * L + j0;
+      if (x2) rows[H + h] = x2 + h * L + j0;
+    }
+    mix_columns(H, K, w, rows.data(), c, out + j0, L, std::min(kMixCols, L - j0));
   }
 }
 

@@ -25,12 +25,12 @@ torch::Tensor mix_heads(const torch::Tensor& w1, const torch::Tensor& x1, const 
 // whatever the thread count.
 std::pair<torch::Tensor, torch::Tensor> head_gram(const torch::Tensor& x, double sx, const torch::Tensor& y, double sy);
 
-// One image's share of mix_heads (one input) and of head_gram, on the calling
-// thread, for kernels that
-// fuse it with other work on the image: H rows of L values (x, y, out
-// row-major, w [H, H] row-major float32).
-// out[g] = c[g] + Σ_k w[g][k] x[k]:
-void mix_image(int64_t H, const float* w, const float* x, const float* c, float* out, int64_t L);
+// One image's share of mix_heads and of head_gram, on the calling thread,
+// for kernels that fuse it with other work on the image: H rows of L values
+// (x1, x2, y and out row-major, w row-major float32).
+// out[g] = c[g] + Σ_k w[g][k] x1[k], plus Σ_k w[g][H + k] x2[k] when x2 is
+// not null (w then [H, 2H], else [H, H]):
+void mix_image(int64_t H, const float* w, const float* x1, const float* x2, const float* c, float* out, int64_t L);
 // adds Σ (x_g - sx)(y_h - sy) to out[g * H + h] and Σ (x_g - sx) to out[H * H + g]:
 void head_gram_image(int64_t H, const float* x, double sx, const float* y, double sy, int64_t L, double* out);
 

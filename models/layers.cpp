@@ -71,35 +71,6 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o)
   }
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn) {
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), H = options.num_heads;
-  auto qkv_ = qkv(x).reshape({B, N, 3, H, C / H}).permute({2, 0, 3, 1, 4});
-  torch::Tensor q = qkv_[0], k = qkv_[1], v = qkv_[2];
-  torch::Tensor out;
-#if TORCH_VERSION_MAJOR >= 2
-  if (attn == nullptr && !options.re_attention) {
-    // Fused kernel (flash / memory-efficient) when no map is asked for.
-    out = at::scaled_dot_product_attention(q, k, v, {}, is_training() ? options.attn_drop : 0.0);
-  }
-#endif
-  if (!out.defined()) {
-    const double scale = 1.0 / std::sqrt(static_cast<double>(C / H));
-    const bool kernel = attention_kernel_applies(q, k, v);
-    torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
-    a = attn_drop(a);
-    if (attn && capture_softmax) *attn = a;
-    const bool keep_applied = attn && !capture_softmax;
-    if (options.re_attention && !keep_applied) {
-      out = re_attend(a, v);  // the re-attended maps are not asked for: never stored
-    } else {
-      if (options.re_attention) a = re_attend(a);
-      if (keep_applied) *attn = a;
-      out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
-    }
-  }
-  return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
-}
-
 namespace {
 
 SumAcrossProcesses& batch_norm_sync() {
@@ -201,11 +172,21 @@ std::pair<torch::Tensor, torch::Tensor> re_attention_mixing(AutogradContext* ctx
   return {mix, offset};
 }
 
-// What both backward passes share: from the maps a, the gradient dy of the
-// output maps, Σ dy ãᵀ (cross) and Σ dy, the gradients of a, Θ, Θ's bias
-// and BatchNorm's weight and bias.
-variable_list re_attention_gradients(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& dy,
-                                     const torch::Tensor& cross, const torch::Tensor& dy_sums) {
+// The inputs after the parameters: the running statistics, eps, momentum
+// and the scale, which get no gradient.
+constexpr size_t kReAttentionConstants = 5;
+
+// What the backward passes share: from the maps a, Σ dy ãᵀ (cross) and
+// Σ dy, where dy is the gradient of the output maps, the gradient of a as
+// a mixing, da = w1 dy + w2 a + c per image (float64 [H, H], [H, H], [H]),
+// and those of Θ, Θ's bias and BatchNorm's weight and bias.
+struct ReAttentionGrads {
+  torch::Tensor w1, w2, c;
+  variable_list parameters;
+};
+
+ReAttentionGrads re_attention_gradients(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& cross,
+                                        const torch::Tensor& dy_sums) {
   auto saved = [&](const char* name) { return ctx->saved_data[name].toTensor(); };
   const torch::Tensor T = saved("theta"), mean = saved("mean"), k = saved("k"), moments = saved("moments"),
                       sums = saved("sums");
@@ -221,18 +202,24 @@ variable_list re_attention_gradients(AutogradContext* ctx, const torch::Tensor& 
   const torch::Tensor qz = m2.unsqueeze(1) * wz, rz = m1 + m2 * cz;
   // da = Θᵀ dz = Θᵀ diag(k) dy + q (a - 1/N) - Θᵀ rz
   const torch::Tensor Tt = T.t(), q = -Tt.mm(qz);
-  torch::Tensor da = mix_heads(Tt * k.unsqueeze(0), dy, -q.sum(1) * shift - Tt.mv(rz), q, a);
   // dΘ = Σ dz aᵀ = Σ dz ãᵀ + (Σ dz) 1ᵀ / N, over this process's batch
   const torch::Tensor dz_sum = k * dy_sums - qz.mv(sums) - rz * count;
   const torch::Tensor dtheta =
       k.unsqueeze(1) * cross - qz.mm(moments) - torch::outer(rz, sums) + shift * dz_sum.unsqueeze(1);
   auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
-  return {da, f32(dtheta).view({H, H, 1, 1}), f32(dz_sum), f32(dy_zhat * scale), f32(dy_sums * scale)};
+  return {Tt * k.unsqueeze(0),
+          q,
+          -q.sum(1) * shift - Tt.mv(rz),
+          {f32(dtheta).view({H, H, 1, 1}), f32(dz_sum), f32(dy_zhat * scale), f32(dy_sums * scale)}};
 }
 
-// The inputs after the differentiable ones: the running statistics, eps,
-// momentum and the scale, which get no gradient.
-constexpr size_t kReAttentionConstants = 5;
+// The gradients a function returns: those of its map and tensor inputs
+// (`inputs`), the parameters', and none for the constants after them.
+variable_list with_parameters(variable_list inputs, const ReAttentionGrads& g) {
+  inputs.insert(inputs.end(), g.parameters.begin(), g.parameters.end());
+  inputs.resize(inputs.size() + kReAttentionConstants);
+  return inputs;
+}
 
 struct ReAttentionFunction : torch::autograd::Function<ReAttentionFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor a, torch::Tensor theta, torch::Tensor theta_bias,
@@ -249,9 +236,8 @@ struct ReAttentionFunction : torch::autograd::Function<ReAttentionFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const torch::Tensor a = ctx->get_saved_variables()[0], dy = grads[0].contiguous();
     auto [cross, dy_sums] = head_gram(dy, 0.0, a, 1.0 / static_cast<double>(a.size(2)));  // Σ dy ãᵀ, Σ dy
-    variable_list g = re_attention_gradients(ctx, a, dy, cross, dy_sums);
-    g.resize(g.size() + kReAttentionConstants);
-    return g;
+    const ReAttentionGrads g = re_attention_gradients(ctx, a, cross, dy_sums);
+    return with_parameters({mix_heads(g.w1, dy, g.c, g.w2, a)}, g);
   }
 };
 
@@ -274,10 +260,42 @@ struct ReAttentionApplyFunction : torch::autograd::Function<ReAttentionApplyFunc
     const MixedApplyGrads m =
         mixed_attention_apply_backward(ctx->saved_data["mix"].toTensor(), ctx->saved_data["offset"].toTensor(), a, v,
                                        grads[0], 1.0 / static_cast<double>(a.size(2)));
-    variable_list g = re_attention_gradients(ctx, a, m.dy, m.cross, m.dy_sums);
-    g.insert(g.begin() + 1, m.dv);
-    g.resize(g.size() + kReAttentionConstants);
-    return g;
+    const ReAttentionGrads g = re_attention_gradients(ctx, a, m.cross, m.dy_sums);
+    return with_parameters({mix_heads(g.w1, m.dy, g.c, g.w2, a), m.dv}, g);
+  }
+};
+
+// The whole of a re-attention block's attention in training, from q, k, v
+// to the output ([B, N, H, d], as attention_apply before its permute): the
+// softmax maps a, re-attention and the product with v. Beyond
+// ReAttentionApplyFunction, the gradient of a is never stored either: the
+// softmax's backward mixes it from dy and a one image at a time, in cache.
+struct FusedReAttentionFunction : torch::autograd::Function<FusedReAttentionFunction> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               torch::Tensor theta, torch::Tensor theta_bias, torch::Tensor weight, torch::Tensor bias,
+                               torch::Tensor running_mean, torch::Tensor running_var, double eps, double momentum,
+                               double scale, double attention_scale) {
+    RECORD_USER_SCOPE("vitlab::fused_re_attention");
+    const torch::Tensor a = attention_probs_forward(q, k, attention_scale);
+    auto [mix, offset] =
+        re_attention_mixing(ctx, a, theta, theta_bias, weight, bias, running_mean, running_var, eps, momentum, scale);
+    ctx->save_for_backward({q, k, v, a});
+    ctx->saved_data["attention_scale"] = attention_scale;
+    return mixed_attention_apply(mix, offset, a, v);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto inputs = ctx->get_saved_variables();
+    const torch::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2], &a = inputs[3];
+    const MixedApplyGrads m =
+        mixed_attention_apply_backward(ctx->saved_data["mix"].toTensor(), ctx->saved_data["offset"].toTensor(), a, v,
+                                       grads[0], 1.0 / static_cast<double>(a.size(2)));
+    const ReAttentionGrads g = re_attention_gradients(ctx, a, m.cross, m.dy_sums);
+    auto [dq, dk] = attention_probs_backward_mixed(q, k, a, ctx->saved_data["attention_scale"].toDouble(), g.w1, m.dy,
+                                                   g.w2, a, g.c);
+    variable_list out = with_parameters({dq, dk, m.dv}, g);
+    out.emplace_back();  // attention_scale
+    return out;
   }
 };
 }  // namespace
@@ -341,6 +359,45 @@ torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tens
     return mixed_attention_apply(w, c, a, v).permute({0, 2, 1, 3});
   return apply(at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
                    .view({B, H, N, N}));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), H = options.num_heads;
+  auto qkv_ = qkv(x).reshape({B, N, 3, H, C / H}).permute({2, 0, 3, 1, 4});
+  torch::Tensor q = qkv_[0], k = qkv_[1], v = qkv_[2];
+  torch::Tensor out;
+#if TORCH_VERSION_MAJOR >= 2
+  if (attn == nullptr && !options.re_attention) {
+    // Fused kernel (flash / memory-efficient) when no map is asked for.
+    out = at::scaled_dot_product_attention(q, k, v, {}, is_training() ? options.attn_drop : 0.0);
+  }
+#endif
+  const double scale = 1.0 / std::sqrt(static_cast<double>(C / H));
+  const bool kernel = attention_kernel_applies(q, k, v);
+  if (kernel && options.re_attention && is_training() && !attn && options.attn_drop == 0.0) {
+    // Neither the re-attended maps nor the gradient of the softmax maps are
+    // ever stored (docs/BENCHMARKS.md).
+    BatchNorm2dImpl& bn = *var_norm;
+    bn.track_batch();
+    out = FusedReAttentionFunction::apply(q, k, v, reatten_matrix->weight, reatten_matrix->bias, bn.weight, bn.bias,
+                                          bn.running_mean, bn.running_var, bn.eps, bn.momentum, options.reatten_scale,
+                                          scale)
+              .permute({0, 2, 1, 3});
+  }
+  if (!out.defined()) {
+    torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
+    a = attn_drop(a);
+    if (attn && capture_softmax) *attn = a;
+    const bool keep_applied = attn && !capture_softmax;
+    if (options.re_attention && !keep_applied) {
+      out = re_attend(a, v);  // the re-attended maps are not asked for: never stored
+    } else {
+      if (options.re_attention) a = re_attend(a);
+      if (keep_applied) *attn = a;
+      out = kernel ? attention_apply(a, v) : torch::matmul(a, v);
+    }
+  }
+  return proj_drop(proj(out.transpose(1, 2).reshape({B, N, C})));
 }
 
 }  // namespace vitlab

@@ -3,6 +3,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "common/runtime.h"
@@ -346,6 +347,20 @@ double relative_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return max_abs_diff(a.to(torch::kDouble), b.to(torch::kDouble)) / std::max(b.abs().max().item<double>(), 1e-30);
 }
 
+// Whether y's autograd graph has a node whose name contains `name`.
+bool graph_has(const torch::Tensor& y, const std::string& name) {
+  std::vector<torch::autograd::Node*> stack = {y.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!stack.empty()) {
+    torch::autograd::Node* node = stack.back();
+    stack.pop_back();
+    if (!node || !seen.insert(node).second) continue;
+    if (node->name().find(name) != std::string::npos) return true;
+    for (const auto& edge : node->next_edges()) stack.push_back(edge.function.get());
+  }
+  return false;
+}
+
 void copy_state(Attention& from, Attention& to) {
   torch::NoGradGuard no_grad;
   for (const auto& p : from->named_parameters()) to->named_parameters()[p.key()].copy_(p.value());
@@ -414,24 +429,40 @@ TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm 
 }
 
 TEST_CASE("a re-attention block in training gives the same output and gradients with its maps kept or not") {
+  // Three paths: the re-attended maps kept (as the analysis asks), the
+  // softmax maps kept (the re-attended ones applied without being stored),
+  // and nothing kept (one function from q, k, v, storing neither the
+  // re-attended maps nor the softmax's gradient).
   torch::manual_seed(8);
-  Attention kept = re_attention_layer(6, 1.0), not_kept = re_attention_layer(6, 1.0);
-  copy_state(kept, not_kept);
+  Attention kept = re_attention_layer(6, 1.0), softmax_kept = re_attention_layer(6, 1.0),
+            none_kept = re_attention_layer(6, 1.0);
+  copy_state(kept, softmax_kept);
+  copy_state(kept, none_kept);
+  softmax_kept->capture_softmax = true;
   const torch::Tensor x = torch::randn({3, 20, 48}), dy = torch::randn({3, 20, 48});
-  torch::Tensor x1 = x.clone().requires_grad_(), x2 = x.clone().requires_grad_(), maps;
-  const torch::Tensor y1 = kept->forward(x1, &maps), y2 = not_kept->forward(x2);
+  torch::Tensor x1 = x.clone().requires_grad_(), maps;
+  const torch::Tensor y1 = kept->forward(x1, &maps);
+  CHECK(graph_has(y1, "ReAttentionFunction"));
+  y1.backward(dy);
   REQUIRE(maps.defined());
   CHECK(maps.sizes() == torch::IntArrayRef({3, 6, 20, 20}));
-  CHECK(relative_diff(y2, y1) < 1e-5);
-  y1.backward(dy);
-  y2.backward(dy);
-  CHECK(relative_diff(x2.grad(), x1.grad()) < 1e-5);
-  for (const auto& p : kept->named_parameters()) {
-    INFO(p.key());
-    if (p.key() == "reatten_matrix.bias") continue;  // zero in exact arithmetic: rounding noise
-    CHECK(relative_diff(not_kept->named_parameters()[p.key()].grad(), p.value().grad()) < 1e-5);
+  for (Attention* other : {&softmax_kept, &none_kept}) {
+    INFO(((*other)->capture_softmax ? "softmax maps kept" : "nothing kept"));
+    torch::Tensor x2 = x.clone().requires_grad_(), softmax_maps;
+    const torch::Tensor y2 = (*other)->forward(x2, (*other)->capture_softmax ? &softmax_maps : nullptr);
+    CHECK(graph_has(y2, (*other)->capture_softmax ? "ReAttentionApplyFunction" : "FusedReAttentionFunction"));
+    y2.backward(dy);
+    CHECK(relative_diff(y2, y1) < 1e-5);
+    CHECK(relative_diff(x2.grad(), x1.grad()) < 1e-5);
+    for (const auto& p : kept->named_parameters()) {
+      INFO(p.key());
+      if (p.key() == "reatten_matrix.bias") continue;  // zero in exact arithmetic: rounding noise
+      CHECK(relative_diff((*other)->named_parameters()[p.key()].grad(), p.value().grad()) < 1e-5);
+    }
+    CHECK(relative_diff((*other)->var_norm->running_var, kept->var_norm->running_var) < 1e-6);
+    CHECK((*other)->var_norm->num_batches_tracked.item<int64_t>() == 1);
+    if (softmax_maps.defined()) CHECK(max_abs_diff(softmax_maps.sum(-1), torch::ones({3, 6, 20})) < 1e-5);
   }
-  CHECK(relative_diff(not_kept->var_norm->running_var, kept->var_norm->running_var) < 1e-6);
 }
 
 TEST_CASE("fused re-attention over two simulated ranks equals it over their joint batch") {
@@ -517,6 +548,31 @@ TEST_CASE("re-attention training benchmark", "[.]") {
     std::printf("%s, batch %lld, %d threads: forward %.1f ms, forward + backward %.1f ms\n", name,
                 static_cast<long long>(B), torch::get_num_threads(), forward, both);
   }
+  // A whole block's attention (qkv to proj, DeepViT-16B's width), on the
+  // three paths a block can take in training (which maps are kept decides).
+  AttentionOptions o;
+  o.dim = 384;
+  o.num_heads = H;
+  o.re_attention = true;
+  Attention block(o);
+  const torch::Tensor x = torch::randn({B, N, o.dim}), dx = torch::randn({B, N, o.dim});
+  for (const char* kept : {"re-attended maps", "softmax maps", "nothing"}) {
+    block->capture_softmax = std::string(kept) == "softmax maps";
+    torch::Tensor xg = x.clone().requires_grad_();
+    const double both = best_ms([&] {
+      torch::Tensor maps;
+      block->zero_grad();
+      block->forward(xg, std::string(kept) == "nothing" ? nullptr : &maps).backward(dx);
+    });
+    std::printf("a block's attention with %s kept, forward + backward %.1f ms\n", kept, both);
+  }
+  o.re_attention = false;
+  Attention plain(o);
+  torch::Tensor xg = x.clone().requires_grad_();
+  std::printf("the same without re-attention (ViT), forward + backward %.1f ms\n", best_ms([&] {
+                plain->zero_grad();
+                plain->forward(xg).backward(dx);
+              }));
   std::printf("head_gram %.1f ms, mix_heads %.1f ms, mix_heads of two %.1f ms\n",
               best_ms([&] { head_gram(a, 1.0 / N, a, 1.0 / N); }),
               best_ms([&] { mix_heads(torch::eye(H), a, torch::zeros({H})); }),
