@@ -494,6 +494,33 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
     CHECK(relative_diff(rank[r]->var_norm->running_var, reference->var_norm->running_var) < 1e-5);
 }
 
+TEST_CASE("a re-attention block in one function over two simulated ranks equals it over their joint batch") {
+  torch::manual_seed(9);
+  const torch::Tensor x = torch::randn({4, 9, 40}), dy = torch::randn({4, 9, 40});
+  Attention rank[2] = {re_attention_layer(5, 1.0), re_attention_layer(5, 1.0)}, joint = re_attention_layer(5, 1.0);
+  for (Attention& r : rank) copy_state(joint, r);
+  torch::Tensor y[2], dx[2];
+  on_two_ranks([&](int r) {
+    torch::Tensor xr = x.narrow(0, 2 * r, 2).clone().requires_grad_();
+    y[r] = rank[r]->forward(xr);
+    y[r].backward(dy.narrow(0, 2 * r, 2));
+    dx[r] = xr.grad();
+  });
+  for (const torch::Tensor& yr : y) CHECK(graph_has(yr, "FusedReAttentionFunction"));
+  torch::Tensor xf = x.clone().requires_grad_();
+  const torch::Tensor yf = joint->forward(xf);
+  yf.backward(dy);
+  CHECK(relative_diff(torch::cat({y[0], y[1]}), yf) < 1e-5);
+  CHECK(relative_diff(torch::cat({dx[0], dx[1]}), xf.grad()) < 1e-4);
+  for (const auto& p : joint->named_parameters()) {
+    INFO(p.key());
+    if (p.key() == "reatten_matrix.bias") continue;  // zero in exact arithmetic: rounding noise
+    CHECK(relative_diff(rank[0]->named_parameters()[p.key()].grad() + rank[1]->named_parameters()[p.key()].grad(),
+                        p.value().grad()) < 1e-4);
+  }
+  for (int r = 0; r < 2; ++r) CHECK(relative_diff(rank[r]->var_norm->running_var, joint->var_norm->running_var) < 1e-5);
+}
+
 // Θ + BatchNorm + scale in training on [B, 12, 197, 197] maps, fused and as
 // LibTorch's modules, alone and applied to v, forward and backward, best of
 // 5 (docs/BENCHMARKS.md),
