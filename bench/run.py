@@ -46,7 +46,14 @@ def rows(quick):
 
 def run_json(cmd):
     """The JSON object a command prints: its last line, or all of it (vitlab info)."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        hint = ""
+        if "No module named" in done.stderr:
+            hint = "\n(`make bench` installs the Python side: scripts/install-deps.sh --bench)"
+        sys.exit(f"bench: {' '.join(cmd[:3])} ... failed with exit status {done.returncode}:\n"
+                 f"{done.stderr.strip()[-2000:]}{hint}")
+    out = done.stdout.strip()
     last = out.splitlines()[-1]
     return json.loads(last if last.startswith("{") else out)
 

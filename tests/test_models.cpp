@@ -561,7 +561,10 @@ TEST_CASE("re-attention training benchmark", "[.]") {
       {"fused and applied to v, maps not stored",
        [&](const torch::Tensor& x, const torch::Tensor& vx) { return layer->re_attend(x, vx); }},
   };
-  for (const auto& [name, run] : variants) {
+  for (const auto& variant : variants) {
+    // Named copies: clang (C++17) cannot capture structured bindings.
+    const char* name = variant.first;
+    const auto& run = variant.second;
     // Results dropped at once, as in a training step: a kept result makes
     // the next one land on fresh pages.
     torch::Tensor x = a.clone().requires_grad_(), vx = v.clone().requires_grad_();
