@@ -562,7 +562,7 @@ TEST_CASE("re-attention training benchmark", "[.]") {
        [&](const torch::Tensor& x, const torch::Tensor& vx) { return layer->re_attend(x, vx); }},
   };
   for (const auto& variant : variants) {
-    // Named copies: clang (C++17) cannot capture structured bindings.
+    // Plain names, not a structured binding: clang (C++17) cannot capture those.
     const char* name = variant.first;
     const auto& run = variant.second;
     // Results dropped at once, as in a training step: a kept result makes
