@@ -16,6 +16,7 @@
 #include "common/files.h"
 #include "eval/figures.h"
 #include "io/torch_file.h"
+#include "models/attention_kernel.h"
 
 namespace vitlab {
 
@@ -69,10 +70,13 @@ std::vector<Visual> make_visuals(const torch::Tensor& images, const std::vector<
                                  int64_t prefix) {
   std::vector<Visual> out;
   if (count <= 0) return out;
-  std::vector<torch::Tensor> first;
-  for (const auto& m : maps) first.push_back(m.narrow(0, 0, count).to(torch::kFloat));
-  torch::Tensor rollout = attention_rollout(first);  // [n, T, T]
-  torch::Tensor last = first.back();                 // [n, H, T, T]
+  // The rollout takes each block's head mean (as one head), averaged before
+  // the maps are unpacked from the analysis's layout: 1/H of them to copy.
+  std::vector<torch::Tensor> head_means;
+  for (const auto& m : maps)
+    head_means.push_back(unpack_maps(m.narrow(0, 0, count).to(torch::kFloat).mean(1, /*keepdim=*/true)));
+  torch::Tensor rollout = attention_rollout(head_means);                                // [n, T, T]
+  torch::Tensor last = unpack_maps(maps.back().narrow(0, 0, count)).to(torch::kFloat);  // [n, H, T, T]
   const int64_t T = last.size(-1);
   // With a class token its row; without one, the mean over all output tokens.
   torch::Tensor heads = prefix > 0 ? last.select(2, 0) : last.mean(2);       // [n, H, T]
@@ -152,11 +156,14 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
       bool was_training;
       ~PassMode() {
         m.train(was_training);
-        for (auto& b : m.blocks) b->attn->capture_softmax = false;
+        for (auto& b : m.blocks) b->attn->capture_softmax = b->attn->capture_packed = false;
       }
     } pass_mode{vit, vit.is_training()};
     vit.eval();
-    for (auto& b : vit.blocks) b->attn->capture_softmax = o.maps == "softmax";
+    for (auto& b : vit.blocks) {
+      b->attn->capture_softmax = o.maps == "softmax";
+      b->attn->capture_packed = true;  // the similarity kernel's layout, written from cache
+    }
     torch::NoGradGuard no_grad;
     int64_t seen = 0;
     while (o.limit == 0 || seen < o.limit) {

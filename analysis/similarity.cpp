@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/simd.h"
+#include "models/attention_kernel.h"
 
 namespace vitlab {
 
@@ -149,19 +150,7 @@ VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t r
     }
 }
 
-// Every map's columns as [block][map][row][8] (blocks of 8 columns, the
-// last one overlapping the one before when 8 does not divide T), read row
-// by row: the products then stream through contiguous memory instead of
-// touching a cache line per row and map.
-VITLAB_CLONES void pack_columns(const float* const* maps, int64_t K, int64_t T, float* packed) {
-  const int64_t blocks = (T + kW - 1) / kW;
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t r = 0; r < T; ++r) {
-      const float* row = maps[k] + r * T;
-      for (int64_t i = 0; i < blocks; ++i)
-        std::memcpy(packed + ((i * K + k) * T + r) * kW, row + std::min(i * kW, T - kW), sizeof(Lanes));
-    }
-}
+static_assert(kPackedWidth == kW, "a packed map's column block is one vector of lanes");
 
 // Pairs p <= q of K items, in row-major order: (0,0), (0,1), ..., (1,1), ...
 int64_t pair_count(int64_t K) { return K * (K + 1) / 2; }
@@ -210,33 +199,6 @@ VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip,
         std::memcpy(above + pair * kW, &count, sizeof count);
       }
     }
-  }
-  return true;
-}
-
-// For every block of 8 columns i (the last one overlapping the one before
-// when 8 does not divide T): the cosines cos(maps[p][:, t], maps[q][:, t])
-// of every pair p <= q of the K maps, added by add_block_cosines to
-// sum + i * block_stride (block_stride 0 sums over the columns), and the
-// squared column norms of map k to the 8 lanes of squares + 8k when
-// squares is not null. Columns are divided by max(norm, eps) as in
-// gram_to_cosine. Returns false when a column's norm is not finite. Needs
-// T >= 8; dots and packed are scratch.
-bool add_column_cosines(const float* const* maps, int64_t K, int64_t T, float eps, float tau, float* sum,
-                        int64_t block_stride, int32_t* above, float* squares, std::vector<float>& dots,
-                        std::vector<float>& packed) {
-  const int64_t blocks = (T + kW - 1) / kW;
-  dots.resize(static_cast<size_t>(K * K * kW + K * kW));  // the dot products, then the reciprocal norms
-  packed.resize(static_cast<size_t>(blocks * K * T * kW));
-  pack_columns(maps, K, T, packed.data());
-  std::vector<const float*> columns(K);
-  for (int64_t i = 0; i < blocks; ++i) {
-    for (int64_t k = 0; k < K; ++k) columns[k] = packed.data() + (i * K + k) * T * kW;
-    column_dots(columns.data(), K, T, dots.data());
-    const int64_t skip = i * kW - std::min(i * kW, T - kW);
-    if (!add_block_cosines(dots.data(), K, skip, eps, tau, sum + i * block_stride, above, squares,
-                           dots.data() + K * K * kW))
-      return false;
   }
   return true;
 }
@@ -304,69 +266,82 @@ torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features
   return symmetric_from_pairs(sums, L);
 }
 
-// add()'s CPU path for float32 maps: parallel over heads for the
-// cross-layer cosines and over blocks for the inter-head ones, so that no
-// two threads add to the same sums. The cross-layer sums go to `sum` in the
-// kernel's layout [H, blocks of 8 columns, pairs p <= q, 8] (unpacked by
-// unpack_kernel_sums), the rest to above_tau, head_sum and square_sum as
-// add() keeps them.
-void add_maps_cpu(const std::vector<torch::Tensor>& attn, const SimilarityOptions& o, torch::Tensor& sum,
-                  torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum) {
-  const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1), T = attn[0].size(2);
-  const int64_t blocks = (T + kW - 1) / kW, layer_pairs = pair_count(L), head_pairs = pair_count(H);
+// add()'s CPU path for float32 maps, [B, H, T, T] or packed by column
+// blocks ([B, H, blocks, T, 8], as the attention kernel captures them;
+// others are packed here, an image at a time, into `packing`). Image by
+// image, in parallel over column blocks: a block's columns of every map
+// (2.4 MB for 32 blocks x 12 heads at T = 197) are read from memory once,
+// by the cross-layer pass over the heads, and found in cache by the
+// inter-head pass over the blocks that follows. The cross-layer sums go to
+// `sum` in the kernel's layout [H, column blocks, pairs p <= q, 8]
+// (unpacked by unpack_kernel_sums); the rest, kept per column block so that
+// no two threads add to the same sums (and the result does not depend on
+// their number), to above_tau, head_sum and square_sum as add() keeps them.
+void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const SimilarityOptions& o, torch::Tensor& sum,
+                  torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum,
+                  torch::Tensor& packing) {
+  const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1);
+  const int64_t T = attn[0].size(packed ? 3 : 2), blocks = packed_blocks(T), layer_pairs = pair_count(L),
+                head_pairs = pair_count(H), map_size = blocks * T * kW;
   const auto eps = static_cast<float>(o.eps), tau = static_cast<float>(o.tau);
-  std::vector<const float*> base;
-  for (const auto& a : attn) base.push_back(a.data_ptr<float>());
-  torch::Tensor above = torch::zeros({H, layer_pairs, kW}, torch::kInt);
-  torch::Tensor squares = torch::zeros({H, L, kW}, torch::kFloat);
-  float *sum_data = sum.data_ptr<float>(), *squares_data = squares.data_ptr<float>();
+  torch::Tensor above = torch::zeros({blocks, H, layer_pairs, kW}, torch::kInt);
+  torch::Tensor squares = torch::zeros({blocks, H, L, kW}, torch::kFloat);
+  torch::Tensor heads = torch::zeros({blocks, L, head_pairs, kW}, torch::kFloat);  // over the block's columns
+  float *sum_data = sum.data_ptr<float>(), *squares_data = squares.data_ptr<float>(),
+        *heads_data = heads.data_ptr<float>();
   int32_t* above_data = above.data_ptr<int32_t>();
   std::atomic<bool> finite{true};
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> maps(L);
-    std::vector<float> dots, packed;
-    for (int64_t h = begin; h < end; ++h)
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t l = 0; l < L; ++l) maps[l] = base[l] + (b * H + h) * T * T;
-        if (!add_column_cosines(maps.data(), L, T, eps, tau, sum_data + h * blocks * layer_pairs * kW, layer_pairs * kW,
-                                above_data + h * layer_pairs * kW, squares_data + h * L * kW, dots, packed))
-          finite = false;
+  std::vector<const float*> maps(L * H);  // image b's packed map of block l, head h at l * H + h
+  for (int64_t b = 0; b < B; ++b) {
+    if (packed) {
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < H; ++h) maps[l * H + h] = attn[l].data_ptr<float>() + (b * H + h) * map_size;
+    } else {
+      float* out = scratch(packing, {L * H * map_size}, torch::kFloat, torch::kCPU).data_ptr<float>();
+      at::parallel_for(0, L * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m)
+          pack_map_columns(attn[m / H].data_ptr<float>() + (b * H + m % H) * T * T, T, out + m * map_size);
+      });
+      for (int64_t m = 0; m < L * H; ++m) maps[m] = out + m * map_size;
+    }
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t K = std::max(L, H);
+      std::vector<float> dots(static_cast<size_t>((K * K + K) * kW));  // the dot products, then the reciprocal norms
+      std::vector<const float*> columns(K);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t offset = i * T * kW, skip = i * kW - packed_column_start(i, T);
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t l = 0; l < L; ++l) columns[l] = maps[l * H + h] + offset;
+          column_dots(columns.data(), L, T, dots.data());
+          if (!add_block_cosines(dots.data(), L, skip, eps, tau, sum_data + (h * blocks + i) * layer_pairs * kW,
+                                 above_data + (i * H + h) * layer_pairs * kW, squares_data + (i * H + h) * L * kW,
+                                 dots.data() + L * L * kW))
+            finite = false;
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          for (int64_t h = 0; h < H; ++h) columns[h] = maps[l * H + h] + offset;
+          column_dots(columns.data(), H, T, dots.data());
+          add_block_cosines(dots.data(), H, skip, eps, tau, heads_data + (i * L + l) * head_pairs * kW, nullptr,
+                            nullptr, dots.data() + H * H * kW);
+        }
       }
-  });
-  if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+    });
+    if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+  }
   above_tau +=
-      symmetric_from_pairs(above.sum(torch::IntArrayRef{0, 2}, false, torch::kLong), L).to(above_tau.options());
-  square_sum += squares.sum(2, false, torch::kDouble).t().to(square_sum.options());
-
-  torch::Tensor heads = torch::zeros({L, head_pairs, kW}, torch::kFloat);  // over the batch's columns
-  float* heads_data = heads.data_ptr<float>();
-  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> maps(H);
-    std::vector<float> dots, packed;
-    for (int64_t l = begin; l < end; ++l)
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t h = 0; h < H; ++h) maps[h] = base[l] + (b * H + h) * T * T;
-        add_column_cosines(maps.data(), H, T, eps, tau, heads_data + l * head_pairs * kW, 0, nullptr, nullptr, dots,
-                           packed);
-      }
-  });
-  for (int64_t l = 0; l < L; ++l)
-    head_sum[l] += symmetric_from_pairs(heads[l].sum(1, false, torch::kDouble), H).to(head_sum.options());
+      symmetric_from_pairs(above.sum(torch::IntArrayRef{0, 1, 3}, false, torch::kLong), L).to(above_tau.options());
+  square_sum += squares.sum(torch::IntArrayRef{0, 3}, false, torch::kDouble).t().to(square_sum.options());
+  const torch::Tensor head_pair_sums = heads.sum(torch::IntArrayRef{0, 3}, false, torch::kDouble);  // [L, pairs]
+  for (int64_t l = 0; l < L; ++l) head_sum[l] += symmetric_from_pairs(head_pair_sums[l], H).to(head_sum.options());
 }
 
 // The CPU kernel's cross-layer sums [H, blocks of 8 columns, pairs p <= q,
 // 8] as [L, L, H, T].
 torch::Tensor unpack_kernel_sums(const torch::Tensor& sum, int64_t L, int64_t T) {
   const int64_t H = sum.size(0), blocks = sum.size(1), pairs = sum.size(2);
-  // Column t is lane t - t0 of the block that starts at t0 = min(8i, T - 8).
-  std::vector<int64_t> lane_of(T);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t i = std::min(t / kW, blocks - 1);
-    lane_of[t] = i * kW + t - std::min(i * kW, T - kW);
-  }
   const torch::Tensor columns = sum.permute({2, 0, 1, 3})
                                     .reshape({pairs, H, blocks * kW})
-                                    .index_select(2, torch::tensor(lane_of, torch::kLong));  // [pairs, H, T]
+                                    .index_select(2, packed_column_index(T));  // [pairs, H, T]
   const torch::Tensor index = torch::triu_indices(L, L);
   torch::Tensor out = torch::zeros({L * L, H, T}, sum.options());
   out.index_copy_(0, index[0] * L + index[1], columns);
@@ -421,12 +396,18 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   const int64_t L = L_, H = H_, T = T_;
   if (static_cast<int64_t>(attn.size()) != L)
     fail("similarity: got attention maps of {} blocks, expected {}", attn.size(), L);
-  const int64_t B = attn[0].dim() == 4 ? attn[0].size(0) : -1;
+  const int64_t B = attn[0].dim() == 4 || is_packed_maps(attn[0]) ? attn[0].size(0) : -1;
+  int64_t packed_count = 0;
   for (int64_t l = 0; l < L; ++l) {
     const auto& a = attn[l];
-    if (a.dim() != 4 || a.size(0) != B || a.size(1) != H || a.size(2) != T || a.size(3) != T)
-      fail("similarity: block {}'s attention map has shape {}, expected [B, H, T, T] = [{}, {}, {}, {}]", l,
-           a.sizes().vec(), B, H, T, T);
+    const bool packed = is_packed_maps(a);
+    packed_count += packed;
+    if ((a.dim() != 4 && !packed) || a.size(0) != B || a.size(1) != H || a.size(packed ? 3 : 2) != T ||
+        (!packed && a.size(3) != T))
+      fail(
+          "similarity: block {}'s attention map has shape {}, expected [B, H, T, T] = [{}, {}, {}, {}] (or packed "
+          "by column blocks, [B, H, {}, T, 8])",
+          l, a.sizes().vec(), B, H, T, T, T >= kW ? packed_blocks(T) : 0);
     if (!a.is_floating_point())
       fail("similarity: attention maps must be floating point, got {}", c10::toString(a.scalar_type()));
   }
@@ -447,14 +428,21 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
     }
   }
   if (B == 0) return;
+  // Packed maps go to the CPU kernel as they are; anything else sees them
+  // [B, H, T, T].
+  const bool packed = packed_count == L && !options_.center && device_.is_cpu() && cpu_float32(attn);
+  std::vector<torch::Tensor> unpacked;
+  if (packed_count > 0 && !packed)
+    for (const auto& a : attn) unpacked.push_back(unpack_maps(a));
+  const std::vector<torch::Tensor>& rows = unpacked.empty() ? attn : unpacked;
   std::vector<torch::Tensor> centred;
   if (options_.center)
-    for (const auto& a : attn) {
+    for (const auto& a : rows) {
       // Half-precision maps are centred in float32; dim 3 is the input tokens.
       const torch::Tensor f = a.element_size() < 4 ? a.to(torch::kFloat) : a;
       centred.push_back(f - f.mean(3, /*keepdim=*/true));
     }
-  const std::vector<torch::Tensor>& maps = options_.center ? centred : attn;
+  const std::vector<torch::Tensor>& maps = options_.center ? centred : rows;
 
   const int64_t chunk = chunk_images(D);
   const double eps = options_.eps;
@@ -471,7 +459,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   torch::Tensor m_sum;
   if (cpu_kernel) {
     m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();
-    add_maps_cpu(maps, options_, m_sum, above_tau, head_sum, square_sum);
+    add_maps_cpu(maps, packed, options_, m_sum, above_tau, head_sum, square_sum, columns_);
   } else {
     m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
   }

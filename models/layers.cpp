@@ -332,13 +332,15 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor& x) {
 // With v, the maps are applied to it as well; on the CPU kernels' path
 // (float32) this happens without storing the re-attended maps, in training
 // and in evaluation without gradients.
-torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tensor& v) {
+torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tensor& v, torch::Tensor* packed) {
   const double s = options.reatten_scale;
   const bool kernel = head_mixing_applies(a) && (!v.defined() || attention_kernel_applies(v, v, v));
   auto apply = [&](const torch::Tensor& y) {
     if (!v.defined()) return y;
     return attention_kernel_applies(y, v, v) ? attention_apply(y, v) : torch::matmul(y, v);
   };
+  const bool inference_kernel = kernel && v.defined() && !is_training() && !torch::GradMode::is_enabled();
+  TORCH_CHECK(!packed || inference_kernel, "re-attention: packed maps come only from the CPU kernel's inference path");
   if (is_training()) {
     if (!kernel) return apply(var_norm(reatten_matrix(a)) * s);
     BatchNorm2dImpl& bn = *var_norm;
@@ -355,8 +357,7 @@ torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tens
   const torch::Tensor k = bn.weight * s * (bn.running_var + bn.eps).rsqrt();
   const torch::Tensor w = reatten_matrix->weight.view({H, H}) * k.unsqueeze(1);
   const torch::Tensor c = (reatten_matrix->bias - bn.running_mean) * k + bn.bias * s;
-  if (kernel && v.defined() && !torch::GradMode::is_enabled())
-    return mixed_attention_apply(w, c, a, v).permute({0, 2, 1, 3});
+  if (inference_kernel) return mixed_attention_apply(w, c, a, v, packed).permute({0, 2, 1, 3});
   return apply(at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
                    .view({B, H, N, N}));
 }
@@ -384,13 +385,20 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
                                           scale)
               .permute({0, 2, 1, 3});
   }
+  // Inference on the CPU kernel: the maps that multiply v are written out
+  // only when captured, and then packed (capture_packed).
+  const bool inference = kernel && !is_training() && !torch::GradMode::is_enabled();
+  const bool pack = capture_packed && N >= kPackedWidth && !(capture_softmax && options.re_attention);
+  torch::Tensor* packed = inference && attn && pack ? attn : nullptr;
+  if (!out.defined() && inference && !options.re_attention && (!attn || packed))
+    out = attention_inference(q, k, v, scale, packed);
   if (!out.defined()) {
     torch::Tensor a = kernel ? attention_probs(q, k, scale) : torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1);
     a = attn_drop(a);
     if (attn && capture_softmax) *attn = a;
-    const bool keep_applied = attn && !capture_softmax;
+    const bool keep_applied = attn && !capture_softmax && !packed;
     if (options.re_attention && !keep_applied) {
-      out = re_attend(a, v);  // the re-attended maps are not asked for: never stored
+      out = re_attend(a, v, packed);  // the re-attended maps are not asked for, or packed: never stored whole
     } else {
       if (options.re_attention) a = re_attend(a);
       if (keep_applied) *attn = a;

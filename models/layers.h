@@ -85,13 +85,19 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
   // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale;
   // with v [B, H, N, d], the result applied to v ([B, H, N, d]).
-  torch::Tensor re_attend(const torch::Tensor& a, const torch::Tensor& v = {});
+  // packed: see forward's capture_packed (evaluation without gradients only).
+  torch::Tensor re_attend(const torch::Tensor& a, const torch::Tensor& v = {}, torch::Tensor* packed = nullptr);
 
   AttentionOptions options;
   // Capture the softmax map instead of the re-attention map, so that DeepViT's
   // maps can be compared with ViT's like for like; the same map without
   // re-attention.
   bool capture_softmax = false;
+  // Capture the map packed by column blocks ([B, H, blocks, T, 8], see
+  // models/attention_kernel.h) where the CPU kernel computes it in
+  // inference without gradients, written from cache for the similarity
+  // analysis; elsewhere (and for DeepViT's softmax maps) it stays [B, H, T, T].
+  bool capture_packed = false;
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
   torch::nn::Dropout attn_drop{nullptr}, proj_drop{nullptr};
   torch::nn::Conv2d reatten_matrix{nullptr};

@@ -16,6 +16,7 @@
 #include "eval/evaluate.h"
 #include "eval/figures.h"
 #include "io/torch_file.h"
+#include "models/attention_kernel.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;
@@ -51,6 +52,19 @@ cv::Mat decode(const fs::path& path) {
   const std::string bytes = read_file(path);
   return cv::imdecode(cv::Mat(1, static_cast<int>(bytes.size()), CV_8U, const_cast<char*>(bytes.data())),
                       cv::IMREAD_UNCHANGED);
+}
+
+// Maps [..., T, T] packed by column blocks, [..., blocks, T, 8], as the attention kernel captures them.
+torch::Tensor pack(const torch::Tensor& rows) {
+  const int64_t T = rows.size(-1), maps = rows.numel() / (T * T);
+  std::vector<int64_t> shape = rows.sizes().vec();
+  shape.resize(shape.size() - 2);
+  shape.insert(shape.end(), {packed_blocks(T), T, kPackedWidth});
+  const torch::Tensor in = rows.contiguous();
+  torch::Tensor out = torch::empty(shape);
+  for (int64_t m = 0; m < maps; ++m)
+    pack_map_columns(in.data_ptr<float>() + m * T * T, T, out.data_ptr<float>() + m * out.numel() / maps);
+  return out;
 }
 
 void check_same(const SimilarityResult& a, const SimilarityResult& b, double tol) {
@@ -313,6 +327,54 @@ TEST_CASE("forward_features returns each block's output for ViT and DeepViT") {
     CHECK(max_abs_diff(m.vision->forward_head(features), read_torch_tensor(fixture(std::string(name) + ".logits.pt"))) <
           1e-4);
     CHECK(max_abs_diff(torch::stack(maps), read_torch_tensor(fixture(std::string(name) + ".attn.pt"))) < 1e-5);
+  }
+}
+
+TEST_CASE("packed maps: captured from the kernels' inference path, analysed as the row-major ones") {
+  // Packing and unpacking, with T a multiple of 8 and not (the last block overlaps).
+  for (int64_t T : {8, 13}) {
+    torch::Tensor rows = torch::randn({2, 3, T, T});
+    torch::Tensor packed = pack(rows);
+    CHECK(is_packed_maps(packed));
+    CHECK_FALSE(is_packed_maps(rows));
+    CHECK(torch::equal(unpack_maps(packed), rows));
+    CHECK(torch::equal(unpack_maps(rows), rows));
+  }
+  for (const char* name : kFixtures) {
+    INFO(name);
+    Model m = fixture_model(name);
+    torch::Tensor x = read_torch_tensor(fixture(std::string(name) + ".input.pt"));
+    torch::NoGradGuard no_grad;
+    // Without a capture, ViT's inference takes attention_inference (the maps never stored).
+    CHECK(max_abs_diff(m.vision->forward(x), read_torch_tensor(fixture(std::string(name) + ".logits.pt"))) < 1e-4);
+    std::vector<torch::Tensor> rows, packed, outputs, unpacked;
+    const torch::Tensor features = m.vision->forward_features(x, &rows, &outputs);
+    for (auto& b : m.vision->blocks) b->attn->capture_packed = true;
+    CHECK(max_abs_diff(m.vision->forward_features(x, &packed), features) < 1e-6);
+    REQUIRE(packed.size() == rows.size());
+    for (size_t l = 0; l < rows.size(); ++l) {
+      REQUIRE(is_packed_maps(packed[l]));
+      unpacked.push_back(unpack_maps(packed[l]));
+      CHECK(max_abs_diff(unpacked[l], rows[l]) < 1e-6);
+    }
+    const int64_t L = rows.size(), H = rows[0].size(1), T = rows[0].size(2);
+    for (bool center : {false, true}) {  // centring unpacks them first
+      SimilarityOptions o;
+      o.center = center;
+      SimilarityAccumulator from_rows(L, H, T, o), from_packed(L, H, T, o);
+      from_rows.add(unpacked, outputs);
+      from_packed.add(packed, outputs);
+      check_same(from_packed.result(), from_rows.result(), 0.0);
+    }
+    SimilarityAccumulator acc(L, H, T);
+    acc.add(packed);
+    CHECK(max_abs_diff(acc.result().M, read_torch_tensor(fixture(std::string(name) + ".similarity.pt"))) <=
+          manifest()[name]["tolerance"]["similarity_max_abs"].get<double>());
+    // DeepViT's softmax maps are not the ones the kernel keeps in cache: they stay [B, H, T, T].
+    for (auto& b : m.vision->blocks) b->attn->capture_softmax = true;
+    std::vector<torch::Tensor> softmax;
+    m.vision->forward_features(x, &softmax);
+    CHECK(softmax[0].dim() == (m.vision->blocks[0]->attn->options.re_attention ? 4 : 5));
   }
 }
 
@@ -597,13 +659,17 @@ TEST_CASE("similarity kernel benchmark", "[.]") {
   if (!reps_env) return;
   const int64_t L = 32, B = 4, H = 12, T = 197, reps = std::stoll(reps_env);
   const torch::Tensor attn = random_maps(L, B, H, T, 1).first;
-  SimilarityAccumulator acc(L, H, T);
-  double best = std::numeric_limits<double>::infinity();
-  for (int64_t r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    acc.add(attn);
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  const std::vector<torch::Tensor> packed = pack(attn).unbind(0);
+  for (bool is_packed : {false, true}) {  // [B, H, T, T] maps, and packed as analyze captures them
+    SimilarityAccumulator acc(L, H, T);
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t r = 0; r < reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      is_packed ? acc.add(packed) : acc.add(attn);
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::printf("similarity kernel, %s maps, %lld images, %d threads: %.2f ms per image (fastest batch)\n",
+                is_packed ? "packed" : "row-major", static_cast<long long>(B), torch::get_num_threads(),
+                1e3 * best / B);
   }
-  std::printf("similarity kernel, %lld images, %d threads: %.2f ms per image (fastest batch)\n",
-              static_cast<long long>(B), torch::get_num_threads(), 1e3 * best / B);
 }
