@@ -348,15 +348,20 @@ void pack_map_columns(const float* map, int64_t N, float* packed) {
                   kPackedWidth * sizeof(float));
 }
 
-bool is_packed_maps(const torch::Tensor& t) {
-  return t.dim() == 5 && t.size(4) == kPackedWidth && t.size(3) >= kPackedWidth &&
-         t.size(2) == packed_blocks(t.size(3));
+namespace {
+
+// Whether t's last three dims are packed maps' [blocks, N, 8].
+bool packed_trailing_dims(const torch::Tensor& t) {
+  return t.dim() >= 3 && t.size(-1) == kPackedWidth && t.size(-2) >= kPackedWidth &&
+         t.size(-3) == packed_blocks(t.size(-2));
 }
 
+}  // namespace
+
+bool is_packed_maps(const torch::Tensor& t) { return t.dim() == 5 && packed_trailing_dims(t); }
+
 torch::Tensor unpack_maps(const torch::Tensor& maps) {
-  if (maps.dim() < 3 || maps.size(-1) != kPackedWidth || maps.size(-2) < kPackedWidth ||
-      maps.size(-3) != packed_blocks(maps.size(-2)))
-    return maps;
+  if (!packed_trailing_dims(maps)) return maps;
   const int64_t N = maps.size(-2), blocks = maps.size(-3);
   std::vector<int64_t> shape = maps.sizes().vec();
   shape.resize(shape.size() - 3);

@@ -349,6 +349,11 @@ TEST_CASE("packed maps: captured from the kernels' inference path, analysed as t
     CHECK(max_abs_diff(m.vision->forward(x), read_torch_tensor(fixture(std::string(name) + ".logits.pt"))) < 1e-4);
     std::vector<torch::Tensor> rows, packed, outputs, unpacked;
     const torch::Tensor features = m.vision->forward_features(x, &rows, &outputs);
+    // Keeping the maps or not computes the same: bitwise for ViT (the same
+    // arithmetic, the map in cache or in memory); DeepViT's kept maps are
+    // mixed by another routine.
+    const double same = std::string(name).rfind("deepvit", 0) == 0 ? 1e-6 : 0.0;
+    CHECK(max_abs_diff(m.vision->forward_features(x), features) <= same);
     for (auto& b : m.vision->blocks) b->attn->capture_packed = true;
     CHECK(max_abs_diff(m.vision->forward_features(x, &packed), features) < 1e-6);
     REQUIRE(packed.size() == rows.size());
