@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -104,42 +105,62 @@ std::pair<torch::Tensor, torch::Tensor> gram_to_cosine(torch::Tensor& gram, doub
 }
 
 // The CPU path: cosines between the columns of K maps [T, T] (row-major),
-// 8 columns at a time, with a 4x2 tile of maps' dot products accumulated
+// 8 columns at a time, with a 3x3 tile of maps' dot products accumulated
 // row by row in registers. LibTorch 1.13's CPU bmm on the equivalent
 // [L, T] x [T, L] Gram matrices, after a transposed copy of the maps, took
 // 2.5 times as long (docs/BENCHMARKS.md). GCC/Clang vector types; compiled
 // for AVX2+FMA and for the baseline, picked at load time.
-constexpr int64_t kP = 4, kQ = 2;
+// 3x3: 9 accumulators and 6 loads per row fill 15 of AVX2's 16 registers.
+// In 4x2 tiles GCC 12 folded the x loads into the FMAs, each twice (10
+// loads per 8 FMAs), and on maps in cache took 1.6 times as long.
+constexpr int64_t kP = 3, kQ = 3;
 static_assert(kP % kQ == 0, "tiles starting on the diagonal cover every pair");
 using simd::kW;
 using simd::Lanes;
 
-// The kP x kQ tile of lane-wise dot products of vectors p0.. and q0.. over
-// their first n floats (a multiple of 8): acc[i * kQ + j][w] = sum over r
+// The P x Q tile of lane-wise dot products of vectors p0.. and q0.. over
+// their first n floats (a multiple of 8): acc[i * Q + j][w] = sum over r
 // of v[p0 + i][8r + w] * v[q0 + j][8r + w]. Past the last vector, the tile
-// repeats vector K - 1 (the caller drops those results).
-VITLAB_LANES void tile_dots(const float* const* v, int64_t K, int64_t p0, int64_t q0, int64_t n, Lanes* acc) {
-  const float* a[kP];
-  const float* b[kQ];
-  for (int64_t i = 0; i < kP; ++i) a[i] = v[std::min(p0 + i, K - 1)];
-  for (int64_t j = 0; j < kQ; ++j) b[j] = v[std::min(q0 + j, K - 1)];
-  for (int64_t k = 0; k < kP * kQ; ++k) acc[k] = Lanes{};
+// repeats vector K - 1 (the caller drops those results). Meanwhile it
+// prefetches the first n floats of prefetch[0] and prefetch[1] (where not
+// null), 32 bytes of each per row.
+template <int64_t P, int64_t Q>
+VITLAB_LANES void tile_dots(const float* const* v, int64_t K, int64_t p0, int64_t q0, int64_t n, Lanes* acc,
+                            std::array<const float*, 2> prefetch = {}) {
+  const float* a[P];
+  const float* b[Q];
+  for (int64_t i = 0; i < P; ++i) a[i] = v[std::min(p0 + i, K - 1)];
+  for (int64_t j = 0; j < Q; ++j) b[j] = v[std::min(q0 + j, K - 1)];
+  for (int64_t k = 0; k < P * Q; ++k) acc[k] = Lanes{};
   for (int64_t r = 0; r < n; r += kW) {
-    Lanes x[kP], y[kQ];
-    for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
-    for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
-    for (int64_t i = 0; i < kP; ++i)
-      for (int64_t j = 0; j < kQ; ++j) acc[i * kQ + j] += x[i] * y[j];
+    Lanes x[P], y[Q];
+    for (int64_t i = 0; i < P; ++i) x[i] = simd::load(a[i] + r);
+    for (int64_t j = 0; j < Q; ++j) y[j] = simd::load(b[j] + r);
+    for (int64_t i = 0; i < P; ++i)
+      for (int64_t j = 0; j < Q; ++j) acc[i * Q + j] += x[i] * y[j];
+    if (prefetch[0]) __builtin_prefetch(prefetch[0] + r);
+    if (prefetch[1]) __builtin_prefetch(prefetch[1] + r);
   }
 }
 
 // dots[p][q][w] = sum over rows r of columns[p][r * 8 + w] * columns[q][r * 8 + w]
-// for every p, q < K (both halves of the symmetric matrix).
-VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t rows, float* dots) {
+// for every p, q < K (both halves of the symmetric matrix). Unless `next`
+// is null, prefetches the K columns next[0..K) (as many rows) meanwhile,
+// spread over the tiles: read straight from memory, the 32 short streams
+// of the cross-layer pass kept the kernel waiting (8-15% of its time).
+VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t rows, float* dots,
+                               const float* const* next) {
+  int64_t tiles = 0;
+  for (int64_t p0 = 0; p0 < K; p0 += kP) tiles += (K - p0 + kQ - 1) / kQ;
+  if (2 * tiles < K) next = nullptr;  // K = 3: one tile, too short to hide the loads behind
+  int64_t t = 0;
   for (int64_t p0 = 0; p0 < K; p0 += kP)
-    for (int64_t q0 = p0; q0 < K; q0 += kQ) {
+    for (int64_t q0 = p0; q0 < K; q0 += kQ, ++t) {
       Lanes acc[kP * kQ];
-      tile_dots(columns, K, p0, q0, rows * kW, acc);
+      std::array<const float*, 2> prefetch{};  // columns t and t + tiles
+      for (int64_t k = 0; k < 2; ++k)
+        if (next && t + k * tiles < K) prefetch[k] = next[t + k * tiles];
+      tile_dots<kP, kQ>(columns, K, p0, q0, rows * kW, acc, prefetch);
       for (int64_t i = 0; i < kP && p0 + i < K; ++i)
         for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
           // From a copy: taking acc's address would keep the tile out of registers.
@@ -204,20 +225,21 @@ VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip,
 }
 
 // dots[p * K + q] = features[p] . features[q] for every p, q < K (both
-// halves), for vectors of length D, in the same 4x2 tiles as column_dots
-// with each tile's 8 sums reduced together at the end.
+// halves), for vectors of length D, in 4 x 2 tiles whose 8 sums are
+// reduced together at the end.
 VITLAB_CLONES void vector_dots(const float* const* features, int64_t K, int64_t D, float* dots) {
+  constexpr int64_t P = 4, Q = 2;
+  static_assert(P * Q == kW, "sum8 reduces one tile");
   const int64_t whole = D / kW * kW;
-  static_assert(kP * kQ == kW, "sum8 reduces one tile");
-  for (int64_t p0 = 0; p0 < K; p0 += kP)
-    for (int64_t q0 = p0; q0 < K; q0 += kQ) {
-      Lanes acc[kP * kQ];
-      tile_dots(features, K, p0, q0, whole, acc);
+  for (int64_t p0 = 0; p0 < K; p0 += P)
+    for (int64_t q0 = p0; q0 < K; q0 += Q) {
+      Lanes acc[P * Q];
+      tile_dots<P, Q>(features, K, p0, q0, whole, acc);
       const Lanes tile = simd::sum8(acc);
-      for (int64_t i = 0; i < kP && p0 + i < K; ++i)
-        for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
+      for (int64_t i = 0; i < P && p0 + i < K; ++i)
+        for (int64_t j = 0; j < Q && q0 + j < K; ++j) {
           const float *a = features[p0 + i], *b = features[q0 + j];
-          float dot = tile[i * kQ + j];
+          float dot = tile[i * Q + j];
           for (int64_t r = whole; r < D; ++r) dot += a[r] * b[r];
           dots[(p0 + i) * K + q0 + j] = dots[(q0 + j) * K + p0 + i] = dot;
         }
@@ -307,20 +329,28 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const Sim
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const int64_t K = std::max(L, H);
       std::vector<float> dots(static_cast<size_t>((K * K + K) * kW));  // the dot products, then the reciprocal norms
-      std::vector<const float*> columns(K);
+      std::vector<const float*> columns(K), next(K);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t offset = i * T * kW, skip = i * kW - packed_column_start(i, T);
+        // Each pass prefetches the next one's columns: the next head's, the
+        // next block's.
         for (int64_t h = 0; h < H; ++h) {
-          for (int64_t l = 0; l < L; ++l) columns[l] = maps[l * H + h] + offset;
-          column_dots(columns.data(), L, T, dots.data());
+          for (int64_t l = 0; l < L; ++l) {
+            columns[l] = maps[l * H + h] + offset;
+            if (h + 1 < H) next[l] = maps[l * H + h + 1] + offset;
+          }
+          column_dots(columns.data(), L, T, dots.data(), h + 1 < H ? next.data() : nullptr);
           if (!add_block_cosines(dots.data(), L, skip, eps, tau, sum_data + (h * blocks + i) * layer_pairs * kW,
                                  above_data + (i * H + h) * layer_pairs * kW, squares_data + (i * H + h) * L * kW,
                                  dots.data() + L * L * kW))
             finite = false;
         }
         for (int64_t l = 0; l < L; ++l) {
-          for (int64_t h = 0; h < H; ++h) columns[h] = maps[l * H + h] + offset;
-          column_dots(columns.data(), H, T, dots.data());
+          for (int64_t h = 0; h < H; ++h) {
+            columns[h] = maps[l * H + h] + offset;
+            if (l + 1 < L) next[h] = maps[(l + 1) * H + h] + offset;
+          }
+          column_dots(columns.data(), H, T, dots.data(), l + 1 < L ? next.data() : nullptr);
           add_block_cosines(dots.data(), H, skip, eps, tau, heads_data + (i * L + l) * head_pairs * kW, nullptr,
                             nullptr, dots.data() + H * H * kW);
         }
@@ -328,8 +358,15 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const Sim
     });
     if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
   }
-  above_tau +=
-      symmetric_from_pairs(above.sum(torch::IntArrayRef{0, 1, 3}, false, torch::kLong), L).to(above_tau.options());
+  // Counted in a plain loop (0.8 ms per batch of 4 images): LibTorch's
+  // int32 -> int64 sum over these dims took 20-33 ms in each of a process's
+  // first two batches, 1 ms after (docs/BENCHMARKS.md, stop 29).
+  torch::Tensor counts = torch::zeros({layer_pairs}, torch::kLong);
+  int64_t* count = counts.data_ptr<int64_t>();
+  for (int64_t run = 0; run < blocks * H; ++run)
+    for (int64_t pair = 0; pair < layer_pairs; ++pair)
+      for (int64_t w = 0; w < kW; ++w) count[pair] += above_data[(run * layer_pairs + pair) * kW + w];
+  above_tau += symmetric_from_pairs(counts, L).to(above_tau.options());
   square_sum += squares.sum(torch::IntArrayRef{0, 3}, false, torch::kDouble).t().to(square_sum.options());
   const torch::Tensor head_pair_sums = heads.sum(torch::IntArrayRef{0, 3}, false, torch::kDouble);  // [L, pairs]
   for (int64_t l = 0; l < L; ++l) head_sum[l] += symmetric_from_pairs(head_pair_sums[l], H).to(head_sum.options());
