@@ -118,26 +118,25 @@ static_assert(kP % kQ == 0, "tiles starting on the diagonal cover every pair");
 using simd::kW;
 using simd::Lanes;
 
-// The P x Q tile of lane-wise dot products of vectors p0.. and q0.. over
-// their first n floats (a multiple of 8): acc[i * Q + j][w] = sum over r
+// The kP x kQ tile of lane-wise dot products of vectors p0.. and q0.. over
+// their first n floats (a multiple of 8): acc[i * kQ + j][w] = sum over r
 // of v[p0 + i][8r + w] * v[q0 + j][8r + w]. Past the last vector, the tile
 // repeats vector K - 1 (the caller drops those results). Meanwhile it
 // prefetches the first n floats of prefetch[0] and prefetch[1] (where not
 // null), 32 bytes of each per row.
-template <int64_t P, int64_t Q>
 VITLAB_LANES void tile_dots(const float* const* v, int64_t K, int64_t p0, int64_t q0, int64_t n, Lanes* acc,
                             std::array<const float*, 2> prefetch = {}) {
-  const float* a[P];
-  const float* b[Q];
-  for (int64_t i = 0; i < P; ++i) a[i] = v[std::min(p0 + i, K - 1)];
-  for (int64_t j = 0; j < Q; ++j) b[j] = v[std::min(q0 + j, K - 1)];
-  for (int64_t k = 0; k < P * Q; ++k) acc[k] = Lanes{};
+  const float* a[kP];
+  const float* b[kQ];
+  for (int64_t i = 0; i < kP; ++i) a[i] = v[std::min(p0 + i, K - 1)];
+  for (int64_t j = 0; j < kQ; ++j) b[j] = v[std::min(q0 + j, K - 1)];
+  for (int64_t k = 0; k < kP * kQ; ++k) acc[k] = Lanes{};
   for (int64_t r = 0; r < n; r += kW) {
-    Lanes x[P], y[Q];
-    for (int64_t i = 0; i < P; ++i) x[i] = simd::load(a[i] + r);
-    for (int64_t j = 0; j < Q; ++j) y[j] = simd::load(b[j] + r);
-    for (int64_t i = 0; i < P; ++i)
-      for (int64_t j = 0; j < Q; ++j) acc[i * Q + j] += x[i] * y[j];
+    Lanes x[kP], y[kQ];
+    for (int64_t i = 0; i < kP; ++i) x[i] = simd::load(a[i] + r);
+    for (int64_t j = 0; j < kQ; ++j) y[j] = simd::load(b[j] + r);
+    for (int64_t i = 0; i < kP; ++i)
+      for (int64_t j = 0; j < kQ; ++j) acc[i * kQ + j] += x[i] * y[j];
     if (prefetch[0]) __builtin_prefetch(prefetch[0] + r);
     if (prefetch[1]) __builtin_prefetch(prefetch[1] + r);
   }
@@ -160,7 +159,7 @@ VITLAB_CLONES void column_dots(const float* const* columns, int64_t K, int64_t r
       std::array<const float*, 2> prefetch{};  // columns t and t + tiles
       for (int64_t k = 0; k < 2; ++k)
         if (next && t + k * tiles < K) prefetch[k] = next[t + k * tiles];
-      tile_dots<kP, kQ>(columns, K, p0, q0, rows * kW, acc, prefetch);
+      tile_dots(columns, K, p0, q0, rows * kW, acc, prefetch);
       for (int64_t i = 0; i < kP && p0 + i < K; ++i)
         for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
           // From a copy: taking acc's address would keep the tile out of registers.
@@ -225,21 +224,21 @@ VITLAB_CLONES bool add_block_cosines(const float* dots, int64_t K, int64_t skip,
 }
 
 // dots[p * K + q] = features[p] . features[q] for every p, q < K (both
-// halves), for vectors of length D, in 4 x 2 tiles whose 8 sums are
-// reduced together at the end.
+// halves), for vectors of length D, in the same 3x3 tiles as column_dots:
+// the first 8 sums of a tile reduced together at the end, the ninth alone.
 VITLAB_CLONES void vector_dots(const float* const* features, int64_t K, int64_t D, float* dots) {
-  constexpr int64_t P = 4, Q = 2;
-  static_assert(P * Q == kW, "sum8 reduces one tile");
+  static_assert(kP * kQ == kW + 1, "sum8 reduces all of a tile but its last sum");
   const int64_t whole = D / kW * kW;
-  for (int64_t p0 = 0; p0 < K; p0 += P)
-    for (int64_t q0 = p0; q0 < K; q0 += Q) {
-      Lanes acc[P * Q];
-      tile_dots<P, Q>(features, K, p0, q0, whole, acc);
+  for (int64_t p0 = 0; p0 < K; p0 += kP)
+    for (int64_t q0 = p0; q0 < K; q0 += kQ) {
+      Lanes acc[kP * kQ];
+      tile_dots(features, K, p0, q0, whole, acc);
       const Lanes tile = simd::sum8(acc);
-      for (int64_t i = 0; i < P && p0 + i < K; ++i)
-        for (int64_t j = 0; j < Q && q0 + j < K; ++j) {
+      for (int64_t i = 0; i < kP && p0 + i < K; ++i)
+        for (int64_t j = 0; j < kQ && q0 + j < K; ++j) {
           const float *a = features[p0 + i], *b = features[q0 + j];
-          float dot = tile[i * Q + j];
+          const int64_t k = i * kQ + j;
+          float dot = k < kW ? tile[k] : simd::sum(acc[k]);
           for (int64_t r = whole; r < D; ++r) dot += a[r] * b[r];
           dots[(p0 + i) * K + q0 + j] = dots[(q0 + j) * K + p0 + i] = dot;
         }

@@ -236,10 +236,10 @@ TEST_CASE("similarity streamed in batches of 1, 3 and all at once gives the same
 
 TEST_CASE("similarity: the CPU kernel agrees with the batched-product path") {
   // float32 contiguous CPU maps with T >= 8 take the kernel; the same maps
-  // in float64 take the bmm path. Shapes cover partial tiles (L, H not
-  // multiples of 3; L not of 4 for the feature kernel's 4x2 tiles), L and
-  // H of 3 (one tile, no prefetching), column blocks (T not a multiple of
-  // 8), signed maps (re-attention) and an all-zero column.
+  // in float64 take the bmm path. Shapes cover partial 3x3 tiles (L, H
+  // not multiples of 3), L and H of 3 (one tile, no prefetching), column
+  // blocks (T not a multiple of 8), signed maps (re-attention) and an
+  // all-zero column.
   // float32 block outputs take the feature kernel, float64 ones the
   // product path; D covers vectors shorter than 8 and partial ones.
   for (auto [L, H, T, D] :
