@@ -357,9 +357,9 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const Sim
     });
     if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
   }
-  // Counted in a plain loop (0.8 ms per batch of 4 images): LibTorch's
-  // int32 -> int64 sum over these dims took 20-33 ms in each of a process's
-  // first two batches, 1 ms after (docs/BENCHMARKS.md, stop 29).
+  // Counted in a plain loop: LibTorch's int32 -> int64 sum over these dims
+  // took 20-33 ms in each of a process's first two batches of 4 images (1
+  // ms after, as this loop does every time; docs/BENCHMARKS.md, stop 29).
   torch::Tensor counts = torch::zeros({layer_pairs}, torch::kLong);
   int64_t* count = counts.data_ptr<int64_t>();
   for (int64_t run = 0; run < blocks * H; ++run)
