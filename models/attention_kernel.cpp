@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/simd.h"
@@ -410,10 +411,10 @@ void for_each_mixed_image(const torch::Tensor& w, const torch::Tensor& c, const 
   const int64_t NN = N * N;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(N, d);
-    std::vector<float> y(static_cast<size_t>(H * NN));
+    const std::unique_ptr<float[]> y(new float[H * NN]);  // not zeroed (a vector would be): mix_image writes it all
     for (int64_t b = begin; b < end; ++b) {
-      mix_image(H, W, x1 + b * H * NN, x2 ? x2 + b * H * NN : nullptr, C, y.data(), NN);
-      fn(b, y.data(), scratch);
+      mix_image(H, W, x1 + b * H * NN, x2 ? x2 + b * H * NN : nullptr, C, y.get(), NN);
+      fn(b, y.get(), scratch);
     }
   });
 }

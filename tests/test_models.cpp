@@ -371,10 +371,10 @@ void copy_state(Attention& from, Attention& to) {
 
 TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm then the scale, with gradients") {
   torch::manual_seed(6);
-  // 6 heads: the Gram kernel's blocks of four and its remainder; 50 tokens:
-  // 2500 positions per map, past a task and a staging boundary, not a
-  // multiple of 8.
-  const int64_t B = 3, H = 6, N = 50;
+  // 7 heads: the kernels' 3 × 3 tiles and a last tile of one head; 50
+  // tokens: 2500 positions per map, past a task boundary of both kernels
+  // (1008 and 2048 columns), not a multiple of 8.
+  const int64_t B = 3, H = 7, N = 50;
   struct Maps {
     const char* what;
     torch::Tensor a;
