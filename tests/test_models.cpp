@@ -428,6 +428,43 @@ TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm 
     }
 }
 
+TEST_CASE("the head-mixing kernels equal their definitions for any head count and map size") {
+  // Head counts around the 3 × 3 tiles (all three rows of a tile the same
+  // head when H = 1); 5 tokens: 25 columns (one 24-column tile and one
+  // left); 29: 841 (whole tiles, a vector and single columns); 50: 2500
+  // (past both kernels' task boundaries).
+  torch::manual_seed(9);
+  for (const int64_t H : {1, 2, 4, 13})
+    for (const int64_t N : {5, 29, 50}) {
+      INFO(H << " heads, " << N << " tokens");
+      const torch::Tensor x = torch::rand({2, H, N, N}), y = torch::randn({2, H, N, N});
+      const torch::Tensor w1 = torch::randn({H, H}), w2 = torch::randn({H, H}), c = torch::randn({H});
+      const auto mixed = [&](const torch::Tensor& w, const torch::Tensor& maps) {  // Σ_k w[g][k] maps[b][k]
+        return torch::einsum("gk,bkij->bgij", {w.to(torch::kDouble), maps.to(torch::kDouble)});
+      };
+      const torch::Tensor offset = c.to(torch::kDouble).view({1, H, 1, 1});
+      CHECK(relative_diff(mix_heads(w1, x, c), mixed(w1, x) + offset) < 1e-5);
+      CHECK(relative_diff(mix_heads(w1, x, c, w2, y), mixed(w1, x) + mixed(w2, y) + offset) < 1e-5);
+      // Σ over images and positions of (x_g - sx)(y_h - sy), and of x_g - sx.
+      const auto gram = [&](const torch::Tensor& a, double sa, const torch::Tensor& b, double sb) {
+        const torch::Tensor da = (a.to(torch::kDouble) - sa).transpose(0, 1).reshape({H, -1});
+        const torch::Tensor db = (b.to(torch::kDouble) - sb).transpose(0, 1).reshape({H, -1});
+        return std::make_pair(da.matmul(db.t()), da.sum(1));
+      };
+      const double shift = 1.0 / static_cast<double>(N);
+      for (const bool same : {true, false}) {  // x with itself: the upper tiles, mirrored
+        INFO((same ? "x with itself" : "x with y"));
+        const torch::Tensor& other = same ? x : y;
+        const double other_shift = same ? shift : 0.1;
+        const auto [moments, sums] = head_gram(x, shift, other, other_shift);
+        const auto [expected_moments, expected_sums] = gram(x, shift, other, other_shift);
+        CHECK(moments.scalar_type() == torch::kDouble);
+        CHECK(relative_diff(moments, expected_moments) < 1e-5);
+        CHECK(relative_diff(sums, expected_sums) < 1e-5);
+      }
+    }
+}
+
 TEST_CASE("a re-attention block in training gives the same output and gradients with its maps kept or not") {
   // Three paths: the re-attended maps kept (as the analysis asks), the
   // softmax maps kept (the re-attended ones applied without being stored),
