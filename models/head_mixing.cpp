@@ -144,8 +144,9 @@ VITLAB_CLONES void gram_columns(int64_t H, const float* x, const float* y, int64
 void gram_chunk(int64_t H, const float* x, double sx, const float* y, double sy, int64_t L, int64_t cols,
                 std::vector<float>& scratch, double* out) {
   const int64_t lanes = cols / kW * kW;
-  scratch.assign(static_cast<size_t>((H * H + H) * kW + 2 * H * kGramBlock), 0.0f);
+  scratch.resize(static_cast<size_t>((H * H + H) * kW + 2 * H * kGramBlock));
   float *acc = scratch.data(), *sums = acc + H * H * kW;
+  std::fill(acc, sums + H * kW, 0.0f);  // the block after them is written before it is read
   gram_columns(H, x, y, L, lanes, static_cast<float>(sx), static_cast<float>(sy), acc, sums, sums + H * kW);
   for (int64_t i = 0; i < H * H; ++i) out[i] += std::accumulate(&acc[i * kW], &acc[i * kW] + kW, 0.0);
   for (int64_t g = 0; g < H; ++g) out[H * H + g] += std::accumulate(sums + g * kW, sums + (g + 1) * kW, 0.0);
