@@ -1,10 +1,14 @@
 #include "common/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+
+#include "common/cpu_allocator.h"
+#include "common/sanitizer.h"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -21,9 +25,12 @@ int configure_threads(int threads) {
 }
 
 void configure_allocator() {
-#if defined(__GLIBC__)
   const char* tunables = std::getenv("GLIBC_TUNABLES");
   if (tunables && std::strstr(tunables, "glibc.malloc.")) return;
+#if !defined(VITLAB_ASAN)  // ASan checks tensors only in memory from malloc
+  c10::SetCPUAllocator(caching_cpu_allocator(), 1);
+#endif
+#if defined(__GLIBC__)
   mallopt(M_MMAP_MAX, 0);
   // -1 turns trimming off (man mallopt). INT_MAX, the largest positive
   // value, still trimmed whenever more than 2 GB were free at the heap top,

@@ -15,10 +15,12 @@ int configure_threads(int threads);
 // threshold freshly and unmaps it on free, and trims the heap top past
 // 128 KB: a ViT step allocates and frees tens of activations that large,
 // so each step page-faulted all of them in again (9-12% of CPU time in
-// the kernel for vit_tiny inference at batch 32). This keeps freed memory for reuse:
-// blocks come from the heap and the heap is not trimmed, so RSS stays at
-// its peak, as with PyTorch's caching allocators. Left alone where the
-// user set glibc.malloc tunables in GLIBC_TUNABLES, or on other C libraries.
+// the kernel for vit_tiny inference at batch 32). This keeps freed memory
+// for reuse, as PyTorch's caching allocators do: tensors of 1 MB and more
+// come from caching_cpu_allocator() (common/cpu_allocator.h), other blocks
+// from a heap that is not trimmed, so RSS stays at its peak. Left alone
+// where the user set glibc.malloc tunables in GLIBC_TUNABLES; the heap is
+// also left alone on other C libraries, and the tensor cache under ASan.
 void configure_allocator();
 
 }  // namespace vitlab
