@@ -90,9 +90,8 @@ CpuBlockCache& cache() {
   return *c;
 }
 
-void release_block(void* p) { TORCH_INTERNAL_ASSERT(cache().give_back(p), "not a cached CPU block: ", p); }
-
-void release_any(void* p) {
+// Also raw_deleter(), so it takes malloc's blocks as well.
+void release(void* p) {
   if (!cache().give_back(p)) c10::free_cpu(p);
 }
 
@@ -109,10 +108,10 @@ class CachingCpuAllocator final : public c10::Allocator {
       return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
     }
     void* p = cache().take(page_rounded(bytes));
-    return {p, p, &release_block, c10::Device(c10::DeviceType::CPU)};
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &release_any; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   // Pure virtual in newer LibTorch (2.2/2.3), absent in 1.13: declared
   // without `override` so that it builds against both.
@@ -125,7 +124,5 @@ c10::Allocator* caching_cpu_allocator() {
   static auto* a = new CachingCpuAllocator;
   return a;
 }
-
-CpuBlockCacheStats cpu_block_cache_stats() { return cache().stats(); }
 
 }  // namespace vitlab

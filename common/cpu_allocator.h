@@ -59,6 +59,4 @@ class CpuBlockCache {
   CpuBlockCacheStats stats_;
 };
 
-CpuBlockCacheStats cpu_block_cache_stats();  // of caching_cpu_allocator()'s cache
-
 }  // namespace vitlab
