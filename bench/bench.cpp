@@ -131,12 +131,21 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
   torch::optim::AdamW opt(model.module->parameters(), torch::optim::AdamWOptions(1e-4).weight_decay(0.05));
 
   // With --attention, the maps as their users take them: `vitlab analyze`
-  // keeps one tensor per block, the trainer's similarity regulariser stacks them.
+  // keeps one tensor per block, packed where the CPU kernel writes them,
+  // the trainer's similarity regulariser stacks them.
+  if (o.attention && !train)
+    for (auto& block : model.vision->blocks) block->attn->capture_packed = true;
+  std::string maps_layout = "none";
   auto forward = [&]() -> torch::Tensor {
     if (!o.attention) return model.vision->forward(x);
-    if (train) return model.vision->forward_with_attention(x).first;
+    if (train) {
+      maps_layout = "row-major";
+      return model.vision->forward_with_attention(x).first;
+    }
     std::vector<torch::Tensor> maps;
-    return model.vision->forward_head(model.vision->forward_features(x, &maps));
+    torch::Tensor logits = model.vision->forward_head(model.vision->forward_features(x, &maps));
+    maps_layout = maps.front().dim() == 5 ? "packed" : "row-major";  // [B, H, blocks, T, 8] or [B, H, T, T]
+    return logits;
   };
   auto step = [&] {
     if (train) {
@@ -176,6 +185,7 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
                       {"steps", o.steps},
                       {"warmup", o.warmup},
                       {"attention", o.attention},
+                      {"attention_maps", maps_layout},
                       {"device", o.device.str()},
                       {"amp", o.amp == at::ScalarType::Undefined ? "off" : c10::toString(o.amp)},
                       {"threads", at::get_num_threads()},

@@ -534,7 +534,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--warmup", be.warmup, "Untimed steps first")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  bench_cmd->add_flag("--attention", be.attention, "Also capture every block's attention maps");
+  bench_cmd->add_flag("--attention", be.attention,
+                      "Also capture every block's attention maps, as `analyze` (inference: packed on the CPU kernel) "
+                      "and the trainer take them");
   bench_cmd->add_flag("--profile", be.profile,
                       "Then run --steps more steps under LibTorch's profiler and add every operator's self CPU "
                       "time per step, most first");

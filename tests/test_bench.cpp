@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 #include <set>
+#include <tuple>
 
 #include "bench/bench.h"
 #include "tests/helpers.h"
@@ -53,12 +54,14 @@ TEST_CASE("vitlab bench --profile lists operators by self CPU time, the attentio
 }
 
 TEST_CASE("vitlab bench runs a few steps and prints one JSON line with every field") {
-  for (const char* mode : {"infer", "train"}) {
+  // Inference keeps the maps as `vitlab analyze` does: packed by the CPU
+  // kernel (17 tokens at 64x64); training as the regulariser stacks them.
+  for (const auto& [mode, img_size, maps] : {std::tuple{"infer", 64, "packed"}, {"train", 32, "row-major"}}) {
     INFO(mode);
     RunResult r = run_cli(fmt::format(
-        "bench --model vit_tiny_patch16_224 --set model.img_size=32 --set model.depth=2 --mode {} --batch 2 "
+        "bench --model vit_tiny_patch16_224 --set model.img_size={} --set model.depth=2 --mode {} --batch 2 "
         "--steps 2 --warmup 1 --attention --threads 1",
-        mode));
+        img_size, mode));
     INFO(r.output);
     REQUIRE(r.status == 0);
     const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
@@ -69,6 +72,7 @@ TEST_CASE("vitlab bench runs a few steps and prints one JSON line with every fie
     CHECK(j["mfu"].get<double>() > 0);
     CHECK(j["threads"] == 1);
     CHECK(j["mode"] == mode);
+    CHECK(j["attention_maps"] == maps);
   }
   RunResult g = run_cli("bench --gemm --threads 1");
   REQUIRE(g.status == 0);
