@@ -12,6 +12,7 @@
 #include "common/device.h"
 #include "common/error.h"
 #include "common/runtime.h"
+#include "models/attention_kernel.h"
 #include "train/trainer.h"
 
 namespace vitlab {
@@ -135,16 +136,13 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
   // the trainer's similarity regulariser stacks them.
   if (o.attention && !train)
     for (auto& block : model.vision->blocks) block->attn->capture_packed = true;
-  std::string maps_layout = "none";
+  std::string maps_layout = o.attention ? "row-major" : "none";
   auto forward = [&]() -> torch::Tensor {
     if (!o.attention) return model.vision->forward(x);
-    if (train) {
-      maps_layout = "row-major";
-      return model.vision->forward_with_attention(x).first;
-    }
+    if (train) return model.vision->forward_with_attention(x).first;
     std::vector<torch::Tensor> maps;
     torch::Tensor logits = model.vision->forward_head(model.vision->forward_features(x, &maps));
-    maps_layout = maps.front().dim() == 5 ? "packed" : "row-major";  // [B, H, blocks, T, 8] or [B, H, T, T]
+    if (is_packed_maps(maps.front())) maps_layout = "packed";
     return logits;
   };
   auto step = [&] {
