@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "common/error.h"
+#include "common/runtime.h"
 #include "common/simd.h"
 #include "models/attention_kernel.h"
 
@@ -77,9 +78,9 @@ torch::Tensor scratch(torch::Tensor& buffer, torch::IntArrayRef shape, torch::Sc
 }
 
 // Whether every tensor is a contiguous float32 one on the CPU: what the
-// CPU kernels read.
+// CPU kernels read (unless switched off, cpu_kernels_enabled()).
 bool cpu_float32(const std::vector<torch::Tensor>& tensors) {
-  return std::all_of(tensors.begin(), tensors.end(), [](const torch::Tensor& t) {
+  return cpu_kernels_enabled() && std::all_of(tensors.begin(), tensors.end(), [](const torch::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();
   });
 }

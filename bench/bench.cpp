@@ -2,9 +2,11 @@
 
 #include <sys/resource.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <map>
 #include <vector>
@@ -189,6 +191,7 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
                       {"threads", at::get_num_threads()},
                       {"libtorch", TORCH_VERSION},
                       {"vitlab", version()},
+                      {"cpu_kernels", cpu_kernels_enabled()},
                       {"images_per_sec", o.batch * o.steps / total},
                       {"step_ms_median", median(ms)},
                       {"step_ms_min", *std::min_element(ms.begin(), ms.end())},
@@ -198,6 +201,57 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
                       {"gemm_peak_gflops", peak},
                       {"mfu", achieved / peak}};
   if (o.profile) j["profile"] = profile;
+  return j;
+}
+
+nlohmann::json bench_attention_op(const ModelSpec& spec, const BenchOptions& o) {
+  const int64_t dim = spec.config["embed_dim"], heads = spec.config["num_heads"];
+  const int64_t grid = spec.config["img_size"].get<int64_t>() / spec.config["patch_size"].get<int64_t>();
+  const int64_t tokens = grid * grid + (spec.config.value("class_token", true) ? 1 : 0), d = dim / heads;
+  const bool train = o.mode == "train";
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  torch::Tensor qkv = torch::randn({o.batch, tokens, 3, heads, d}).requires_grad_(train);
+  torch::Tensor grad = torch::randn({o.batch, heads, tokens, d});
+  using Attention = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>;
+  std::vector<std::pair<std::string, Attention>> impls;
+  impls.emplace_back("vitlab", [&](const auto& q, const auto& k, const auto& v) {
+    if (!attention_kernel_applies(q, k, v)) fail("the CPU attention kernel does not apply here (VITLAB_CPU_KERNELS=0?)");
+    return train ? attention_apply(attention_probs(q, k, scale), v) : attention_inference(q, k, v, scale);
+  });
+#if TORCH_VERSION_MAJOR >= 2
+  impls.emplace_back("sdpa", [](const auto& q, const auto& k, const auto& v) {
+    return at::scaled_dot_product_attention(q, k, v);
+  });
+#endif
+  impls.emplace_back("explicit", [&](const auto& q, const auto& k, const auto& v) {
+    return torch::matmul(torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1), v);
+  });
+  auto run = [&](const Attention& attention) {
+    const torch::Tensor views = qkv.permute({2, 0, 3, 1, 4});
+    const auto t0 = Clock::now();
+    if (train) {
+      attention(views[0], views[1], views[2]).backward(grad);
+      qkv.mutable_grad().reset();
+    } else {
+      torch::NoGradGuard no_grad;
+      attention(views[0], views[1], views[2]);
+    }
+    return 1000.0 * seconds_since(t0);
+  };
+  std::map<std::string, std::vector<double>> ms;
+  for (int64_t round = 0; round < o.warmup + o.steps; ++round)
+    for (const auto& [name, attention] : impls) {
+      const double t = run(attention);
+      if (round >= o.warmup) ms[name].push_back(t);
+    }
+  nlohmann::json j = {{"model", spec.name},
+                      {"op", "attention"},
+                      {"mode", o.mode},
+                      {"shape", {o.batch, heads, tokens, d}},
+                      {"steps", o.steps},
+                      {"threads", at::get_num_threads()},
+                      {"libtorch", TORCH_VERSION}};
+  for (const auto& [name, times] : ms) j[name + "_ms_median"] = median(times);
   return j;
 }
 

@@ -32,6 +32,14 @@ struct BenchOptions {
 
 nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& options);
 
+// The attention op alone at a model's shapes (q, k, v [batch, heads,
+// tokens, head dim], strided views of one qkv tensor as in the model): the
+// median ms of vitlab's CPU kernel, at::scaled_dot_product_attention
+// (LibTorch >= 2.0) and LibTorch's explicit matmul + softmax + matmul, the
+// three run in turn each round; inference without autograd, or training's
+// forward and backward. What decides which one the models take.
+nlohmann::json bench_attention_op(const ModelSpec& spec, const BenchOptions& options);
+
 // The best float32 matrix-multiply rate (GFLOP/s) over a few square sizes,
 // with the current thread count.
 nlohmann::json bench_gemm(const torch::Device& device);

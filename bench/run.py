@@ -1,12 +1,22 @@
 #!/usr/bin/env python3
-"""`make bench`: vitlab beside PyTorch eager on this machine, in one run.
+"""`make bench`: vitlab beside timm (PyTorch eager, and as a stretch row
+torch.compile) on this machine, in one run.
 
 Each row runs `vitlab bench` and bench/torch_bench.py alternately (A B A B ...),
 each a fresh process with the same threads, batch and steps; the table gives
-the medians of images/s and the median of the pairs' ratios. The section of
-docs/BENCHMARKS.md between the `make bench` markers is rewritten.
+the medians of images/s and the median of the pairs' ratios. The Python side
+runs in the bench environment (scripts/install-deps.sh --bench: torch,
+torchvision and timm from PyPI). The section of docs/BENCHMARKS.md between
+the `make bench` markers is rewritten.
 
   bench/run.py [--reps 3] [--threads N] [--quick] [--only SUBSTRING] [--doc docs/BENCHMARKS.md]
+  bench/run.py --kernels [--reps 3] [--threads N]
+
+--kernels measures instead what each of vitlab's own CPU kernels gains over
+LibTorch's own ops in the same binary: `vitlab bench` with the kernels
+against VITLAB_CPU_KERNELS=0 (and the caching allocator against glibc's
+malloc), alternating, into the section between the `make bench kernels`
+markers.
 """
 import argparse
 import datetime
@@ -20,33 +30,69 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+KERNELS_BEGIN, KERNELS_END = "<!-- make bench kernels: begin -->", "<!-- make bench kernels: end -->"
 
-# The config's model with a class token instead of its average pooling:
-# torchvision's VisionTransformer has only the class token (50 tokens
-# against 49, the same layers).
+# label, `vitlab bench` arguments, the environment that switches the kernel off.
+NO_KERNELS = {"VITLAB_CPU_KERNELS": "0"}
+# Any glibc.malloc tunable leaves malloc as configured (common/runtime.h);
+# perturb=0 is glibc's default, so this changes nothing else.
+NO_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
+KERNEL_ROWS = [
+    ("attention kernel (against SDPA): vit_small_patch16_224 inference",
+     ["--model", "vit_small_patch16_224", "--mode", "infer", "--batch", "32", "--steps", "6", "--warmup", "2"],
+     NO_KERNELS),
+    ("attention kernel (against SDPA): vit_small_patch16_224 training",
+     ["--model", "vit_small_patch16_224", "--mode", "train", "--batch", "32", "--steps", "4", "--warmup", "1"],
+     NO_KERNELS),
+    ("attention kernel (against matmul + softmax): vit_small_patch16_224 inference keeping the maps, as "
+     "`vitlab analyze`", ["--model", "vit_small_patch16_224", "--mode", "infer", "--batch", "32", "--steps", "4",
+                          "--warmup", "1", "--attention"], NO_KERNELS),
+    ("re-attention (fused Functions, head mixing): deepvit_patch16_224_re_attn_16b training",
+     ["--model", "deepvit_patch16_224_re_attn_16b", "--mode", "train", "--batch", "32", "--steps", "3", "--warmup",
+      "1"], NO_KERNELS),
+    ("re-attention (mixed apply): deepvit_patch16_224_re_attn_16b inference",
+     ["--model", "deepvit_patch16_224_re_attn_16b", "--mode", "infer", "--batch", "32", "--steps", "4", "--warmup",
+      "1"], NO_KERNELS),
+    ("caching allocator: vit_small_patch16_224 training",
+     ["--model", "vit_small_patch16_224", "--mode", "train", "--batch", "32", "--steps", "4", "--warmup", "1"],
+     NO_ALLOCATOR),
+    ("caching allocator: vit_small_patch16_224 inference",
+     ["--model", "vit_small_patch16_224", "--mode", "infer", "--batch", "32", "--steps", "6", "--warmup", "2"],
+     NO_ALLOCATOR),
+]
+
+# configs/fashion_mnist_vit.yaml's model (average pooling, no class token).
 FMNIST_MODEL = ["model.img_size=28", "model.patch_size=4", "model.in_chans=1", "model.embed_dim=64",
-                "model.depth=6", "model.num_heads=4", "model.mlp_ratio=2", "model.num_classes=10"]
+                "model.depth=6", "model.num_heads=4", "model.mlp_ratio=2", "model.num_classes=10",
+                "model.class_token=false", "model.global_pool=avg"]
 
 
 def rows(quick):
     s = 2 if quick else 1  # fewer steps with --quick
     return [
-        # label, preset, --set keys, mode, batch, steps, warmup
-        ("vit_tiny_patch16_224 train", "vit_tiny_patch16_224", [], "train", 32, 6 // s, 2),
-        ("vit_tiny_patch16_224 infer", "vit_tiny_patch16_224", [], "infer", 32, 10 // s, 2),
-        ("vit_tiny_patch16_224 infer b1", "vit_tiny_patch16_224", [], "infer", 1, 40 // s, 5),
-        ("vit_small_patch16_224 train", "vit_small_patch16_224", [], "train", 32, 4 // s, 1),
-        ("vit_small_patch16_224 infer", "vit_small_patch16_224", [], "infer", 32, 6 // s, 2),
-        ("vit_small_patch16_224 infer b1", "vit_small_patch16_224", [], "infer", 1, 30 // s, 5),
-        ("fashion_mnist_vit.yaml model train", "vit_tiny_patch16_224", FMNIST_MODEL, "train", 128, 20 // s, 3),
+        # label, preset, --set keys, mode, batch, steps, warmup, torch.compile on the Python side
+        ("vit_tiny_patch16_224 train", "vit_tiny_patch16_224", [], "train", 32, 6 // s, 2, False),
+        ("vit_tiny_patch16_224 infer", "vit_tiny_patch16_224", [], "infer", 32, 10 // s, 2, False),
+        ("vit_tiny_patch16_224 infer b1", "vit_tiny_patch16_224", [], "infer", 1, 40 // s, 5, False),
+        ("vit_small_patch16_224 train", "vit_small_patch16_224", [], "train", 32, 4 // s, 1, False),
+        ("vit_small_patch16_224 infer", "vit_small_patch16_224", [], "infer", 32, 6 // s, 2, False),
+        ("vit_small_patch16_224 infer b1", "vit_small_patch16_224", [], "infer", 1, 30 // s, 5, False),
+        ("vit_base_patch16_224 train", "vit_base_patch16_224", [], "train", 32, 2, 1, False),
+        ("vit_base_patch16_224 infer", "vit_base_patch16_224", [], "infer", 32, 4 // s, 1, False),
+        ("vit_base_patch16_224 infer b1", "vit_base_patch16_224", [], "infer", 1, 20 // s, 3, False),
+        ("fashion_mnist_vit.yaml model train", "vit_tiny_patch16_224", FMNIST_MODEL, "train", 128, 20 // s, 3, False),
         ("deepvit_patch16_224_re_attn_16b train (PyTorch: the official DeepViT's code)",
-         "deepvit_patch16_224_re_attn_16b", [], "train", 32, 4 // s, 1),
+         "deepvit_patch16_224_re_attn_16b", [], "train", 32, 4 // s, 1, False),
+        ("vit_small_patch16_224 train (timm under torch.compile)", "vit_small_patch16_224", [], "train", 32,
+         4 // s, 3, True),
+        ("vit_small_patch16_224 infer (timm under torch.compile)", "vit_small_patch16_224", [], "infer", 32,
+         6 // s, 3, True),
     ]
 
 
-def run_json(cmd):
+def run_json(cmd, env=None):
     """The JSON object a command prints: its last line, or all of it (vitlab info)."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         hint = ""
         if "No module named" in done.stderr:
@@ -78,6 +124,53 @@ def median_ratio(a, b):
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def replace_section(doc, begin, end, lines, heading):
+    """Rewrites the part of doc between the markers (appended under heading when absent), atomically."""
+    text = open(doc).read() if os.path.exists(doc) else "# Benchmarks\n"
+    block = "\n".join([begin, *lines, end])
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
+    tmp = doc + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, doc)
+
+
+def kernels(args):
+    """Each kernel on against off in the same binary, alternating; ratios of images/s."""
+    t = str(args.threads)
+    table = []
+    for label, bench_args, off_env in KERNEL_ROWS:
+        if args.only not in label:
+            continue
+        cmd = [args.vitlab, "bench", *bench_args, "--threads", t]
+        on, off, rss_on, rss_off = [], [], [], []
+        for _ in range(args.reps):
+            a, b = run_json(cmd), run_json(cmd, off_env)
+            on.append(a["images_per_sec"])
+            off.append(b["images_per_sec"])
+            rss_on.append(a["peak_rss_mb"])
+            rss_off.append(b["peak_rss_mb"])
+            print(f"{label}: on {on[-1]:.2f} img/s, off {off[-1]:.2f} img/s", file=sys.stderr)
+        switch = " ".join(f"{k}={v}" for k, v in off_env.items())
+        table.append(f"| {label} | `{switch}` | {statistics.median(on):.2f} | {statistics.median(off):.2f} | "
+                     f"{median_ratio(on, off):.2f}× ({min(x / y for x, y in zip(on, off)):.2f}–"
+                     f"{max(x / y for x, y in zip(on, off)):.2f}) | {statistics.median(rss_on):.0f} / "
+                     f"{statistics.median(rss_off):.0f} |")
+    libtorch = run_json([args.vitlab, "bench", "--gemm", "--threads", t])["libtorch"]
+    lines = ["", f"Written by `bench/run.py --kernels --reps {args.reps} --threads {t}`, {datetime.date.today()}: "
+             f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}; LibTorch {libtorch}; "
+             "batch 32, float32. Each row runs the same `vitlab bench` command with the kernel and with it "
+             "switched off, alternating; the gain is the median of the pairs' ratios of images/s (range in "
+             "brackets).", "",
+             "| kernel: workload | switched off by | img/s with | img/s without | gain | peak RSS with / without (MB) |",
+             "|---|---|---|---|---|---|", *table, ""]
+    replace_section(args.doc, KERNELS_BEGIN, KERNELS_END, lines, "## Why each kernel exists")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vitlab", default=os.path.join(ROOT, "build", "bin", "vitlab"))
@@ -87,19 +180,22 @@ def main():
     p.add_argument("--only", default="", help="rows whose label contains this")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
     p.add_argument("--data", default=os.path.join(ROOT, "runs", "bench", "jpeg"))
+    p.add_argument("--kernels", action="store_true", help="each CPU kernel against LibTorch's own ops instead")
     args = p.parse_args()
+    if args.kernels:
+        return kernels(args)
     py = [sys.executable, os.path.join(ROOT, "bench", "torch_bench.py")]
     t = str(args.threads)
     gemm = run_json([args.vitlab, "bench", "--gemm", "--threads", t])
     table = []
-    for label, preset, sets, mode, batch, steps, warmup in rows(args.quick):
+    for label, preset, sets, mode, batch, steps, warmup, compiled in rows(args.quick):
         if args.only not in label:
             continue
         set_args = [a for s in sets for a in ("--set", s)]
         config = run_json([args.vitlab, "info", "--model", preset] + set_args)["config"]
         common = ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--threads", t]
         a_cmd = [args.vitlab, "bench", "--model", preset, "--mode", mode] + set_args + common
-        b_cmd = py + ["model", "--config", json.dumps(config), "--mode", mode] + common
+        b_cmd = py + ["model", "--config", json.dumps(config), "--mode", mode] + common + (["--compile"] if compiled else [])
         a, b, mfu, rss_a, rss_b = [], [], [], [], []
         for _ in range(args.reps):
             ja = run_json(a_cmd)
@@ -109,7 +205,7 @@ def main():
             mfu.append(ja["achieved_gflops"] / gemm["gflops"])
             rss_a.append(ja["peak_rss_mb"])
             rss_b.append(jb["peak_rss_mb"])
-            print(f"{label}: vitlab {a[-1]:.2f} img/s, pytorch {b[-1]:.2f} img/s", file=sys.stderr)
+            print(f"{label}: vitlab {a[-1]:.2f} img/s, timm {b[-1]:.2f} img/s", file=sys.stderr)
         table.append((label, mode, batch, statistics.median(a), statistics.median(b), median_ratio(a, b),
                       statistics.median(mfu), statistics.median(rss_a), statistics.median(rss_b)))
     loader_row = None
@@ -124,18 +220,18 @@ def main():
             print(f"loader: vitlab {la[-1]:.1f} img/s, pytorch {lb[-1]:.1f} img/s", file=sys.stderr)
         loader_row = (statistics.median(la), statistics.median(lb), median_ratio(la, lb))
 
-    torch_version = run_json(py + ["model", "--config", json.dumps(
+    peer = run_json(py + ["model", "--config", json.dumps(
         run_json([args.vitlab, "info", "--model", "vit_tiny_patch16_224", "--set", "model.img_size=32",
-                  "--set", "model.depth=1"])["config"]), "--batch", "1", "--steps", "1", "--warmup", "0"])["torch"]
+                  "--set", "model.depth=1"])["config"]), "--batch", "1", "--steps", "1", "--warmup", "0"])
     lines = [BEGIN, "",
              f"Written by `make bench` (`bench/run.py --reps {args.reps} --threads {t}"
              f"{' --quick' if args.quick else ''}`), {datetime.date.today()}: {platform.node() or 'this machine'}, "
              f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}; vitlab with LibTorch "
-             f"{gemm['libtorch']}, PyTorch {torch_version} (Python {platform.python_version()}) with "
-             f"torchvision's `VisionTransformer` (DeepViT: the official code's re-attention); {t} threads both sides; float32; sgemm peak measured "
-             f"by `vitlab bench --gemm`: {gemm['gflops']:.0f} GFLOP/s.",
+             f"{gemm['libtorch']}, PyTorch {peer['torch']} (Python {platform.python_version()}) with timm "
+             f"{peer['timm']}'s `VisionTransformer` (DeepViT: the official code's re-attention); {t} threads both "
+             f"sides; float32; sgemm peak measured by `vitlab bench --gemm`: {gemm['gflops']:.0f} GFLOP/s.",
              "",
-             "| row | mode | batch | vitlab img/s | PyTorch img/s | vitlab / PyTorch | vitlab MFU | peak RSS vitlab / PyTorch (MB) |",
+             "| row | mode | batch | vitlab img/s | peer img/s | vitlab / peer | vitlab MFU | peak RSS vitlab / peer (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, mode, batch, a, b, ratio, mfu, ra, rb in table:
         lines.append(f"| {label} | {mode} | {batch} | {a:.2f} | {b:.2f} | {ratio:.2f}× | {100 * mfu:.0f}% | "
@@ -146,15 +242,7 @@ def main():
                      f"per worker | — | 32 | {a:.1f} | {b:.1f} | {ratio:.2f}× | — | — |")
     lines += ["", f"Medians of {args.reps} alternating runs per side; the ratio is the median of the pairs' ratios.",
               "", END]
-    text = open(args.doc).read() if os.path.exists(args.doc) else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## vitlab vs PyTorch eager\n\n" + "\n".join(lines) + "\n"
-    tmp = args.doc + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.doc)
+    replace_section(args.doc, BEGIN, END, lines[1:-1], "## vitlab vs timm")
     print("\n".join(lines))
     return 0
 

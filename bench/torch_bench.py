@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The PyTorch-eager side of `make bench`: the same measurement as `vitlab bench`
-for torchvision's VisionTransformer (same depth, width, heads, patch, image
-size, batch, threads and steps), for DeepViT written as its official code is
-(a config with `apply_transform`), and for torchvision's ImageFolder + PIL
-transforms + DataLoader. Its last line is one JSON object, as vitlab's.
+"""The PyTorch side of `make bench`: the same measurement as `vitlab bench`
+for timm's VisionTransformer built from vitlab's resolved config (same depth,
+width, heads, patch, image size, pooling, batch, threads and steps), for
+DeepViT written as its official code is (a config with `apply_transform`),
+and for torchvision's ImageFolder + PIL transforms + DataLoader. `--compile`
+runs the model under torch.compile (inductor). Its last line is one JSON
+object, as vitlab's.
 
   torch_bench.py model --config '{"img_size": 224, ...}' --mode train --batch 32 --steps 20 --warmup 5 --threads 2
   torch_bench.py loader --data ROOT --batch 32 --steps 20 --workers 1 --img-size 224
@@ -15,6 +17,7 @@ import statistics
 import sys
 import time
 
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -87,12 +90,10 @@ class DeepViT(nn.Module):
 def make_model(c):
     if any(c.get("apply_transform", [])):
         return DeepViT(c)
-    model = torchvision.models.vision_transformer.VisionTransformer(
-        image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"], num_heads=c["num_heads"],
-        hidden_dim=c["embed_dim"], mlp_dim=int(c["embed_dim"] * c["mlp_ratio"]), num_classes=c["num_classes"])
-    if c["in_chans"] != 3:  # torchvision's ViT is RGB-only: swap its patch embedding
-        model.conv_proj = torch.nn.Conv2d(c["in_chans"], c["embed_dim"], c["patch_size"], c["patch_size"])
-    return model
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], num_classes=c["num_classes"],
+        embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+        qkv_bias=c["qkv_bias"], class_token=c["class_token"], global_pool=c["global_pool"])
 
 
 def bench_model(args):
@@ -101,9 +102,11 @@ def bench_model(args):
     model = make_model(c)
     train = args.mode == "train"
     model.train(train)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if args.compile:
+        model = torch.compile(model)
     x = torch.randn(args.batch, c["in_chans"], c["img_size"], c["img_size"])
     y = torch.randint(c["num_classes"], (args.batch,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
     def step():
         if train:
@@ -112,7 +115,7 @@ def bench_model(args):
             loss.backward()
             opt.step()
         else:
-            with torch.no_grad():  # faster than inference_mode() in Debian's 1.13 (measured)
+            with torch.no_grad():  # as timm's benchmark.py
                 model(x)
 
     for _ in range(args.warmup):
@@ -125,7 +128,8 @@ def bench_model(args):
         ms.append(1000.0 * (time.perf_counter() - s))
     total = time.perf_counter() - t0
     return {"side": "pytorch", "mode": args.mode, "batch": args.batch, "steps": args.steps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "compile": args.compile,
             "images_per_sec": args.batch * args.steps / total, "step_ms_median": statistics.median(ms),
             "step_ms_min": min(ms), "peak_rss_mb": peak_rss_mb()}
 
@@ -158,6 +162,7 @@ def main():
     m = sub.add_parser("model")
     m.add_argument("--config", required=True, help="vitlab's resolved model config (vitlab info) as JSON")
     m.add_argument("--mode", choices=["infer", "train"], default="infer")
+    m.add_argument("--compile", action="store_true", help="torch.compile (inductor) the model")
     l = sub.add_parser("loader")
     l.add_argument("--data", required=True, help="ImageFolder root with a train/ split")
     l.add_argument("--workers", type=int, default=1)

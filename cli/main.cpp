@@ -321,7 +321,7 @@ struct BenchArgs {
   std::string model, mode = "infer", data;
   int64_t batch = 32, steps = 20, warmup = 5, img_size = 224;
   int workers = 1;
-  bool attention = false, gemm = false, loader = false, profile = false;
+  bool attention = false, attention_op = false, gemm = false, loader = false, profile = false;
 };
 
 // One JSON object on the last line of stdout.
@@ -344,7 +344,8 @@ void run_bench(const BenchArgs& a, const CommonOptions& common) {
     o.amp = parse_amp(common.amp.empty() ? "off" : common.amp, device, "--amp");
     o.attention = a.attention;
     o.profile = a.profile;
-    j = bench_model(resolve_model(a.model, parse_overrides(common.sets)), o);
+    const ModelSpec spec = resolve_model(a.model, parse_overrides(common.sets));
+    j = a.attention_op ? bench_attention_op(spec, o) : bench_model(spec, o);
   }
   fmt::print("{}\n", j.dump());
 }
@@ -540,6 +541,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_flag("--profile", be.profile,
                       "Then run --steps more steps under LibTorch's profiler and add every operator's self CPU "
                       "time per step, most first");
+  bench_cmd->add_flag("--attention-op", be.attention_op,
+                      "Time the attention op alone at the model's shapes instead: vitlab's CPU kernel, "
+                      "scaled_dot_product_attention and LibTorch's explicit matmul/softmax, in turn");
   bench_cmd->add_flag("--gemm", be.gemm, "Measure the float32 matrix-multiply peak instead");
   bench_cmd->add_flag("--loader", be.loader, "Measure the data loader (decode + training transforms) instead");
   bench_cmd->add_option("--data", be.data,

@@ -39,4 +39,12 @@ void configure_allocator() {
 #endif
 }
 
+bool cpu_kernels_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("VITLAB_CPU_KERNELS");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 }  // namespace vitlab

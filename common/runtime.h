@@ -23,4 +23,12 @@ int configure_threads(int threads);
 // also left alone on other C libraries, and the tensor cache under ASan.
 void configure_allocator();
 
+// vitlab's own CPU kernels (attention with maps, DeepViT's re-attention, the
+// similarity analysis) run where they apply unless the environment sets
+// VITLAB_CPU_KERNELS=0, which takes LibTorch's own ops instead, as timm's
+// TIMM_FUSED_ATTN=0 takes its explicit attention: for measuring what each
+// kernel gains on a LibTorch version (bench/run.py --kernels) and for
+// checking results against LibTorch's. Read once.
+bool cpu_kernels_enabled();
+
 }  // namespace vitlab

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "common/runtime.h"
 #include "common/simd.h"
 #include "models/head_mixing.h"
 
@@ -281,6 +282,7 @@ void check_heads(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 bool attention_kernel_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  if (!cpu_kernels_enabled()) return false;
   for (const torch::Tensor* t : {&q, &k, &v})
     if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat) return false;
   return true;

@@ -18,7 +18,8 @@
 
 namespace vitlab {
 
-// Whether the functions below take these tensors: float32 on the CPU.
+// Whether the functions below take these tensors: float32 on the CPU, and
+// vitlab's CPU kernels not switched off (cpu_kernels_enabled()).
 bool attention_kernel_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 
 torch::Tensor attention_probs(const torch::Tensor& q, const torch::Tensor& k, double scale);

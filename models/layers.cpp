@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "common/runtime.h"
 #include "models/attention_kernel.h"
 #include "models/head_mixing.h"
 
@@ -334,7 +335,8 @@ torch::Tensor BatchNorm2dImpl::forward(const torch::Tensor& x) {
 // and in evaluation without gradients.
 torch::Tensor AttentionImpl::re_attend(const torch::Tensor& a, const torch::Tensor& v, torch::Tensor* packed) {
   const double s = options.reatten_scale;
-  const bool kernel = head_mixing_applies(a) && (!v.defined() || attention_kernel_applies(v, v, v));
+  const bool kernel =
+      cpu_kernels_enabled() && head_mixing_applies(a) && (!v.defined() || attention_kernel_applies(v, v, v));
   auto apply = [&](const torch::Tensor& y) {
     if (!v.defined()) return y;
     return attention_kernel_applies(y, v, v) ? attention_apply(y, v) : torch::matmul(y, v);
@@ -367,14 +369,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
   auto qkv_ = qkv(x).reshape({B, N, 3, H, C / H}).permute({2, 0, 3, 1, 4});
   torch::Tensor q = qkv_[0], k = qkv_[1], v = qkv_[2];
   torch::Tensor out;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(C / H));
+  const bool kernel = attention_kernel_applies(q, k, v);
 #if TORCH_VERSION_MAJOR >= 2
-  if (attn == nullptr && !options.re_attention) {
-    // Fused kernel (flash / memory-efficient) when no map is asked for.
+  // LibTorch's fused kernel (flash / memory-efficient) when no map is asked
+  // for, except where vitlab's CPU kernel applies: on LibTorch 2.15 it is
+  // 1.10-1.14x faster in inference and 1.10-1.23x in training at ViT-Ti/S/B
+  // shapes (docs/BENCHMARKS.md, `vitlab bench --attention-op`).
+  if (attn == nullptr && !options.re_attention && !kernel) {
     out = at::scaled_dot_product_attention(q, k, v, {}, is_training() ? options.attn_drop : 0.0);
   }
 #endif
-  const double scale = 1.0 / std::sqrt(static_cast<double>(C / H));
-  const bool kernel = attention_kernel_applies(q, k, v);
   if (kernel && options.re_attention && is_training() && !attn && options.attn_drop == 0.0) {
     // Neither the re-attended maps nor the gradient of the softmax maps are
     // ever stored (docs/BENCHMARKS.md).

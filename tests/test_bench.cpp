@@ -1,8 +1,10 @@
 #include <catch2/catch.hpp>
+#include <torch/version.h>
 #include <set>
 #include <tuple>
 
 #include "bench/bench.h"
+#include "io/torch_file.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;
@@ -25,8 +27,6 @@ TEST_CASE("FLOPs of vit_tiny_patch16_224 and a DeepViT match a hand count") {
 }
 
 TEST_CASE("vitlab bench --profile lists operators by self CPU time, the attention kernel among them") {
-  // --attention: with LibTorch 2.x a forward pass that keeps no map takes
-  // the fused scaled_dot_product_attention instead of the kernel.
   RunResult r = run_cli(
       "bench --model vit_tiny_patch16_224 --set model.img_size=32 --set model.depth=2 --mode train --batch 2 "
       "--steps 2 --warmup 1 --threads 1 --attention --profile");
@@ -88,4 +88,65 @@ TEST_CASE("vitlab bench runs a few steps and prints one JSON line with every fie
   CHECK(nlohmann::json::parse(l.output.substr(l.output.rfind('{')))["images_per_sec"].get<double>() > 0);
   CHECK(run_cli("bench --mode train").status != 0);  // no model
   CHECK_THAT(run_cli("bench --loader").output, Catch::Contains("--data"));
+}
+
+TEST_CASE("VITLAB_CPU_KERNELS=0 runs LibTorch's ops instead of vitlab's kernels, with the same results") {
+  const std::string bench =
+      " bench --model vit_tiny_patch16_224 --set model.img_size=64 --set model.depth=2 --mode infer --batch 2 "
+      "--steps 1 --warmup 1 --threads 1 --attention --profile";
+  RunResult on = run_cli(bench);
+  RunResult off = run_shell("VITLAB_CPU_KERNELS=0 " + std::string(VITLAB_BIN) + bench + " 2>&1");
+  INFO(on.output << off.output);
+  REQUIRE(on.status == 0);
+  REQUIRE(off.status == 0);
+  auto json = [](const std::string& out) {  // the last line
+    return nlohmann::json::parse(out.substr(out.rfind('\n', out.size() - 2) + 1));
+  };
+  auto ops = [&](const std::string& out) {
+    std::set<std::string> names;
+    const nlohmann::json j = json(out);  // a range-for over a temporary's member would dangle
+    for (const auto& op : j["profile"]["ops"]) names.insert(op["op"]);
+    return names;
+  };
+  CHECK(json(on.output)["cpu_kernels"] == true);
+  CHECK(json(off.output)["cpu_kernels"] == false);
+  CHECK(json(on.output)["attention_maps"] == "packed");
+  CHECK(json(off.output)["attention_maps"] == "row-major");
+  CHECK(ops(on.output).count("vitlab::attention_inference") == 1);
+  CHECK(ops(off.output).count("vitlab::attention_inference") == 0);
+
+  // DeepViT's fixture on LibTorch's ops: the official code's logits and maps.
+  TempDir dir;
+  const std::string name = "deepvit_official_small";
+  RunResult r = run_shell(fmt::format(
+      "VITLAB_CPU_KERNELS=0 {} forward --model deepvit_S{} --weights {} --input {} --output {} --attention {} "
+      "--threads 1 2>&1",
+      VITLAB_BIN, fixture_sets(manifest()[name]["config"]), fixture(name + ".safetensors").string(),
+      fixture(name + ".input.pt").string(), (dir / "y.pt").string(), (dir / "a.pt").string()));
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK(max_abs_diff(read_torch_tensor(dir / "y.pt"), read_torch_tensor(fixture(name + ".logits.pt"))) < 1e-4);
+  CHECK(max_abs_diff(read_torch_tensor(dir / "a.pt"), read_torch_tensor(fixture(name + ".attn.pt"))) < 1e-5);
+}
+
+TEST_CASE("vitlab bench --attention-op times the kernel, SDPA and the explicit op at a model's shapes") {
+  for (const char* mode : {"infer", "train"}) {
+    INFO(mode);
+    RunResult r = run_cli(fmt::format(
+        "bench --model vit_tiny_patch16_224 --set model.img_size=32 --attention-op --mode {} --batch 2 --steps 2 "
+        "--warmup 1 --threads 1",
+        mode));
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+    CHECK(j["shape"] == nlohmann::json({2, 3, 5, 64}));  // 2x2 patches + class token, 192 / 3 heads
+    CHECK(j["vitlab_ms_median"].get<double>() > 0);
+    CHECK(j["explicit_ms_median"].get<double>() > 0);
+    CHECK(j.contains("sdpa_ms_median") == (TORCH_VERSION_MAJOR >= 2));
+  }
+  RunResult off = run_shell("VITLAB_CPU_KERNELS=0 " + std::string(VITLAB_BIN) +
+                            " bench --model vit_tiny_patch16_224 --set model.img_size=32 --attention-op --steps 1 "
+                            "--warmup 0 --batch 1 2>&1");
+  CHECK(off.status == 1);
+  CHECK_THAT(off.output, Catch::Contains("VITLAB_CPU_KERNELS=0"));
 }

@@ -1,4 +1,4 @@
-// The torch.save reader against files Python wrote (scripts/make_pickle_fixtures.py; each tensor file has a
+// The torch.save reader against files Python wrote (scripts/make_fixtures.py; each tensor file has a
 // .safetensors twin read by the other parser), and against hostile archives built here.
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>

@@ -7,6 +7,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "data/loader.h"
+#include "io/tensorboard.h"
 #include "models/registry.h"
 #include "tests/helpers.h"
 #include "train/config.h"
@@ -158,7 +159,8 @@ TEST_CASE("vitlab train and eval end to end on an ImageFolder with bad files") {
 TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
   TempDir dir;
   const std::string base = std::string(kTinyTrain) + " --set data.type=fashion_mnist --set train.ema=true" +
-                           " --set model.drop_path_rate=0.1 --set model.drop_rate=0.1";
+                           " --set model.drop_path_rate=0.1 --set model.drop_rate=0.1" +
+                           " --set train.tensorboard=true --set train.log_interval=3";
   // A small slice of Fashion-MNIST keeps this fast.
   write_fashion_mnist_slice(dir / "fm", 256);
   const std::string data = " --set data.root=" + (dir / "fm").string();
@@ -184,6 +186,18 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
   CHECK(read_file(dir / "straight" / "model.safetensors") == read_file(dir / "split" / "model.safetensors"));
   CHECK(read_file(dir / "straight" / "model_ema.safetensors") == read_file(dir / "split" / "model_ema.safetensors"));
   CHECK(read_file(dir / "straight" / "metrics.csv") == read_file(dir / "split" / "metrics.csv"));
+  // TensorBoard's scalars: the resumed run appended without repeating a step.
+  auto scalars = [&](const char* run) {
+    bool intact = false;
+    auto events = read_scalar_events(dir / run / EventWriter::kFileName, &intact);
+    CHECK(intact);
+    std::vector<std::string> out;  // strings, which Catch prints when they differ
+    for (const auto& e : events) out.push_back(fmt::format("{}@{}={}", e.tag, e.step, e.value));
+    return out;
+  };
+  const auto straight = scalars("straight");
+  CHECK(straight.size() > 8);
+  CHECK(scalars("split") == straight);
 }
 
 TEST_CASE("every config in configs/ loads and resolves its model and transforms") {

@@ -125,7 +125,10 @@ struct RunConfig {
   int64_t grad_accum = 1;      // micro-batches per optimizer step
   bool ema = false;
   double ema_decay = 0.9998;
-  int64_t log_interval = 50;  // steps between plain log lines (no terminal)
+  int64_t log_interval = 50;  // steps between plain log lines (no terminal) and TensorBoard's train scalars
+  // TensorBoard scalars in the run directory (events.out.tfevents.vitlab):
+  // train loss and lr every log_interval steps, eval loss/top-1/top-5 per epoch.
+  bool tensorboard = false;
   // DeepViT's regulariser: + weight * mean cosine similarity of adjacent
   // blocks' attention maps over the first `cos_reg_pairs` pairs (0: all).
   double cos_reg = 0.0;
@@ -154,6 +157,7 @@ struct RunConfig {
     f("ema", ema);
     f("ema_decay", ema_decay);
     f("log_interval", log_interval);
+    f("tensorboard", tensorboard);
     f("cos_reg", cos_reg);
     f("cos_reg_pairs", cos_reg_pairs);
     f("drop_last", drop_last);

@@ -94,7 +94,9 @@ using Backend = c10d::ProcessGroup;
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<Backend> backend;  // holds the store
   std::vector<std::unique_ptr<Bucket>> buckets;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  // A shared_ptr up to LibTorch 2.x, an intrusive_ptr on later versions.
+  using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::Tensor&>()));
+  std::vector<NodePtr> accumulators;
   std::mutex mutex;  // autograd may run hooks on its device threads
   bool armed = false;
 };
@@ -218,7 +220,7 @@ void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>& params) {
     // Runs once the gradient has been accumulated into p.grad(); the
     // accumulator is kept alive, or autograd would make a new one (without
     // the hook) for every backward pass.
-    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(p);
+    Impl::NodePtr accumulator = torch::autograd::impl::grad_accumulator(p);
     accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
         [this, bucket](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           std::lock_guard<std::mutex> lock(impl_->mutex);

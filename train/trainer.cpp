@@ -19,6 +19,7 @@
 #include "common/runtime.h"
 #include "eval/evaluate.h"
 #include "io/safetensors.h"
+#include "io/tensorboard.h"
 #include "models/layers.h"
 #include "models/registry.h"
 #include "train/distributed.h"
@@ -458,6 +459,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   const std::string config_yaml = cfg.to_yaml();
   const StopSignals stop_signals;
   std::ofstream steps_log;
+  std::unique_ptr<EventWriter> events;  // train.tensorboard
   if (main) {
     write_file_atomic(run_dir / "config.yaml", config_yaml);
     nlohmann::json classes_json = data.classes;
@@ -473,6 +475,7 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     }
     write_file_atomic(run_dir / "metrics.jsonl", kept);
     steps_log.open(run_dir / "metrics.jsonl", std::ios::app);
+    if (cfg.train.tensorboard) events = std::make_unique<EventWriter>(run_dir, resume ? st.step : -1);
     fmt::print(stderr, "training {} ({} parameters) on {} {} images, {} classes, {} threads, device {}{}\n", spec.name,
                spec_parameters(spec), data.train->size(), cfg.data.type, num_classes, threads, device.str(),
                group.size() > 1 ? fmt::format(", {} processes", group.size()) : "");
@@ -581,6 +584,11 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
                     << std::endl;
           progress.update(epoch, cfg.train.epochs, batch_index - 1, batches,
                           loss_sum / std::max<int64_t>(loss_count, 1), lr, ips, st.step);
+          if (events && st.step % cfg.train.log_interval == 0) {
+            events->scalar("train/loss", loss_value, st.step);
+            events->scalar("train/lr", lr, st.step);
+            events->flush();
+          }
         }
         // Every rank stops at the same step when any was signalled.
         int signal = StopSignals::received();
@@ -622,11 +630,23 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
     if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
     std::string row =
         fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, train_loss, ev.loss, ev.top1, ev.top5, lr);
+    if (events) {
+      events->scalar("train/epoch_loss", train_loss, st.step);
+      events->scalar("eval/loss", ev.loss, st.step);
+      events->scalar("eval/top1", ev.top1, st.step);
+      events->scalar("eval/top5", ev.top5, st.step);
+    }
     if (ema) {
       load_state(*ema_model.module, ema->state);
       EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp, sum_across);
       row += fmt::format(",{:.6f},{:.4f},{:.4f}", ee.loss, ee.top1, ee.top5);
+      if (events) {
+        events->scalar("eval_ema/loss", ee.loss, st.step);
+        events->scalar("eval_ema/top1", ee.top1, st.step);
+        events->scalar("eval_ema/top5", ee.top5, st.step);
+      }
     }
+    if (events) events->flush();
     st.csv_rows.push_back(row);
     st.epoch = epoch + 1;
     const bool best = ev.top1 > st.best_top1;
