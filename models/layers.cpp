@@ -373,10 +373,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
   const bool kernel = attention_kernel_applies(q, k, v);
 #if TORCH_VERSION_MAJOR >= 2
   // LibTorch's fused kernel (flash / memory-efficient) when no map is asked
-  // for, except where vitlab's CPU kernel applies: on LibTorch 2.15 it is
-  // 1.10-1.14x faster in inference and 1.10-1.23x in training at ViT-Ti/S/B
-  // shapes (docs/BENCHMARKS.md, `vitlab bench --attention-op`).
-  if (attn == nullptr && !options.re_attention && !kernel) {
+  // for. On LibTorch 2.15's CPU build vitlab's kernel is 1.10-1.23x faster
+  // as an op, but whole ViT steps only 1.01x, and in training it keeps the
+  // probabilities SDPA does not (vit_small at batch 32: 3.1 against 2.7 GB
+  // peak); docs/BENCHMARKS.md, "Why each kernel exists".
+  if (attn == nullptr && !options.re_attention) {
     out = at::scaled_dot_product_attention(q, k, v, {}, is_training() ? options.attn_drop : 0.0);
   }
 #endif

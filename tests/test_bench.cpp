@@ -27,6 +27,8 @@ TEST_CASE("FLOPs of vit_tiny_patch16_224 and a DeepViT match a hand count") {
 }
 
 TEST_CASE("vitlab bench --profile lists operators by self CPU time, the attention kernel among them") {
+  // --attention: with LibTorch 2.x a forward pass that keeps no map takes
+  // the fused scaled_dot_product_attention instead of the kernel.
   RunResult r = run_cli(
       "bench --model vit_tiny_patch16_224 --set model.img_size=32 --set model.depth=2 --mode train --batch 2 "
       "--steps 2 --warmup 1 --threads 1 --attention --profile");
