@@ -40,7 +40,7 @@ esac
 [ "${VITLAB_SKIP_DEPS:-0}" = 1 ] && exit 0
 
 packages=(
-  cmake g++ make pkg-config ccache
+  cmake g++ make pkg-config
   libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev libzip-dev libjpeg-dev libopencv-dev
   catch2 dataset-fashion-mnist   # the built-in dataset for demos and tests
   libgloo-dev   # the headers of LibTorch's Gloo process group (distributed training); the wheel lacks them
