@@ -77,9 +77,9 @@ torch::Tensor scratch(torch::Tensor& buffer, torch::IntArrayRef shape, torch::Sc
   return buffer.narrow(0, 0, numel).view(shape);
 }
 
-// Whether every tensor is a contiguous float32 one on the CPU: what the
-// CPU kernels read (unless switched off, cpu_kernels_enabled()).
-bool cpu_float32(const std::vector<torch::Tensor>& tensors) {
+// Whether the CPU kernels take these tensors: every one contiguous float32
+// on the CPU, and the kernels not switched off (cpu_kernels_enabled()).
+bool cpu_kernels_take(const std::vector<torch::Tensor>& tensors) {
   return cpu_kernels_enabled() && std::all_of(tensors.begin(), tensors.end(), [](const torch::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();
   });
@@ -467,7 +467,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   if (B == 0) return;
   // Packed maps go to the CPU kernel as they are; anything else sees them
   // [B, H, T, T].
-  const bool packed = packed_count == L && !options_.center && device_.is_cpu() && cpu_float32(attn);
+  const bool packed = packed_count == L && !options_.center && device_.is_cpu() && cpu_kernels_take(attn);
   std::vector<torch::Tensor> unpacked;
   if (packed_count > 0 && !packed)
     for (const auto& a : attn) unpacked.push_back(unpack_maps(a));
@@ -491,8 +491,8 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
   torch::Tensor square_sum = torch::zeros_like(square_sum_);
-  const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_float32(maps);
-  const bool feature_kernel = with_features && device_.is_cpu() && cpu_float32(features);
+  const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_kernels_take(maps);
+  const bool feature_kernel = with_features && device_.is_cpu() && cpu_kernels_take(features);
   torch::Tensor m_sum;
   if (cpu_kernel) {
     m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();

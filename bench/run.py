@@ -114,8 +114,10 @@ def make_jpeg_folder(root, classes=10, per_class=48):
                 img.save(os.path.join(d, f"{i}.jpg"), quality=90)
 
 
-def median_ratio(a, b):
-    return statistics.median(x / y for x, y in zip(a, b))
+def ratio(a, b):
+    """The pairs' ratios a/b as 'median× (min–max)'."""
+    r = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
 
 
 def replace_section(doc, begin, end, lines, heading):
@@ -172,8 +174,7 @@ def kernels(args):
             print(f"{label}: on {on[-1]:.2f} img/s, off {off[-1]:.2f} img/s", file=sys.stderr)
         switch = " ".join(f"{k}={v}" for k, v in off_env.items())
         table.append(f"| {label} | `{switch}` | {statistics.median(on):.2f} | {statistics.median(off):.2f} | "
-                     f"{median_ratio(on, off):.2f}× ({min(x / y for x, y in zip(on, off)):.2f}–"
-                     f"{max(x / y for x, y in zip(on, off)):.2f}) | {statistics.median(rss_on):.0f} / "
+                     f"{ratio(on, off)} | {statistics.median(rss_on):.0f} / "
                      f"{statistics.median(rss_off):.0f} |")
     libtorch = run_json([args.vitlab, "bench", "--gemm", "--threads", t])["libtorch"]
     lines = ["", f"Written by `bench/run.py --kernels --reps {args.reps} --threads {t}`, {datetime.date.today()}: "
@@ -223,9 +224,8 @@ def main():
             rss_a.append(ja["peak_rss_mb"])
             rss_b.append(jb["peak_rss_mb"])
             print(f"{label}: vitlab {a[-1]:.2f} img/s, timm {b[-1]:.2f} img/s", file=sys.stderr)
-        table.append((label, mode, batch, pairs, statistics.median(a), statistics.median(b), median_ratio(a, b),
-                      min(x / y for x, y in zip(a, b)), max(x / y for x, y in zip(a, b)), statistics.median(mfu),
-                      statistics.median(rss_a), statistics.median(rss_b)))
+        table.append((label, mode, batch, pairs, statistics.median(a), statistics.median(b), ratio(a, b),
+                      statistics.median(mfu), statistics.median(rss_a), statistics.median(rss_b)))
     loader_row = None
     if args.only in "data loader":
         make_jpeg_folder(args.data)
@@ -236,12 +236,12 @@ def main():
                 "images_per_sec_per_worker"])
             lb.append(run_json(py + ["loader", "--data", args.data] + common)["images_per_sec_per_worker"])
             print(f"loader: vitlab {la[-1]:.1f} img/s, pytorch {lb[-1]:.1f} img/s", file=sys.stderr)
-        loader_row = (statistics.median(la), statistics.median(lb), median_ratio(la, lb))
+        loader_row = (statistics.median(la), statistics.median(lb), ratio(la, lb))
 
     peer = run_json(py + ["model", "--config", json.dumps(
         run_json([args.vitlab, "info", "--model", "vit_tiny_patch16_224", "--set", "model.img_size=32",
                   "--set", "model.depth=1"])["config"]), "--batch", "1", "--steps", "1", "--warmup", "0"])
-    lines = [BEGIN, "",
+    lines = ["",
              f"Written by `make bench` (`bench/run.py --reps {args.reps} --threads {t}"
              f"{' --quick' if args.quick else ''}`), {datetime.date.today()}: {platform.node() or 'this machine'}, "
              f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}; vitlab with LibTorch "
@@ -252,18 +252,18 @@ def main():
              "| row | mode | batch | pairs | vitlab img/s | peer img/s | vitlab / peer (range) | vitlab MFU | "
              "peak RSS vitlab / peer (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label, mode, batch, pairs, a, b, ratio, lo, hi, mfu, ra, rb in table:
-        lines.append(f"| {label} | {mode} | {batch} | {pairs} | {a:.2f} | {b:.2f} | {ratio:.2f}× ({lo:.2f}–{hi:.2f}) | "
-                     f"{100 * mfu:.0f}% | {ra:.0f} / {rb:.0f} |")
+    for label, mode, batch, pairs, a, b, r, mfu, ra, rb in table:
+        lines.append(f"| {label} | {mode} | {batch} | {pairs} | {a:.2f} | {b:.2f} | {r} | {100 * mfu:.0f}% | "
+                     f"{ra:.0f} / {rb:.0f} |")
     if loader_row:
-        a, b, ratio = loader_row
+        a, b, r = loader_row
         lines.append(f"| data loader, ImageFolder of 320×256 JPEGs, RandomResizedCrop 224 + flip + normalise, "
                      f"per worker (peer: torchvision + PIL + DataLoader) | — | 32 | {args.reps} | {a:.1f} | {b:.1f} | "
-                     f"{ratio:.2f}× | — | — |")
+                     f"{r} | — | — |")
     lines += ["", "Medians of alternating runs, `pairs` per side; the ratio is the median of the pairs' ratios, "
               "with their range. The `torch.compile` rows time steps after inductor's compilation (in warm-up).",
-              "", END]
-    replace_section(args.doc, BEGIN, END, lines[1:-1], "## vitlab vs timm")
+              ""]
+    replace_section(args.doc, BEGIN, END, lines, "## vitlab vs timm")
     print("\n".join(lines))
     return 0
 

@@ -131,22 +131,19 @@ class Fields {
   std::string_view p_;
 };
 
-// The step of an event, and its scalar when it holds one.
+// An event's step and wall time, and its scalar when it holds one.
 struct Decoded {
-  int64_t step = 0;
-  double wall_time = 0;
+  ScalarEvent event;
   bool has_scalar = false;
-  std::string tag;
-  float value = 0;
 };
 
 void decode_value(std::string_view bytes, Decoded& d) {
   Fields f(bytes);
   for (uint32_t field, wire; f.next(field, wire);) {
     if (field == 1 && wire == kBytes) {
-      d.tag = std::string(f.bytes());
+      d.event.tag = std::string(f.bytes());
     } else if (field == 2 && wire == kFixed32) {
-      d.value = f.fixed<float>();
+      d.event.value = f.fixed<float>();
       d.has_scalar = true;
     } else {
       f.skip(wire);
@@ -159,9 +156,9 @@ Decoded decode_event(std::string_view bytes) {
   Fields f(bytes);
   for (uint32_t field, wire; f.next(field, wire);) {
     if (field == 1 && wire == kFixed64) {
-      d.wall_time = f.fixed<double>();
+      d.event.wall_time = f.fixed<double>();
     } else if (field == 2 && wire == kVarint) {
-      d.step = static_cast<int64_t>(f.varint());
+      d.event.step = static_cast<int64_t>(f.varint());
     } else if (field == 5 && wire == kBytes) {
       Fields summary(f.bytes());
       for (uint32_t sf, sw; summary.next(sf, sw);) {
@@ -224,7 +221,7 @@ std::vector<ScalarEvent> read_scalar_events(const fs::path& file, bool* intact) 
     } catch (const std::exception& e) {
       fail("{}: malformed event ({})", file.string(), e.what());
     }
-    if (d.has_scalar) out.push_back({d.tag, d.value, d.step, d.wall_time});
+    if (d.has_scalar) out.push_back(std::move(d.event));
   }
   if (intact) *intact = whole;
   return out;
@@ -238,7 +235,7 @@ EventWriter::EventWriter(const fs::path& dir, int64_t keep_through_step) : path_
     for (const std::string_view data : split_records(old, intact)) {
       bool keep = false;
       try {
-        keep = decode_event(data).step <= keep_through_step;
+        keep = decode_event(data).event.step <= keep_through_step;
       } catch (const std::exception&) {  // an unreadable event is dropped with what follows it
         break;
       }

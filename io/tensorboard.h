@@ -53,8 +53,6 @@ class EventWriter {
   // Pushes written records to the file (TensorBoard reads them as they come).
   void flush();
 
-  const std::filesystem::path& path() const { return path_; }
-
  private:
   void write_record(std::string_view data);
   std::filesystem::path path_;
