@@ -11,12 +11,13 @@
 #include <limits>
 #include <optional>
 
+#include "analysis/map_packing.h"
 #include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
-#include "eval/figures.h"
 #include "io/torch_file.h"
-#include "models/attention_kernel.h"
+#include "kernels/cosine.h"
+#include "plot/figures.h"
 
 namespace vitlab {
 
@@ -149,21 +150,15 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
 
   model.module->to(o.device);
   {
-    // Eval mode and the chosen maps for the passes, the caller's mode and
-    // the applied maps back afterwards, errors included.
+    // Eval mode for the passes, the caller's mode back afterwards, errors
+    // included.
     struct PassMode {
       VisionTransformerImpl& m;
       bool was_training;
-      ~PassMode() {
-        m.train(was_training);
-        for (auto& b : m.blocks) b->attn->capture_softmax = b->attn->capture_packed = false;
-      }
+      ~PassMode() { m.train(was_training); }
     } pass_mode{vit, vit.is_training()};
     vit.eval();
-    for (auto& b : vit.blocks) {
-      b->attn->capture_softmax = o.maps == "softmax";
-      b->attn->capture_packed = true;  // the similarity kernel's layout, written from cache
-    }
+    PackedMaps sink(o.maps == "softmax" ? AttentionMapSink::Map::softmax : AttentionMapSink::Map::applied);
     torch::NoGradGuard no_grad;
     int64_t seen = 0;
     while (o.limit == 0 || seen < o.limit) {
@@ -174,11 +169,12 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
       if (x.size(0) == 0) continue;
 
       auto t0 = Clock::now();
-      std::vector<torch::Tensor> maps, outputs;
+      std::vector<torch::Tensor> outputs;
       {
         Autocast autocast(o.device, o.amp);
-        vit.forward_features(x.to(o.device, torch::kFloat), &maps, o.features ? &outputs : nullptr);
+        vit.forward_features(x.to(o.device, torch::kFloat), &sink, o.features ? &outputs : nullptr);
       }
+      const std::vector<torch::Tensor> maps = sink.take();
       sync(o.device);
       report.forward_seconds += seconds_since(t0);
 
@@ -339,7 +335,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   j["config"] = model.config;
   std::vector<int64_t> re_attention;
   for (int64_t l = 0; l < L; ++l)
-    if (vit.blocks[l]->attn->options.re_attention) re_attention.push_back(l);
+    if (vit.blocks[l]->options.re_attention) re_attention.push_back(l);
   j["re_attention_blocks"] = re_attention;
   j["class_token"] = prefix > 0;
   j["definitions"] = {

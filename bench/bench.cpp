@@ -11,10 +11,12 @@
 #include <map>
 #include <vector>
 
+#include "analysis/map_packing.h"
 #include "common/device.h"
 #include "common/error.h"
 #include "common/runtime.h"
-#include "models/attention_kernel.h"
+#include "kernels/attention.h"
+#include "kernels/cosine.h"
 #include "train/trainer.h"
 
 namespace vitlab {
@@ -134,17 +136,15 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
   torch::optim::AdamW opt(model.module->parameters(), torch::optim::AdamWOptions(1e-4).weight_decay(0.05));
 
   // With --attention, the maps as their users take them: `vitlab analyze`
-  // keeps one tensor per block, packed where the CPU kernel writes them,
-  // the trainer's similarity regulariser stacks them.
-  if (o.attention && !train)
-    for (auto& block : model.vision->blocks) block->attn->capture_packed = true;
+  // keeps one tensor per block, packed where the CPU kernel hands them
+  // over, the trainer's similarity regulariser stacks them.
   std::string maps_layout = o.attention ? "row-major" : "none";
   auto forward = [&]() -> torch::Tensor {
     if (!o.attention) return model.vision->forward(x);
     if (train) return model.vision->forward_with_attention(x).first;
-    std::vector<torch::Tensor> maps;
+    PackedMaps maps;
     torch::Tensor logits = model.vision->forward_head(model.vision->forward_features(x, &maps));
-    if (is_packed_maps(maps.front())) maps_layout = "packed";
+    if (is_packed_maps(maps.take().front())) maps_layout = "packed";
     return logits;
   };
   auto step = [&] {
@@ -215,13 +215,13 @@ nlohmann::json bench_attention_op(const ModelSpec& spec, const BenchOptions& o) 
   using Attention = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>;
   std::vector<std::pair<std::string, Attention>> impls;
   impls.emplace_back("vitlab", [&](const auto& q, const auto& k, const auto& v) {
-    if (!attention_kernel_applies(q, k, v)) fail("the CPU attention kernel does not apply here (VITLAB_CPU_KERNELS=0?)");
+    if (!attention_kernel_applies(q, k, v))
+      fail("the CPU attention kernel does not apply here (VITLAB_CPU_KERNELS=0?)");
     return train ? attention_apply(attention_probs(q, k, scale), v) : attention_inference(q, k, v, scale);
   });
 #if TORCH_VERSION_MAJOR >= 2
-  impls.emplace_back("sdpa", [](const auto& q, const auto& k, const auto& v) {
-    return at::scaled_dot_product_attention(q, k, v);
-  });
+  impls.emplace_back(
+      "sdpa", [](const auto& q, const auto& k, const auto& v) { return at::scaled_dot_product_attention(q, k, v); });
 #endif
   impls.emplace_back("explicit", [&](const auto& q, const auto& k, const auto& v) {
     return torch::matmul(torch::matmul(q * scale, k.transpose(-2, -1)).softmax(-1), v);
@@ -244,12 +244,9 @@ nlohmann::json bench_attention_op(const ModelSpec& spec, const BenchOptions& o) 
       const double t = run(attention);
       if (round >= o.warmup) ms[name].push_back(t);
     }
-  nlohmann::json j = {{"model", spec.name},
-                      {"op", "attention"},
-                      {"mode", o.mode},
-                      {"shape", {o.batch, heads, tokens, d}},
-                      {"steps", o.steps},
-                      {"threads", at::get_num_threads()},
+  nlohmann::json j = {{"model", spec.name},       {"op", "attention"},
+                      {"mode", o.mode},           {"shape", {o.batch, heads, tokens, d}},
+                      {"steps", o.steps},         {"threads", at::get_num_threads()},
                       {"libtorch", TORCH_VERSION}};
   for (const auto& [name, times] : ms) j[name + "_ms_median"] = median(times);
   return j;

@@ -1,10 +1,11 @@
 #pragma once
 // timm's image transforms on 8-bit OpenCV images: for training
 // RandomResizedCrop, flip, RandAugment or colour jitter, normalize and random
-// erasing; for evaluation resize, center crop and normalize. Then Mixup/CutMix
-// on batches and the soft-target loss. The ops follow timm's PIL pipeline
-// (antialiased resizing, PIL's ImageOps/ImageEnhance arithmetic) so that
-// hyper-parameters tuned with timm mean the same here.
+// erasing; for evaluation resize, center crop and normalize. The ops follow
+// timm's PIL pipeline (antialiased resizing, PIL's ImageOps/ImageEnhance
+// arithmetic) so that hyper-parameters tuned with timm mean the same here.
+// Mixup/CutMix, which act on batches, are in data/mixup.h; the soft-target
+// loss in train/loss.h.
 #include <torch/torch.h>
 
 #include <opencv2/core.hpp>
@@ -71,26 +72,5 @@ cv::Mat augment_op(const cv::Mat& image, const std::string& name, double magnitu
 // probability spec.prob at a (noisy, clipped) magnitude.
 cv::Mat rand_augment(const cv::Mat& image, const RandAugmentSpec& spec, const TransformOptions& options,
                      std::mt19937_64& rng);
-
-struct MixupOptions {
-  double mixup_alpha = 0.0;   // timm: --mixup
-  double cutmix_alpha = 0.0;  // timm: --cutmix
-  double prob = 1.0;          // timm: --mixup-prob
-  double switch_prob = 0.5;   // timm: --mixup-switch-prob
-  double label_smoothing = 0.1;
-  int64_t num_classes = 1000;
-  bool enabled() const { return (mixup_alpha > 0 || cutmix_alpha > 0) && prob > 0; }
-};
-// Batch-level Mixup/CutMix as timm's Mixup (mode 'batch': image i mixed with
-// image B-1-i; the CutMix box's lambda corrected to its true area); modifies
-// images [B,C,H,W] in place and returns soft targets [B, num_classes]
-// (label-smoothed one-hots mixed with lam). Randomness from rng.
-torch::Tensor mixup_batch(torch::Tensor& images, const torch::Tensor& labels, const MixupOptions& options,
-                          std::mt19937_64& rng);
-// Label-smoothed one-hot targets [B, num_classes], float: off = smoothing /
-// num_classes, on = 1 - smoothing + off (timm). A label out of range is an Error.
-torch::Tensor smooth_one_hot(const torch::Tensor& labels, int64_t num_classes, double smoothing);
-// timm's SoftTargetCrossEntropy: mean over the batch of sum(-target * log_softmax(logits)).
-torch::Tensor soft_target_cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets);
 
 }  // namespace vitlab

@@ -6,7 +6,7 @@
 
 #include "common/device.h"
 #include "common/files.h"
-#include "eval/figures.h"
+#include "plot/figures.h"
 
 namespace vitlab {
 

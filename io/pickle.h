@@ -5,6 +5,13 @@
 // tensors are rebuilt over the data/<key> records. Classes it does not know
 // (argparse.Namespace, numpy scalars, ...) become opaque objects, so the rest
 // of the file still loads.
+//
+// Not torch::pickle_load (LibTorch 1.13 and 2.15): it unpickles every
+// collections.OrderedDict as None, so any module's state_dict() fails
+// ("Expected GenericDict but got None"); it rejects argparse.Namespace and
+// numpy scalars (timm's and DeiT's checkpoints hold both); and it trusts a
+// tensor record's size (a 16-byte record for 2^24 floats loads, and reading
+// it faults). 1.13's also lacks SETITEM/APPEND, which optimizer states use.
 #include <torch/torch.h>
 
 #include <cstdint>

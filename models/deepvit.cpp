@@ -44,8 +44,8 @@ std::vector<BlockOptions> deepvit_block_options(const DeepViTOptions& o) {
   std::vector<BlockOptions> blocks = vit_block_options(o);
   const double head_scale = 1.0 / std::sqrt(static_cast<double>(o.embed_dim / o.num_heads));
   for (size_t i = 0; i < blocks.size(); ++i) {
-    blocks[i].attention.re_attention = o.apply_transform[i];
-    blocks[i].attention.reatten_scale = o.transform_scale ? head_scale : 1.0;
+    blocks[i].re_attention = o.apply_transform[i];
+    blocks[i].reatten_scale = o.transform_scale ? head_scale : 1.0;
     blocks[i].scale_adjustment = o.scale_adjustment;
   }
   return blocks;

@@ -39,19 +39,6 @@ class PatchEmbedImpl : public torch::nn::Module {
 };
 TORCH_MODULE(PatchEmbed);
 
-struct AttentionOptions {
-  int64_t dim = 768;
-  int64_t num_heads = 12;
-  bool qkv_bias = true;
-  double attn_drop = 0.0;
-  double proj_drop = 0.0;
-  // DeepViT re-attention: after softmax (and attention dropout) the heads are
-  // mixed by Θ, a 1×1 convolution over the head axis, then BatchNorm2d over
-  // heads, then scaled by reatten_scale.
-  bool re_attention = false;
-  double reatten_scale = 1.0;
-};
-
 // torch.nn.BatchNorm2d (the same parameters, buffers and names, eps 1e-5,
 // momentum 0.1) whose training-mode statistics can be taken over every
 // process of a data-parallel run, as torch.nn.SyncBatchNorm does, once
@@ -74,35 +61,8 @@ using SumAcrossProcesses = std::function<void(std::vector<torch::Tensor>&)>;
 // Every BatchNorm2d in training mode synchronises its statistics through
 // `sum` until reset with an empty function (the default: per process).
 void set_batch_norm_sync(SumAcrossProcesses sum);
-
-// Multi-head self-attention with qkv in one Linear, as timm and the official
-// DeepViT code lay it out.
-class AttentionImpl : public torch::nn::Module {
- public:
-  explicit AttentionImpl(const AttentionOptions& options);
-  // attn: when not null, receives the map that multiplies V, [B, H, T, T]
-  // (or the softmax map before re-attention, with capture_softmax).
-  torch::Tensor forward(const torch::Tensor& x, torch::Tensor* attn = nullptr);
-  // Re-attention of the maps a [B, H, N, N]: Θ, BatchNorm, reatten_scale;
-  // with v [B, H, N, d], the result applied to v ([B, H, N, d]).
-  // packed: see forward's capture_packed (evaluation without gradients only).
-  torch::Tensor re_attend(const torch::Tensor& a, const torch::Tensor& v = {}, torch::Tensor* packed = nullptr);
-
-  AttentionOptions options;
-  // Capture the softmax map instead of the re-attention map, so that DeepViT's
-  // maps can be compared with ViT's like for like; the same map without
-  // re-attention.
-  bool capture_softmax = false;
-  // Capture the map packed by column blocks ([B, H, blocks, T, 8], see
-  // models/attention_kernel.h) where the CPU kernel computes it in
-  // inference without gradients, written from cache for the similarity
-  // analysis; elsewhere (and for DeepViT's softmax maps) it stays [B, H, T, T].
-  bool capture_packed = false;
-  torch::nn::Linear qkv{nullptr}, proj{nullptr};
-  torch::nn::Dropout attn_drop{nullptr}, proj_drop{nullptr};
-  torch::nn::Conv2d reatten_matrix{nullptr};
-  BatchNorm2d var_norm{nullptr};
-};
-TORCH_MODULE(Attention);
+// The function set there (empty: per process), for code that computes batch
+// statistics itself (re-attention's fused path).
+const SumAcrossProcesses& batch_norm_sync();
 
 }  // namespace vitlab

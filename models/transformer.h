@@ -5,6 +5,10 @@
 // `Seq2SeqTransformer` adds token embeddings scaled by √d_model, sinusoidal
 // positions, the output projection (optionally tied to the target embedding)
 // and greedy decoding.
+//
+// Not torch::nn::Transformer: LibTorch's C++ layers (1.13 and 2.15) have no
+// layer_norm_eps option (their LayerNorms are fixed at 1e-5), which
+// torch.nn.Transformer models set; the parameter names here are the same.
 #include <torch/torch.h>
 
 #include <string>

@@ -50,19 +50,24 @@ BlockImpl::BlockImpl(const BlockOptions& o) : options(o) {
   const int64_t dim = o.attention.dim;
   auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6)); };
   norm1 = register_module("norm1", ln());
-  attn = register_module("attn", Attention(o.attention));
+  std::shared_ptr<AttentionImpl> attention;
+  if (o.re_attention)
+    attention = std::make_shared<ReAttentionImpl>(o.attention, o.reatten_scale);
+  else
+    attention = std::make_shared<AttentionImpl>(o.attention);
+  attn = register_module("attn", Attention(attention));
   drop_path = register_module("drop_path", DropPath(o.drop_path));
   norm2 = register_module("norm2", ln());
   mlp = register_module("mlp", Mlp(dim, static_cast<int64_t>(dim * o.mlp_ratio), o.attention.proj_drop));
 }
 
-torch::Tensor BlockImpl::forward(torch::Tensor x, torch::Tensor* attn_map) {
+torch::Tensor BlockImpl::forward(torch::Tensor x, AttentionMapSink* maps) {
   const double s = options.scale_adjustment;
   if (s == 1.0) {
-    x = x + drop_path(attn(norm1(x), attn_map));
+    x = x + drop_path(attn(norm1(x), maps));
     return x + drop_path(mlp(norm2(x)));
   }
-  x = x + drop_path(attn(norm1(x * s), attn_map) / s);
+  x = x + drop_path(attn(norm1(x * s), maps) / s);
   return x + drop_path(mlp(norm2(x * s))) / s;
 }
 
@@ -126,7 +131,7 @@ VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o, const std::vec
   });
 }
 
-torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn,
+torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, AttentionMapSink* maps,
                                                       std::vector<torch::Tensor>* block_outputs) {
   TORCH_CHECK(x.dim() == 4, "expected an image batch [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.size(1) == options_.in_chans, "input has ", x.size(1), " channels, the model expects ",
@@ -135,9 +140,7 @@ torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, std::vect
   if (options_.class_token) x = torch::cat({cls_token.expand({x.size(0), -1, -1}), x}, 1);
   x = pos_drop(x + pos_embed);
   for (auto& block : blocks) {
-    torch::Tensor map;
-    x = block(x, attn ? &map : nullptr);
-    if (attn) attn->push_back(map);
+    x = block(x, maps);
     if (block_outputs) block_outputs->push_back(x);
   }
   return options_.global_pool == "avg" ? x : norm(x);
@@ -154,9 +157,9 @@ torch::Tensor VisionTransformerImpl::forward_head(const torch::Tensor& x) {
 torch::Tensor VisionTransformerImpl::forward(const torch::Tensor& x) { return forward_head(forward_features(x)); }
 
 std::pair<torch::Tensor, torch::Tensor> VisionTransformerImpl::forward_with_attention(const torch::Tensor& x) {
-  std::vector<torch::Tensor> maps;
+  AttentionMaps maps;
   torch::Tensor logits = forward_head(forward_features(x, &maps));
-  return {logits, torch::stack(maps)};
+  return {logits, torch::stack(maps.blocks)};
 }
 
 void VisionTransformerImpl::adapt_state(StateDict& state) const {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "io/state_dict.h"
+#include "models/attention.h"
 #include "models/layers.h"
 
 namespace vitlab {
@@ -51,6 +52,10 @@ struct ViTOptions {
 
 struct BlockOptions {
   AttentionOptions attention;  // its dim and proj_drop are the block's too
+  // DeepViT: ReAttention instead of Attention (the official
+  // apply_transform), its maps scaled by reatten_scale.
+  bool re_attention = false;
+  double reatten_scale = 1.0;
   double mlp_ratio = 4.0;
   double drop_path = 0.0;
   // DeepViT's residual scaling s: x + attn(norm1(x*s))/s, x + mlp(norm2(x*s))/s,
@@ -61,11 +66,12 @@ struct BlockOptions {
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const BlockOptions& options);
-  torch::Tensor forward(torch::Tensor x, torch::Tensor* attn = nullptr);
+  // maps: when not null, is handed the block's attention maps.
+  torch::Tensor forward(torch::Tensor x, AttentionMapSink* maps = nullptr);
 
   BlockOptions options;
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr};
-  Attention attn{nullptr};
+  Attention attn{nullptr};  // an Attention or a ReAttention
   DropPath drop_path{nullptr};
   Mlp mlp{nullptr};
 };
@@ -81,9 +87,10 @@ class VisionTransformerImpl : public torch::nn::Module {
   explicit VisionTransformerImpl(const ViTOptions& options);
 
   torch::Tensor forward(const torch::Tensor& x);
-  // attn: when not null, receives each block's attention map ([B, H, T, T]);
-  // block_outputs: each block's output tokens ([B, T, D], before the final norm).
-  torch::Tensor forward_features(torch::Tensor x, std::vector<torch::Tensor>* attn = nullptr,
+  // maps: when not null, is handed each block's attention maps in turn
+  // (AttentionMaps collects them as [B, H, T, T]); block_outputs: receives
+  // each block's output tokens ([B, T, D], before the final norm).
+  torch::Tensor forward_features(torch::Tensor x, AttentionMapSink* maps = nullptr,
                                  std::vector<torch::Tensor>* block_outputs = nullptr);
   torch::Tensor forward_head(const torch::Tensor& features);
   // Logits and the stacked maps [L, B, H, T, T].

@@ -6,6 +6,7 @@
 #include <array>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 
 #include "common/files.h"
@@ -90,6 +91,13 @@ std::string fixture_sets(const nlohmann::json& config) {
     out += " --set 'model." + it.key() + "=" + it.value().dump() + "'";
   }
   return out;
+}
+
+void exit_if_under_ctest(const std::string& reason) {
+  const char* code = std::getenv("VITLAB_TEST_SKIP_CODE");
+  if (code == nullptr) return;
+  std::fprintf(stderr, "skipped: %s\n", reason.c_str());
+  std::exit(std::atoi(code));
 }
 
 double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {

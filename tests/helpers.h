@@ -54,6 +54,18 @@ void write_fashion_mnist_slice(const fs::path& dir, int64_t n);
 // The `--set model.KEY=VALUE` arguments that rebuild a fixture's model.
 std::string fixture_sets(const nlohmann::json& config);
 
+// Ends a test that cannot run here, saying why. Under CTest (which sets
+// VITLAB_TEST_SKIP_CODE) the test process exits with that code, which CTest
+// reports as skipped, not passed; run by hand, the reason is printed and
+// the test returns.
+#define VITLAB_SKIP(reason)                      \
+  do {                                           \
+    ::vitlab::test::exit_if_under_ctest(reason); \
+    WARN("skipped: " << (reason));               \
+    return;                                      \
+  } while (0)
+void exit_if_under_ctest(const std::string& reason);
+
 // Max |a - b|.
 double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b);
 

@@ -1,23 +1,26 @@
 // Attention-collapse analysis: the similarity measures against the fixtures
 // and hand-built cases, streaming, `analyze` end to end, and the figures.
+#include <torch/version.h>
+
 #include <algorithm>
 #include <array>
 #include <catch2/catch.hpp>
-#include <torch/version.h>
 #include <chrono>
 #include <cstdlib>
 #include <limits>
 #include <opencv2/imgcodecs.hpp>
 
 #include "analysis/analyze.h"
+#include "analysis/map_packing.h"
 #include "analysis/similarity.h"
 #include "common/device.h"
 #include "common/files.h"
 #include "common/runtime.h"
 #include "eval/evaluate.h"
-#include "eval/figures.h"
 #include "io/torch_file.h"
-#include "models/attention_kernel.h"
+#include "kernels/attention.h"
+#include "kernels/cosine.h"
+#include "plot/figures.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;
@@ -318,8 +321,10 @@ TEST_CASE("forward_features returns each block's output for ViT and DeepViT") {
     Model m = fixture_model(name);
     torch::Tensor x = read_torch_tensor(fixture(std::string(name) + ".input.pt"));
     torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> maps, outputs;
-    torch::Tensor features = m.vision->forward_features(x, &maps, &outputs);
+    AttentionMaps sink;
+    std::vector<torch::Tensor> outputs;
+    torch::Tensor features = m.vision->forward_features(x, &sink, &outputs);
+    const std::vector<torch::Tensor>& maps = sink.blocks;
     const int64_t L = m.config["depth"], D = m.config["embed_dim"];
     REQUIRE(static_cast<int64_t>(outputs.size()) == L);
     REQUIRE(static_cast<int64_t>(maps.size()) == L);
@@ -350,15 +355,18 @@ TEST_CASE("packed maps: captured from the kernels' inference path, analysed as t
     // Without a capture, ViT's inference takes at::scaled_dot_product_attention
     // on LibTorch 2.x, attention_inference (the maps never stored) on 1.x.
     CHECK(max_abs_diff(m.vision->forward(x), read_torch_tensor(fixture(std::string(name) + ".logits.pt"))) < 1e-4);
-    std::vector<torch::Tensor> rows, packed, outputs, unpacked;
-    const torch::Tensor features = m.vision->forward_features(x, &rows, &outputs);
+    AttentionMaps row_sink;
+    std::vector<torch::Tensor> outputs, unpacked;
+    const torch::Tensor features = m.vision->forward_features(x, &row_sink, &outputs);
+    const std::vector<torch::Tensor>& rows = row_sink.blocks;
     // Keeping the maps or not computes the same: bitwise for ViT on 1.x (the
     // same arithmetic, the map in cache or in memory); DeepViT's kept maps
     // are mixed by another routine, and on 2.x ViT takes SDPA without them.
     const double same = std::string(name).rfind("deepvit", 0) == 0 || TORCH_VERSION_MAJOR >= 2 ? 1e-6 : 0.0;
     CHECK(max_abs_diff(m.vision->forward_features(x), features) <= same);
-    for (auto& b : m.vision->blocks) b->attn->capture_packed = true;
-    CHECK(max_abs_diff(m.vision->forward_features(x, &packed), features) < 1e-6);
+    PackedMaps packed_sink;
+    CHECK(max_abs_diff(m.vision->forward_features(x, &packed_sink), features) < 1e-6);
+    const std::vector<torch::Tensor> packed = packed_sink.take();
     REQUIRE(packed.size() == rows.size());
     for (size_t l = 0; l < rows.size(); ++l) {
       REQUIRE(is_packed_maps(packed[l]));
@@ -379,10 +387,9 @@ TEST_CASE("packed maps: captured from the kernels' inference path, analysed as t
     CHECK(max_abs_diff(acc.result().M, read_torch_tensor(fixture(std::string(name) + ".similarity.pt"))) <=
           manifest()[name]["tolerance"]["similarity_max_abs"].get<double>());
     // DeepViT's softmax maps are not the ones the kernel keeps in cache: they stay [B, H, T, T].
-    for (auto& b : m.vision->blocks) b->attn->capture_softmax = true;
-    std::vector<torch::Tensor> softmax;
+    PackedMaps softmax(AttentionMapSink::Map::softmax);
     m.vision->forward_features(x, &softmax);
-    CHECK(softmax[0].dim() == (m.vision->blocks[0]->attn->options.re_attention ? 4 : 5));
+    CHECK(softmax.take().front().dim() == (m.vision->blocks.front()->options.re_attention ? 4 : 5));
   }
 }
 
@@ -469,15 +476,14 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
 
     // The softmax maps before re-attention: row-stochastic, the same output,
     // and the applied maps in the blocks without re-attention (0-2).
-    std::vector<torch::Tensor> softmax_maps, applied_maps;
+    AttentionMaps softmax_sink(AttentionMapSink::Map::softmax), applied_sink;
     torch::Tensor with_softmax, with_applied;
     {
       torch::NoGradGuard no_grad;
-      with_applied = m.vision->forward_features(x, &applied_maps);
-      for (auto& b : m.vision->blocks) b->attn->capture_softmax = true;
-      with_softmax = m.vision->forward_features(x, &softmax_maps);
-      for (auto& b : m.vision->blocks) b->attn->capture_softmax = false;
+      with_applied = m.vision->forward_features(x, &applied_sink);
+      with_softmax = m.vision->forward_features(x, &softmax_sink);
     }
+    const std::vector<torch::Tensor>&softmax_maps = softmax_sink.blocks, &applied_maps = applied_sink.blocks;
     // (Not bit for bit: without the applied maps asked for, re-attention
     // mixes and applies them in one kernel, which rounds differently.)
     CHECK(max_abs_diff(with_softmax, with_applied) < 1e-5 * with_applied.abs().max().item<double>());
@@ -494,7 +500,6 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
     CHECK(max_abs_diff(s.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3),
                        r.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3)) <= 1e-6);
     CHECK(max_abs_diff(s.similarity.M[3][4], r.similarity.M[3][4]) > 0.01);
-    for (auto& b : m.vision->blocks) CHECK(!b->attn->capture_softmax);  // the applied maps again afterwards
     o.maps = "post";
     CHECK_THROWS_WITH(analyze(m, x, o, dir / "bad"),
                       Catch::Contains("analysis maps must be 'applied'") && Catch::Contains("got 'post'"));

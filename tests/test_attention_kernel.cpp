@@ -4,8 +4,8 @@
 #include <cmath>
 #include <limits>
 
-#include "common/simd.h"
-#include "models/attention_kernel.h"
+#include "kernels/attention.h"
+#include "kernels/simd.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;

@@ -8,8 +8,8 @@
 
 #include "common/runtime.h"
 #include "io/torch_file.h"
-#include "models/attention_kernel.h"
-#include "models/head_mixing.h"
+#include "kernels/attention.h"
+#include "kernels/head_mixing.h"
 #include "models/registry.h"
 #include "tests/helpers.h"
 
@@ -164,9 +164,8 @@ TEST_CASE("re-attention in evaluation, folded into one mixing, equals Θ then Ba
   AttentionOptions o;
   o.dim = 48;
   o.num_heads = 6;
-  o.re_attention = true;
-  o.reatten_scale = 0.7;
-  Attention attention(o);
+  const double reatten_scale = 0.7;
+  ReAttention attention(o, reatten_scale);
   {
     torch::NoGradGuard no_grad;  // statistics and affine parameters far from their initial 0/1
     attention->var_norm->running_mean.uniform_(-0.05, 0.05);
@@ -176,7 +175,7 @@ TEST_CASE("re-attention in evaluation, folded into one mixing, equals Θ then Ba
   }
   attention->eval();
   torch::Tensor a = torch::softmax(3 * torch::randn({3, 6, 11, 11}), -1);
-  torch::Tensor reference = attention->var_norm(attention->reatten_matrix(a)) * o.reatten_scale;
+  torch::Tensor reference = attention->var_norm(attention->reatten_matrix(a)) * reatten_scale;
   torch::Tensor folded = attention->re_attend(a);
   CHECK(folded.sizes() == reference.sizes());
   CHECK(max_abs_diff(folded, reference) < 1e-5 * reference.abs().max().item<double>());
@@ -321,13 +320,11 @@ namespace {
 
 // An attention layer with re-attention whose Θ bias and BatchNorm are far
 // from their initial values.
-Attention re_attention_layer(int64_t heads, double scale) {
+ReAttention re_attention_layer(int64_t heads, double scale) {
   AttentionOptions o;
   o.dim = 8 * heads;
   o.num_heads = heads;
-  o.re_attention = true;
-  o.reatten_scale = scale;
-  Attention attention(o);
+  ReAttention attention(o, scale);
   torch::NoGradGuard no_grad;
   attention->reatten_matrix->bias.uniform_(-0.5, 0.5);
   attention->var_norm->weight.uniform_(0.5, 1.5);
@@ -338,8 +335,8 @@ Attention re_attention_layer(int64_t heads, double scale) {
 
 // Θ, BatchNorm (with batch statistics) and the scale as LibTorch's modules
 // compute them: what the fused training path must equal.
-torch::Tensor re_attend_unfused(Attention& attention, const torch::Tensor& a) {
-  return attention->var_norm(attention->reatten_matrix(a)) * attention->options.reatten_scale;
+torch::Tensor re_attend_unfused(ReAttention& attention, const torch::Tensor& a) {
+  return attention->var_norm(attention->reatten_matrix(a)) * attention->reatten_scale;
 }
 
 // Largest difference of a against b, relative to b's largest magnitude.
@@ -361,7 +358,7 @@ bool graph_has(const torch::Tensor& y, const std::string& name) {
   return false;
 }
 
-void copy_state(Attention& from, Attention& to) {
+void copy_state(ReAttention& from, ReAttention& to) {
   torch::NoGradGuard no_grad;
   for (const auto& p : from->named_parameters()) to->named_parameters()[p.key()].copy_(p.value());
   for (const auto& b : from->named_buffers()) to->named_buffers()[b.key()].copy_(b.value());
@@ -392,14 +389,15 @@ TEST_CASE("re-attention in training, fused on the CPU, equals Θ then BatchNorm 
       INFO(in.what << (with_v ? ", applied to v" : ""));
       // The reference runs in float64: in float32 the unfused path loses the
       // small spread of near-uniform maps to rounding in Θ a + b.
-      Attention fused = re_attention_layer(H, 0.7), reference = re_attention_layer(H, 0.7);
+      ReAttention fused = re_attention_layer(H, 0.7), reference = re_attention_layer(H, 0.7);
       copy_state(fused, reference);
       reference->to(torch::kDouble);
       const torch::Tensor dy = torch::randn(with_v ? v.sizes() : in.a.sizes());
       for (int step = 0; step < 2; ++step) {
         torch::Tensor af = in.a.clone().requires_grad_(), ar = in.a.to(torch::kDouble).requires_grad_();
         torch::Tensor vf = v.clone().requires_grad_(), vr = v.to(torch::kDouble).requires_grad_();
-        torch::Tensor yf = fused->re_attend(af, with_v ? vf : torch::Tensor()), yr = re_attend_unfused(reference, ar);
+        torch::Tensor yf = with_v ? fused->re_attend(af, vf) : fused->re_attend(af),
+                      yr = re_attend_unfused(reference, ar);
         if (with_v) {
           yr = yr.matmul(vr);
           REQUIRE(yf.grad_fn()->next_edges().size() == 1);
@@ -471,23 +469,25 @@ TEST_CASE("a re-attention block in training gives the same output and gradients 
   // and nothing kept (one function from q, k, v, storing neither the
   // re-attended maps nor the softmax's gradient).
   torch::manual_seed(8);
-  Attention kept = re_attention_layer(6, 1.0), softmax_kept = re_attention_layer(6, 1.0),
-            none_kept = re_attention_layer(6, 1.0);
+  ReAttention kept = re_attention_layer(6, 1.0), softmax_kept = re_attention_layer(6, 1.0),
+              none_kept = re_attention_layer(6, 1.0);
   copy_state(kept, softmax_kept);
   copy_state(kept, none_kept);
-  softmax_kept->capture_softmax = true;
   const torch::Tensor x = torch::randn({3, 20, 48}), dy = torch::randn({3, 20, 48});
-  torch::Tensor x1 = x.clone().requires_grad_(), maps;
+  torch::Tensor x1 = x.clone().requires_grad_();
+  AttentionMaps maps;
   const torch::Tensor y1 = kept->forward(x1, &maps);
   CHECK(graph_has(y1, "ReAttentionFunction"));
   y1.backward(dy);
-  REQUIRE(maps.defined());
-  CHECK(maps.sizes() == torch::IntArrayRef({3, 6, 20, 20}));
-  for (Attention* other : {&softmax_kept, &none_kept}) {
-    INFO(((*other)->capture_softmax ? "softmax maps kept" : "nothing kept"));
-    torch::Tensor x2 = x.clone().requires_grad_(), softmax_maps;
-    const torch::Tensor y2 = (*other)->forward(x2, (*other)->capture_softmax ? &softmax_maps : nullptr);
-    CHECK(graph_has(y2, (*other)->capture_softmax ? "ReAttentionApplyFunction" : "FusedReAttentionFunction"));
+  REQUIRE(maps.blocks.size() == 1);
+  CHECK(maps.blocks[0].sizes() == torch::IntArrayRef({3, 6, 20, 20}));
+  for (ReAttention* other : {&softmax_kept, &none_kept}) {
+    const bool softmax = other == &softmax_kept;
+    INFO((softmax ? "softmax maps kept" : "nothing kept"));
+    torch::Tensor x2 = x.clone().requires_grad_();
+    AttentionMaps softmax_maps(AttentionMapSink::Map::softmax);
+    const torch::Tensor y2 = (*other)->forward(x2, softmax ? &softmax_maps : nullptr);
+    CHECK(graph_has(y2, softmax ? "ReAttentionApplyFunction" : "FusedReAttentionFunction"));
     y2.backward(dy);
     CHECK(relative_diff(y2, y1) < 1e-5);
     CHECK(relative_diff(x2.grad(), x1.grad()) < 1e-5);
@@ -498,7 +498,10 @@ TEST_CASE("a re-attention block in training gives the same output and gradients 
     }
     CHECK(relative_diff((*other)->var_norm->running_var, kept->var_norm->running_var) < 1e-6);
     CHECK((*other)->var_norm->num_batches_tracked.item<int64_t>() == 1);
-    if (softmax_maps.defined()) CHECK(max_abs_diff(softmax_maps.sum(-1), torch::ones({3, 6, 20})) < 1e-5);
+    if (softmax) {
+      REQUIRE(softmax_maps.blocks.size() == 1);
+      CHECK(max_abs_diff(softmax_maps.blocks[0].sum(-1), torch::ones({3, 6, 20})) < 1e-5);
+    }
   }
 }
 
@@ -506,8 +509,9 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
   torch::manual_seed(7);
   const int64_t B = 4, H = 5, N = 9;
   const torch::Tensor a = torch::softmax(2 * torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
-  Attention rank[2] = {re_attention_layer(H, 1.0), re_attention_layer(H, 1.0)}, reference = re_attention_layer(H, 1.0);
-  for (Attention& r : rank) copy_state(reference, r);
+  ReAttention rank[2] = {re_attention_layer(H, 1.0), re_attention_layer(H, 1.0)},
+              reference = re_attention_layer(H, 1.0);
+  for (ReAttention& r : rank) copy_state(reference, r);
   torch::Tensor y[2], da[2];
   on_two_ranks([&](int r) {
     torch::Tensor ar = a.narrow(0, 2 * r, 2).clone().requires_grad_();
@@ -534,8 +538,8 @@ TEST_CASE("fused re-attention over two simulated ranks equals it over their join
 TEST_CASE("a re-attention block in one function over two simulated ranks equals it over their joint batch") {
   torch::manual_seed(9);
   const torch::Tensor x = torch::randn({4, 9, 40}), dy = torch::randn({4, 9, 40});
-  Attention rank[2] = {re_attention_layer(5, 1.0), re_attention_layer(5, 1.0)}, joint = re_attention_layer(5, 1.0);
-  for (Attention& r : rank) copy_state(joint, r);
+  ReAttention rank[2] = {re_attention_layer(5, 1.0), re_attention_layer(5, 1.0)}, joint = re_attention_layer(5, 1.0);
+  for (ReAttention& r : rank) copy_state(joint, r);
   torch::Tensor y[2], dx[2];
   on_two_ranks([&](int r) {
     torch::Tensor xr = x.narrow(0, 2 * r, 2).clone().requires_grad_();
@@ -573,7 +577,7 @@ TEST_CASE("re-attention training benchmark", "[.]") {
   torch::set_num_threads(threads_env ? std::stoi(threads_env) : static_cast<int>(std::thread::hardware_concurrency()));
   torch::manual_seed(0);
   const torch::Tensor a = torch::softmax(torch::randn({B, H, N, N}), -1), dy = torch::randn({B, H, N, N});
-  Attention layer = re_attention_layer(H, 1.0);
+  ReAttention layer = re_attention_layer(H, 1.0);
   auto best_ms = [](const std::function<void()>& fn) {
     double best = 1e30;
     for (int rep = 0; rep < 5; ++rep) {
@@ -620,20 +624,18 @@ TEST_CASE("re-attention training benchmark", "[.]") {
   AttentionOptions o;
   o.dim = 384;
   o.num_heads = H;
-  o.re_attention = true;
-  Attention block(o);
+  ReAttention block(o, 1.0);
   const torch::Tensor x = torch::randn({B, N, o.dim}), dx = torch::randn({B, N, o.dim});
   for (const char* kept : {"re-attended maps", "softmax maps", "nothing"}) {
-    block->capture_softmax = std::string(kept) == "softmax maps";
     torch::Tensor xg = x.clone().requires_grad_();
     const double both = best_ms([&] {
-      torch::Tensor maps;
+      AttentionMaps maps(std::string(kept) == "softmax maps" ? AttentionMapSink::Map::softmax
+                                                             : AttentionMapSink::Map::applied);
       block->zero_grad();
       block->forward(xg, std::string(kept) == "nothing" ? nullptr : &maps).backward(dx);
     });
     std::printf("a block's attention with %s kept, forward + backward %.1f ms\n", kept, both);
   }
-  o.re_attention = false;
   Attention plain(o);
   torch::Tensor xg = x.clone().requires_grad_();
   std::printf("the same without re-attention (ViT), forward + backward %.1f ms\n", best_ms([&] {

@@ -2,8 +2,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
-#include "analysis/study.h"
 #include "common/files.h"
+#include "study/study.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;

@@ -3,12 +3,12 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
-#include "analysis/study.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "data/loader.h"
 #include "io/tensorboard.h"
 #include "models/registry.h"
+#include "study/study.h"
 #include "tests/helpers.h"
 #include "train/config.h"
 #include "train/trainer.h"

@@ -4,8 +4,10 @@
 #include <opencv2/core.hpp>
 
 #include "common/error.h"
+#include "data/mixup.h"
 #include "data/transforms.h"
 #include "tests/helpers.h"
+#include "train/loss.h"
 
 using namespace vitlab;
 using vitlab::test::max_abs_diff;

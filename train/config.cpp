@@ -2,6 +2,8 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "data/mixup.h"
+#include "data/transforms.h"
 
 namespace vitlab {
 

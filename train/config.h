@@ -10,6 +10,7 @@
 
 #include "common/config.h"
 #include "data/image_folder.h"
+#include "data/mixup.h"
 #include "data/transforms.h"
 
 namespace vitlab {

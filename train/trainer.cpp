@@ -9,6 +9,7 @@
 #include <csignal>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -17,12 +18,14 @@
 #include "common/files.h"
 #include "common/process.h"
 #include "common/runtime.h"
+#include "data/mixup.h"
 #include "eval/evaluate.h"
 #include "io/safetensors.h"
 #include "io/tensorboard.h"
 #include "models/layers.h"
 #include "models/registry.h"
 #include "train/distributed.h"
+#include "train/loss.h"
 
 namespace vitlab {
 
@@ -101,29 +104,27 @@ struct Ema {
   }
 };
 
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(torch::nn::Module& model, const OptimConfig& o, double lr) {
-  // timm: no weight decay on 1-d parameters (biases, norms) and the embeddings.
+// Two parameter groups as timm's: weight decay, except on the 1-d parameters
+// (biases, norms) and the embeddings. `options` holds the other settings.
+template <class Optim, class Options>
+std::unique_ptr<torch::optim::Optimizer> grouped_optimizer(torch::nn::Module& model, const Options& options, double lr,
+                                                           double weight_decay) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.named_parameters()) {
     const bool skip = p.value().dim() <= 1 || p.key() == "pos_embed" || p.key() == "cls_token";
     (skip ? no_decay : decay).push_back(p.value());
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  if (o.opt == "adamw") {
-    auto opts = [&](double wd) {
-      return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(lr).eps(o.eps).weight_decay(wd));
-    };
-    groups.emplace_back(decay, opts(o.weight_decay));
-    groups.emplace_back(no_decay, opts(0.0));
-    return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(lr));
-  }
-  auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::SGDOptions>(
-        torch::optim::SGDOptions(lr).momentum(o.momentum).nesterov(o.momentum > 0).weight_decay(wd));
-  };
-  groups.emplace_back(decay, opts(o.weight_decay));
-  groups.emplace_back(no_decay, opts(0.0));
-  return std::make_unique<torch::optim::SGD>(groups, torch::optim::SGDOptions(lr));
+  groups.emplace_back(decay, std::make_unique<Options>(Options(options).weight_decay(weight_decay)));
+  groups.emplace_back(no_decay, std::make_unique<Options>(Options(options).weight_decay(0.0)));
+  return std::make_unique<Optim>(groups, Options(lr));
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(torch::nn::Module& model, const OptimConfig& o, double lr) {
+  if (o.opt == "adamw")
+    return grouped_optimizer<torch::optim::AdamW>(model, torch::optim::AdamWOptions(lr).eps(o.eps), lr, o.weight_decay);
+  return grouped_optimizer<torch::optim::SGD>(
+      model, torch::optim::SGDOptions(lr).momentum(o.momentum).nesterov(o.momentum > 0), lr, o.weight_decay);
 }
 
 // The adjacent-block attention similarity of DeepViT's official regulariser.
@@ -200,6 +201,35 @@ std::string csv_header(bool ema) {
          (ema ? ",ema_eval_loss,ema_eval_top1,ema_eval_top5" : "") + "\n";
 }
 
+// The default generators a checkpoint keeps, so that a resumed run draws what
+// the whole run would have: the CPU's ("cpu") and, where CUDA is, device 0's
+// ("cuda").
+at::Generator default_generator(bool cuda) {
+  return cuda ? at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0))
+              : at::detail::getDefaultCPUGenerator();
+}
+
+StateDict generator_states() {
+  StateDict states;
+  for (const bool cuda : {false, true}) {
+    if (cuda && !torch::cuda::is_available()) continue;
+    auto gen = default_generator(cuda);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    states[cuda ? "cuda" : "cpu"] = gen.get_state();
+  }
+  return states;
+}
+
+// "cuda" only when the checkpoint has it and CUDA is here.
+void set_generator_states(const StateDict& states) {
+  for (const bool cuda : {false, true}) {
+    if (cuda && !(states.count("cuda") && torch::cuda::is_available())) continue;
+    auto gen = default_generator(cuda);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(states.at(cuda ? "cuda" : "cpu"));
+  }
+}
+
 // A checkpoint is a directory written under a temporary name, fsync'ed and
 // renamed into place. With keep_previous, the one it replaces stays as
 // DIR-prev until the next save: a crash at any point leaves a whole
@@ -218,19 +248,7 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
   std::ostringstream optimizer;
   torch::save(opt, optimizer);
   files.emplace_back("optimizer.pt", optimizer.str());
-  torch::Tensor rng;
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    rng = gen.get_state();
-  }
-  StateDict rng_state{{"cpu", rng}};
-  if (torch::cuda::is_available()) {
-    auto gen = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    rng_state["cuda"] = gen.get_state();
-  }
-  files.emplace_back("rng.safetensors", serialize_safetensors(rng_state));
+  files.emplace_back("rng.safetensors", serialize_safetensors(generator_states()));
   StagedOutputs staged;  // each file fsync'ed, the directory synced once
   nlohmann::json manifest = nlohmann::json::object();
   for (const auto& [name, bytes] : files) {
@@ -313,16 +331,7 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
     for (auto& [k, v] : ema->state) v.copy_(ema_state.at(k));
   std::istringstream optimizer_stream(optimizer);
   torch::load(opt, optimizer_stream);
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.at("cpu"));
-  }
-  if (rng.count("cuda") && torch::cuda::is_available()) {
-    auto gen = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.at("cuda"));
-  }
+  set_generator_states(rng);
   return st;
 }
 
@@ -375,45 +384,192 @@ class Progress {
   int64_t interval_;
 };
 
-}  // namespace
+using Clock = std::chrono::steady_clock;
 
-double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64_t stop_after) {
-  const auto wall_start = std::chrono::steady_clock::now();
-  // A data-parallel rank when started by torchrun or vitlab launch; the
-  // processes on one machine share its CPUs unless train.threads says otherwise.
-  const DistEnv env = dist_env_from_environment();
-  int threads = static_cast<int>(cfg.train.threads);
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// The lines of a metrics.jsonl up to and including optimizer step `step`
+// ("" when there is no such file): the per-step log of a resumed run agrees
+// with the checkpoint it resumes from.
+std::string metrics_through_step(const fs::path& file, int64_t step) {
+  std::string kept;
+  if (!fs::exists(file)) return kept;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("step", int64_t(0)) <= step) kept += line + "\n";
+  }
+  return kept;
+}
+
+// BatchNorm statistics summed over the group for one run (none: per rank).
+class BatchNormSync {
+ public:
+  explicit BatchNormSync(ProcessGroup* group) {
+    if (group)
+      set_batch_norm_sync([group](std::vector<torch::Tensor>& t) { group->sum(t, "the BatchNorm all-reduce"); });
+  }
+  ~BatchNormSync() { set_batch_norm_sync({}); }
+  BatchNormSync(const BatchNormSync&) = delete;
+  BatchNormSync& operator=(const BatchNormSync&) = delete;
+};
+
+// Where one epoch of training stands.
+struct EpochState {
+  int64_t epoch = 0;
+  int64_t batch_index = 0;  // micro-batches of the epoch consumed
+  int64_t first_index = 0;  // batch_index when this run entered the epoch
+  double loss_sum = 0;      // over the finite losses
+  int64_t loss_count = 0;
+  double lr = 0;  // of the last optimizer step
+  Clock::time_point start;
+};
+
+struct EpochResult {
+  double loss;  // mean over every rank's finite losses; NaN when there was none
+  double lr;    // of the epoch's last step
+};
+
+struct Validation {
+  EvalResult model;
+  std::optional<EvalResult> ema;  // with train.ema
+};
+
+// One training run, in the steps of timm's train.py: setup (runtime, data and
+// model, loaders, optimizer and schedule, resume, outputs), then per epoch
+// train_one_epoch, validate and checkpoint, and the summary at the end. The
+// members are declared in the order setup makes them (and so are destroyed in
+// reverse); the optional ones are made in place by their setup step.
+struct Trainer {
+  Trainer(const TrainConfig& cfg, const fs::path& run_dir, bool resume);
+  double run(int64_t stop_after);
+
+  // setup
+  void setup_runtime();
+  void create_model();
+  void create_loaders();
+  void create_optimizer();
+  void resume_from_checkpoint(bool resume);
+  void open_outputs(bool resume);
+  // train_one_epoch
+  EpochResult train_one_epoch(int64_t epoch);
+  double train_batch(Batch& batch, EpochState& e);
+  torch::Tensor soft_targets(torch::Tensor& x, const torch::Tensor& y, const EpochState& e) const;
+  torch::Tensor forward_loss(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& target);
+  void optimizer_step(EpochState& e, double loss_value);
+  bool gradients_usable(int64_t epoch);
+  void log_step(const EpochState& e, double loss_value);
+  void stop_if_signalled(const EpochState& e);
+  void sum_epoch_loss(EpochState& e);
+  // validate, checkpoint, summary
+  Validation validate(double train_loss);
+  void log_eval(const std::string& prefix, const EvalResult& r);
+  void checkpoint(int64_t epoch, const EpochResult& trained, const Validation& v);
+  void save(const char* name, bool keep_previous);
+  void write_summary();
+
+  double lr_now() const { return lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps); }
+  // Wall-clock seconds of training, summed over the runs up to this one.
+  double total_seconds() const { return earlier_seconds + seconds_since(wall_start); }
+  std::string last_good() const {
+    const fs::path last = run_dir / "checkpoint-last";
+    return fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet";
+  }
+
+  const TrainConfig& cfg;
+  const fs::path run_dir;
+  const Clock::time_point wall_start = Clock::now();
+  // setup_runtime
+  DistEnv env;
+  int threads = 0;
+  torch::Device device = torch::kCPU;
+  at::ScalarType amp = at::ScalarType::Undefined;
+  bool fp16 = false;
+  std::optional<ProcessGroup> group;
+  bool main = true;  // only rank 0 logs and writes
+  bool sync_bn = false;
+  std::optional<BatchNormSync> sync_bn_scope;
+  // create_model
+  DataSplits data;
+  int64_t num_classes = 0;
+  ModelSpec spec;
+  Model model;
+  std::vector<torch::Tensor> parameters, buffers;
+  // create_loaders
+  std::optional<DataLoader> train_loader, val_loader;
+  MixupOptions mix;
+  int64_t batches = 0, steps_per_epoch = 0, total_steps = 0;
+  // create_optimizer
+  double base_lr = 0;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  std::unique_ptr<Ema> ema;
+  Model ema_model;
+  // resume_from_checkpoint
+  RunState st;
+  double earlier_seconds = 0;  // of the runs before this one
+  // open_outputs
+  std::string config_yaml;
+  std::optional<StopSignals> stop_signals;
+  std::ofstream steps_log;
+  std::unique_ptr<EventWriter> events;  // train.tensorboard
+  SumAcrossProcesses sum_across;        // empty: one process
+  // train_one_epoch
+  Progress progress;
+  double samples_seen = 0, train_seconds = 0;
+};
+
+// ---- setup ----
+
+Trainer::Trainer(const TrainConfig& cfg, const fs::path& run_dir, bool resume)
+    : cfg(cfg), run_dir(run_dir), progress(cfg.train.log_interval) {
+  setup_runtime();
+  create_model();
+  create_loaders();
+  create_optimizer();
+  resume_from_checkpoint(resume);
+  open_outputs(resume);
+}
+
+// Threads, device, precision and seed, and the process group: a
+// data-parallel rank when started by torchrun or vitlab launch.
+void Trainer::setup_runtime() {
+  env = dist_env_from_environment();
+  // The processes on one machine share its CPUs unless train.threads says otherwise.
+  threads = static_cast<int>(cfg.train.threads);
   if (threads == 0 && env.local_world_size > 1)
     threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
   threads = configure_threads(threads);
-  torch::Device device = parse_device(cfg.train.device, "train.device");
+  device = parse_device(cfg.train.device, "train.device");
   if (device.is_cuda() && !device.has_index() && env.distributed())
     device = torch::Device(torch::kCUDA, env.local_rank);
-  const at::ScalarType amp = parse_amp(cfg.train.amp, device, "train.amp");
-  const bool fp16 = amp == at::kHalf;
+  amp = parse_amp(cfg.train.amp, device, "train.amp");
+  fp16 = amp == at::kHalf;
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
-  ProcessGroup group(env, device,
-                     std::chrono::milliseconds(static_cast<int64_t>(std::ceil(cfg.train.dist_timeout * 1000.0))));
-  const bool main = group.main();  // only rank 0 logs and writes
-  const bool sync_bn = cfg.train.sync_bn && group.size() > 1;
-  struct SyncBatchNorm {  // for this run only
-    explicit SyncBatchNorm(ProcessGroup* group) {
-      if (group)
-        set_batch_norm_sync([group](std::vector<torch::Tensor>& t) { group->sum(t, "the BatchNorm all-reduce"); });
-    }
-    ~SyncBatchNorm() { set_batch_norm_sync({}); }
-  } sync_bn_scope(sync_bn ? &group : nullptr);
+  group.emplace(env, device,
+                std::chrono::milliseconds(static_cast<int64_t>(std::ceil(cfg.train.dist_timeout * 1000.0))));
+  main = group->main();
+  sync_bn = cfg.train.sync_bn && group->size() > 1;
+  sync_bn_scope.emplace(sync_bn ? &*group : nullptr);
+}
 
-  DataSplits data = open_data(cfg.data);
-  const auto num_classes = static_cast<int64_t>(data.classes.size());
-  ModelSpec spec = resolve_train_model(cfg, num_classes);
-  Model model = build_model(spec);
+// The dataset (its classes size the model's head) and the model, with the
+// same initial weights and buffers on every rank.
+void Trainer::create_model() {
+  data = open_data(cfg.data);
+  num_classes = static_cast<int64_t>(data.classes.size());
+  spec = resolve_train_model(cfg, num_classes);
+  model = build_model(spec);
   model.module->to(device);
-  const std::vector<torch::Tensor> parameters = model.module->parameters(), buffers = model.module->buffers();
-  group.broadcast(parameters, "the initial weights' broadcast");
-  group.broadcast(buffers, "the initial buffers' broadcast");
-  const int64_t img_size = spec.config["img_size"], in_chans = spec.config["in_chans"];
+  parameters = model.module->parameters();
+  buffers = model.module->buffers();
+  group->broadcast(parameters, "the initial weights' broadcast");
+  group->broadcast(buffers, "the initial buffers' broadcast");
+}
 
+// The train and eval loaders (this rank's shard), Mixup/CutMix, and the
+// optimizer steps an epoch makes.
+void Trainer::create_loaders() {
+  const int64_t img_size = spec.config["img_size"], in_chans = spec.config["in_chans"];
   LoaderOptions lo;
   lo.batch_size = cfg.train.batch_size;
   lo.workers = static_cast<int>(cfg.data.workers);
@@ -422,251 +578,317 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
   lo.skip_errors = cfg.data.on_error == "skip";
   lo.drop_last = cfg.train.drop_last;
   lo.pin_memory = device.is_cuda();
-  lo.rank = group.rank();
-  lo.world_size = group.size();
+  lo.rank = group->rank();
+  lo.world_size = group->size();
   const TransformOptions tf = cfg.transforms(img_size, in_chans);
-  DataLoader train_loader(data.train, tf, lo);
+  train_loader.emplace(data.train, tf, lo);
   lo.train = false;
-  DataLoader val_loader(data.val, tf, lo);
-  const MixupOptions mix = cfg.mixup(num_classes);
+  val_loader.emplace(data.val, tf, lo);
+  mix = cfg.mixup(num_classes);
 
-  const int64_t batches = train_loader.num_batches();
+  batches = train_loader->num_batches();
   if (batches < cfg.train.grad_accum)
     fail("{} training images make {} batches of {}, fewer than train.grad_accum {}", data.train->size(), batches,
          cfg.train.batch_size, cfg.train.grad_accum);
-  const int64_t steps_per_epoch = batches / cfg.train.grad_accum, total_steps = steps_per_epoch * cfg.train.epochs;
-  double base_lr = cfg.optim.lr;
-  if (cfg.optim.lr_base_size > 0)
-    base_lr *= static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum * group.size()) / cfg.optim.lr_base_size;
-  auto opt = make_optimizer(*model.module, cfg.optim, base_lr);
-  group.attach_gradients(parameters);
-  std::unique_ptr<Ema> ema = cfg.train.ema ? std::make_unique<Ema>(*model.module, cfg.train.ema_decay) : nullptr;
-  Model ema_model = cfg.train.ema ? build_model(spec) : Model{};
-  if (ema_model.module) ema_model.module->to(device);
+  steps_per_epoch = batches / cfg.train.grad_accum;
+  total_steps = steps_per_epoch * cfg.train.epochs;
+}
 
+// The optimizer, its lr scaled to the global batch (timm's --lr-base) and
+// then scheduled per step (lr_now), the gradients' all-reduce, and the EMA.
+void Trainer::create_optimizer() {
+  base_lr = cfg.optim.lr;
+  if (cfg.optim.lr_base_size > 0)
+    base_lr *=
+        static_cast<double>(cfg.train.batch_size * cfg.train.grad_accum * group->size()) / cfg.optim.lr_base_size;
+  opt = make_optimizer(*model.module, cfg.optim, base_lr);
+  group->attach_gradients(parameters);
+  if (cfg.train.ema) {
+    ema = std::make_unique<Ema>(*model.module, cfg.train.ema_decay);
+    ema_model = build_model(spec);
+    ema_model.module->to(device);
+  }
+}
+
+void Trainer::resume_from_checkpoint(bool resume) {
   fs::create_directories(run_dir);
-  RunState st;
   if (resume) {
     st = resume_state(run_dir, *model.module, *opt, ema.get(), main);
     if (main && st.step > 0)
       fmt::print(stderr, "resuming {} at epoch {}, batch {} (step {})\n", run_dir.string(), st.epoch + 1, st.batch,
                  st.step);
   }
-  const double earlier_seconds = st.seconds;
-  auto total_seconds = [&] {
-    return earlier_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
-  };
-  const std::string config_yaml = cfg.to_yaml();
-  const StopSignals stop_signals;
-  std::ofstream steps_log;
-  std::unique_ptr<EventWriter> events;  // train.tensorboard
+  earlier_seconds = st.seconds;
+}
+
+// Rank 0 writes config.yaml and classes.json and opens the per-step log and
+// the event file, each kept up to the step resumed from.
+void Trainer::open_outputs(bool resume) {
+  config_yaml = cfg.to_yaml();
+  stop_signals.emplace();
   if (main) {
     write_file_atomic(run_dir / "config.yaml", config_yaml);
     nlohmann::json classes_json = data.classes;
     write_file_atomic(run_dir / "classes.json", classes_json.dump(2) + "\n");
-    // Keep the per-step log consistent with the checkpoint we resume from.
-    std::string kept;
-    if (resume && fs::exists(run_dir / "metrics.jsonl")) {
-      std::ifstream in(run_dir / "metrics.jsonl");
-      for (std::string line; std::getline(in, line);) {
-        auto j = nlohmann::json::parse(line, nullptr, false);
-        if (!j.is_discarded() && j.value("step", int64_t(0)) <= st.step) kept += line + "\n";
-      }
-    }
-    write_file_atomic(run_dir / "metrics.jsonl", kept);
+    write_file_atomic(run_dir / "metrics.jsonl",
+                      resume ? metrics_through_step(run_dir / "metrics.jsonl", st.step) : std::string());
     steps_log.open(run_dir / "metrics.jsonl", std::ios::app);
     if (cfg.train.tensorboard) events = std::make_unique<EventWriter>(run_dir, resume ? st.step : -1);
     fmt::print(stderr, "training {} ({} parameters) on {} {} images, {} classes, {} threads, device {}{}\n", spec.name,
                spec_parameters(spec), data.train->size(), cfg.data.type, num_classes, threads, device.str(),
-               group.size() > 1 ? fmt::format(", {} processes", group.size()) : "");
+               group->size() > 1 ? fmt::format(", {} processes", group->size()) : "");
   }
   // Evaluation: each rank takes its shard, the metrics are the whole split's.
-  const SumAcrossProcesses sum_across =
-      group.size() > 1
-          ? SumAcrossProcesses([&](std::vector<torch::Tensor>& t) { group.sum(t, "the evaluation all-reduce"); })
-          : SumAcrossProcesses();
-  auto last_good = [&] {
-    const fs::path last = run_dir / "checkpoint-last";
-    return fs::exists(last) ? last.string() + " holds the last good checkpoint" : "no checkpoint was written yet";
-  };
-  Progress progress(cfg.train.log_interval);
-  double samples_seen = 0, train_seconds = 0;
+  if (group->size() > 1)
+    sum_across = [this](std::vector<torch::Tensor>& t) { group->sum(t, "the evaluation all-reduce"); };
+}
+
+// ---- the epochs ----
+
+double Trainer::run(int64_t stop_after) {
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
   for (int64_t epoch = st.epoch; epoch < last_epoch; ++epoch) {
-    model.module->train();
-    // st.batch > 0: resuming where a signal stopped this epoch.
-    train_loader.begin_epoch(epoch, st.batch);
-    double loss_sum = st.loss_sum;
-    int64_t loss_count = st.loss_count, batch_index = st.batch_index;
-    const int64_t first_index = batch_index;
-    st.batch = st.batch_index = st.loss_count = 0;
-    st.loss_sum = 0;
-    auto t0 = std::chrono::steady_clock::now();
-    double lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
-    while (auto batch = train_loader.next()) {
-      if (batch_index >= steps_per_epoch * cfg.train.grad_accum) break;  // a partial accumulation is not stepped
-      torch::Tensor x = batch->images.to(device, true), y = batch->labels.to(device, true);
-      torch::Tensor target;
-      if (mix.enabled()) {
-        std::mt19937_64 rng(mix_seed(lo.seed, static_cast<uint64_t>(epoch), 0x6d6978ULL + batch_index));
-        target = mixup_batch(x, y, mix, rng);
-      } else if (mix.label_smoothing > 0) {
-        target = smooth_one_hot(y, num_classes, mix.label_smoothing);
-      }
-      // As DDP (broadcast_buffers): every rank starts the step with rank 0's
-      // buffers (BatchNorm running statistics); synchronised BatchNorm keeps
-      // them equal already.
-      if (!sync_bn) group.broadcast(buffers, "the buffers' broadcast");
-      torch::Tensor loss;
-      {
-        Autocast autocast(device, amp);
-        torch::Tensor logits, attn;
-        if (cfg.train.cos_reg > 0)
-          std::tie(logits, attn) = model.vision->forward_with_attention(x);
-        else
-          logits = model.vision->forward(x);
-        logits = logits.to(torch::kFloat);
-        loss = target.defined() ? soft_target_cross_entropy(logits, target)
-                                : torch::nn::functional::cross_entropy(logits, y);
-        if (attn.defined())
-          loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn.to(torch::kFloat), cfg.train.cos_reg_pairs);
-      }
-      const double loss_value = loss.item<double>();
-      // With on_nonfinite=skip the backward pass still runs: its NaN
-      // gradients, all-reduced, make every rank skip the same step.
-      if (!std::isfinite(loss_value) && (fp16 || cfg.train.on_nonfinite == "stop"))
-        fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, epoch + 1, last_good());
-      group.prepare_gradients((batch_index + 1) % cfg.train.grad_accum == 0);
-      (loss * ((fp16 ? st.loss_scale : 1.0) / static_cast<double>(cfg.train.grad_accum))).backward();
-      if (std::isfinite(loss_value)) {
-        loss_sum += loss_value;
-        ++loss_count;
-      }
-      ++batch_index;
-      samples_seen += x.size(0);
-      if (batch_index % cfg.train.grad_accum == 0) {
-        group.finish_gradients();
-        lr = lr_at(cfg.schedule, base_lr, st.step, steps_per_epoch, total_steps);
-        for (auto& g : opt->param_groups()) g.options().set_lr(lr);
-        bool apply = true;
-        if (fp16) {
-          apply = unscale_and_check(*model.module, st);
-        } else if (const std::string bad = first_nonfinite_gradient(*model.module); !bad.empty()) {
-          if (cfg.train.on_nonfinite == "stop")
-            fail(
-                "non-finite gradient at step {} of epoch {}, first in {}; {} (train.on_nonfinite=skip skips such "
-                "steps instead)",
-                st.step + 1, epoch + 1, bad, last_good());
-          apply = false;
-          ++st.skipped_steps;
-          if (main)
-            fmt::print(stderr, "warning: non-finite gradient at step {} of epoch {}, first in {}: step skipped\n",
-                       st.step + 1, epoch + 1, bad);
-        }
-        if (apply) {
-          if (cfg.optim.clip_grad > 0)
-            torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
-          opt->step();
-          if (ema) ema->update();
-        }
-        opt->zero_grad();
-        ++st.step;
-        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double ips =
-            elapsed > 0 ? (batch_index - first_index) * cfg.train.batch_size * group.size() / elapsed : 0.0;
-        if (main) {
-          steps_log << nlohmann::json{{"epoch", epoch + 1},
-                                      {"step", st.step},
-                                      {"loss", loss_value},
-                                      {"lr", lr},
-                                      {"images_per_sec", ips}}
-                           .dump()
-                    << std::endl;
-          progress.update(epoch, cfg.train.epochs, batch_index - 1, batches,
-                          loss_sum / std::max<int64_t>(loss_count, 1), lr, ips, st.step);
-          if (events && st.step % cfg.train.log_interval == 0) {
-            events->scalar("train/loss", loss_value, st.step);
-            events->scalar("train/lr", lr, st.step);
-            events->flush();
-          }
-        }
-        // Every rank stops at the same step when any was signalled.
-        int signal = StopSignals::received();
-        if (group.size() > 1) {
-          std::vector<torch::Tensor> flag{torch::tensor({static_cast<double>(signal)}, torch::kDouble)};
-          group.sum(flag, "the stop-signal all-reduce");
-          if (signal == 0 && flag[0].item<double>() > 0) signal = SIGTERM;
-        }
-        if (signal != 0) {
-          st.batch = train_loader.position();
-          st.batch_index = batch_index;
-          st.loss_sum = loss_sum;
-          st.loss_count = loss_count;
-          st.seconds = total_seconds();
-          if (main) {
-            progress.end_epoch();
-            save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
-          }
-          throw TrainingStopped(signal, fmt::format("stopped by {} at step {} (epoch {}, batch {}); {} holds it: "
-                                                    "continue with --resume",
-                                                    signal == SIGINT ? "SIGINT" : "SIGTERM", st.step, epoch + 1,
-                                                    st.batch, (run_dir / "checkpoint-last").string()));
-        }
-      }
-    }
-    if (main) progress.end_epoch();
-    if (batch_index == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
-    if (group.size() > 1) {  // the epoch's train loss over every rank's batches
-      std::vector<torch::Tensor> sums{torch::tensor({loss_sum, static_cast<double>(loss_count)}, torch::kDouble)};
-      group.sum(sums, "the train loss all-reduce");
-      loss_sum = sums[0][0].item<double>();
-      loss_count = sums[0][1].item<int64_t>();
-    }
-    train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    // NaN when every step's loss was non-finite (on_nonfinite=skip).
-    const double train_loss = loss_count > 0 ? loss_sum / loss_count : std::nan("");
-
-    EvalResult ev = evaluate(*model.vision, val_loader, num_classes, device, amp, sum_across);
-    if (ev.images == 0) fail("no usable validation image (all were skipped as unreadable)");
-    std::string row =
-        fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, train_loss, ev.loss, ev.top1, ev.top5, lr);
-    if (events) {
-      events->scalar("train/epoch_loss", train_loss, st.step);
-      events->scalar("eval/loss", ev.loss, st.step);
-      events->scalar("eval/top1", ev.top1, st.step);
-      events->scalar("eval/top5", ev.top5, st.step);
-    }
-    if (ema) {
-      load_state(*ema_model.module, ema->state);
-      EvalResult ee = evaluate(*ema_model.vision, val_loader, num_classes, device, amp, sum_across);
-      row += fmt::format(",{:.6f},{:.4f},{:.4f}", ee.loss, ee.top1, ee.top5);
-      if (events) {
-        events->scalar("eval_ema/loss", ee.loss, st.step);
-        events->scalar("eval_ema/top1", ee.top1, st.step);
-        events->scalar("eval_ema/top5", ee.top5, st.step);
-      }
-    }
-    if (events) events->flush();
-    st.csv_rows.push_back(row);
-    st.epoch = epoch + 1;
-    const bool best = ev.top1 > st.best_top1;
-    if (best) st.best_top1 = ev.top1;
-    st.seconds = total_seconds();
-    if (!main) continue;
-    std::string csv = csv_header(cfg.train.ema);
-    for (const auto& r : st.csv_rows) csv += r + "\n";
-    write_file_atomic(run_dir / "metrics.csv", csv);
-    save_checkpoint(run_dir / "checkpoint-last", *model.module, *opt, ema.get(), st, config_yaml, true);
-    if (best) save_checkpoint(run_dir / "checkpoint-best", *model.module, *opt, ema.get(), st, config_yaml, false);
-    fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
-               cfg.train.epochs, train_loss, ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
+    const EpochResult trained = train_one_epoch(epoch);
+    const Validation v = validate(trained.loss);
+    checkpoint(epoch, trained, v);
   }
+  if (main) write_summary();
+  return st.best_top1;
+}
 
-  if (!main) return st.best_top1;
+// One epoch of training, from where a stopped run left it (st.batch > 0).
+EpochResult Trainer::train_one_epoch(int64_t epoch) {
+  model.module->train();
+  train_loader->begin_epoch(epoch, st.batch);
+  EpochState e;
+  e.epoch = epoch;
+  e.batch_index = e.first_index = st.batch_index;
+  e.loss_sum = st.loss_sum;
+  e.loss_count = st.loss_count;
+  st.batch = st.batch_index = st.loss_count = 0;
+  st.loss_sum = 0;
+  e.start = Clock::now();
+  e.lr = lr_now();
+  while (auto batch = train_loader->next()) {
+    if (e.batch_index >= steps_per_epoch * cfg.train.grad_accum) break;  // a partial accumulation is not stepped
+    const double loss_value = train_batch(*batch, e);
+    if (e.batch_index % cfg.train.grad_accum == 0) optimizer_step(e, loss_value);
+  }
+  if (main) progress.end_epoch();
+  if (e.batch_index == 0) fail("epoch {}: no usable training image (all were skipped as unreadable)", epoch + 1);
+  sum_epoch_loss(e);
+  train_seconds += seconds_since(e.start);
+  // NaN when every step's loss was non-finite (on_nonfinite=skip).
+  return {e.loss_count > 0 ? e.loss_sum / e.loss_count : std::nan(""), e.lr};
+}
+
+// One micro-batch: targets, forward, loss and backward (the gradients
+// accumulate until optimizer_step). Returns the loss.
+double Trainer::train_batch(Batch& batch, EpochState& e) {
+  torch::Tensor x = batch.images.to(device, true), y = batch.labels.to(device, true);
+  const torch::Tensor target = soft_targets(x, y, e);
+  // As DDP (broadcast_buffers): every rank starts the step with rank 0's
+  // buffers (BatchNorm running statistics); synchronised BatchNorm keeps
+  // them equal already.
+  if (!sync_bn) group->broadcast(buffers, "the buffers' broadcast");
+  const torch::Tensor loss = forward_loss(x, y, target);
+  const double loss_value = loss.item<double>();
+  // With on_nonfinite=skip the backward pass still runs: its NaN
+  // gradients, all-reduced, make every rank skip the same step.
+  if (!std::isfinite(loss_value) && (fp16 || cfg.train.on_nonfinite == "stop"))
+    fail("non-finite loss ({}) at step {} of epoch {}; {}", loss_value, st.step + 1, e.epoch + 1, last_good());
+  group->prepare_gradients((e.batch_index + 1) % cfg.train.grad_accum == 0);
+  (loss * ((fp16 ? st.loss_scale : 1.0) / static_cast<double>(cfg.train.grad_accum))).backward();
+  if (std::isfinite(loss_value)) {
+    e.loss_sum += loss_value;
+    ++e.loss_count;
+  }
+  ++e.batch_index;
+  samples_seen += x.size(0);
+  return loss_value;
+}
+
+// Mixup/CutMix (mixing x in place) with their soft targets, label-smoothed
+// one-hots, or undefined: plain cross entropy on the labels.
+torch::Tensor Trainer::soft_targets(torch::Tensor& x, const torch::Tensor& y, const EpochState& e) const {
+  if (mix.enabled()) {
+    std::mt19937_64 rng(
+        mix_seed(static_cast<uint64_t>(cfg.train.seed), static_cast<uint64_t>(e.epoch), 0x6d6978ULL + e.batch_index));
+    return mixup_batch(x, y, mix, rng);
+  }
+  if (mix.label_smoothing > 0) return smooth_one_hot(y, num_classes, mix.label_smoothing);
+  return {};
+}
+
+// The loss under autocast, with DeepViT's attention-similarity term when
+// train.cos_reg is set.
+torch::Tensor Trainer::forward_loss(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& target) {
+  Autocast autocast(device, amp);
+  torch::Tensor logits, attn;
+  if (cfg.train.cos_reg > 0)
+    std::tie(logits, attn) = model.vision->forward_with_attention(x);
+  else
+    logits = model.vision->forward(x);
+  logits = logits.to(torch::kFloat);
+  torch::Tensor loss =
+      target.defined() ? soft_target_cross_entropy(logits, target) : torch::nn::functional::cross_entropy(logits, y);
+  if (attn.defined())
+    loss = loss + cfg.train.cos_reg * attention_similarity_loss(attn.to(torch::kFloat), cfg.train.cos_reg_pairs);
+  return loss;
+}
+
+// The optimizer step after grad_accum micro-batches: the gradients averaged
+// over the ranks, this step's lr, the update (skipped for non-finite
+// gradients) and the EMA's; then the step's log and the stop-signal check.
+void Trainer::optimizer_step(EpochState& e, double loss_value) {
+  group->finish_gradients();
+  e.lr = lr_now();
+  for (auto& g : opt->param_groups()) g.options().set_lr(e.lr);
+  if (gradients_usable(e.epoch)) {
+    if (cfg.optim.clip_grad > 0) torch::nn::utils::clip_grad_norm_(model.module->parameters(), cfg.optim.clip_grad);
+    opt->step();
+    if (ema) ema->update();
+  }
+  opt->zero_grad();
+  ++st.step;
+  log_step(e, loss_value);
+  stop_if_signalled(e);
+}
+
+// fp16: unscaled and checked as GradScaler does. Otherwise a non-finite
+// gradient stops the run, or with train.on_nonfinite=skip skips the step.
+bool Trainer::gradients_usable(int64_t epoch) {
+  if (fp16) return unscale_and_check(*model.module, st);
+  const std::string bad = first_nonfinite_gradient(*model.module);
+  if (bad.empty()) return true;
+  if (cfg.train.on_nonfinite == "stop")
+    fail(
+        "non-finite gradient at step {} of epoch {}, first in {}; {} (train.on_nonfinite=skip skips such "
+        "steps instead)",
+        st.step + 1, epoch + 1, bad, last_good());
+  ++st.skipped_steps;
+  if (main)
+    fmt::print(stderr, "warning: non-finite gradient at step {} of epoch {}, first in {}: step skipped\n", st.step + 1,
+               epoch + 1, bad);
+  return false;
+}
+
+// Rank 0: metrics.jsonl's line, the progress bar, TensorBoard's train scalars.
+void Trainer::log_step(const EpochState& e, double loss_value) {
+  const double elapsed = seconds_since(e.start);
+  const double ips =
+      elapsed > 0 ? (e.batch_index - e.first_index) * cfg.train.batch_size * group->size() / elapsed : 0.0;
+  if (!main) return;
+  steps_log << nlohmann::json{{"epoch", e.epoch + 1},
+                              {"step", st.step},
+                              {"loss", loss_value},
+                              {"lr", e.lr},
+                              {"images_per_sec", ips}}
+                   .dump()
+            << std::endl;
+  progress.update(e.epoch, cfg.train.epochs, e.batch_index - 1, batches,
+                  e.loss_sum / std::max<int64_t>(e.loss_count, 1), e.lr, ips, st.step);
+  if (events && st.step % cfg.train.log_interval == 0) {
+    events->scalar("train/loss", loss_value, st.step);
+    events->scalar("train/lr", e.lr, st.step);
+    events->flush();
+  }
+}
+
+// Every rank stops at the same step when any was signalled, with
+// checkpoint-last holding the place inside the epoch.
+void Trainer::stop_if_signalled(const EpochState& e) {
+  int signal = StopSignals::received();
+  if (group->size() > 1) {
+    std::vector<torch::Tensor> flag{torch::tensor({static_cast<double>(signal)}, torch::kDouble)};
+    group->sum(flag, "the stop-signal all-reduce");
+    if (signal == 0 && flag[0].item<double>() > 0) signal = SIGTERM;
+  }
+  if (signal == 0) return;
+  st.batch = train_loader->position();
+  st.batch_index = e.batch_index;
+  st.loss_sum = e.loss_sum;
+  st.loss_count = e.loss_count;
+  st.seconds = total_seconds();
+  if (main) {
+    progress.end_epoch();
+    save("checkpoint-last", true);
+  }
+  throw TrainingStopped(signal, fmt::format("stopped by {} at step {} (epoch {}, batch {}); {} holds it: "
+                                            "continue with --resume",
+                                            signal == SIGINT ? "SIGINT" : "SIGTERM", st.step, e.epoch + 1, st.batch,
+                                            (run_dir / "checkpoint-last").string()));
+}
+
+// The epoch's train loss over every rank's batches.
+void Trainer::sum_epoch_loss(EpochState& e) {
+  if (group->size() == 1) return;
+  std::vector<torch::Tensor> sums{torch::tensor({e.loss_sum, static_cast<double>(e.loss_count)}, torch::kDouble)};
+  group->sum(sums, "the train loss all-reduce");
+  e.loss_sum = sums[0][0].item<double>();
+  e.loss_count = sums[0][1].item<int64_t>();
+}
+
+// ---- validate, checkpoint, summary ----
+
+// The model's and the EMA weights' metrics on the whole eval split (each
+// rank evaluates its shard), logged to TensorBoard with the train loss.
+Validation Trainer::validate(double train_loss) {
+  Validation v;
+  v.model = evaluate(*model.vision, *val_loader, num_classes, device, amp, sum_across);
+  if (v.model.images == 0) fail("no usable validation image (all were skipped as unreadable)");
+  if (events) {
+    events->scalar("train/epoch_loss", train_loss, st.step);
+    log_eval("eval", v.model);
+  }
+  if (ema) {
+    load_state(*ema_model.module, ema->state);
+    v.ema = evaluate(*ema_model.vision, *val_loader, num_classes, device, amp, sum_across);
+    if (events) log_eval("eval_ema", *v.ema);
+  }
+  if (events) events->flush();
+  return v;
+}
+
+void Trainer::log_eval(const std::string& prefix, const EvalResult& r) {
+  events->scalar(prefix + "/loss", r.loss, st.step);
+  events->scalar(prefix + "/top1", r.top1, st.step);
+  events->scalar(prefix + "/top5", r.top5, st.step);
+}
+
+// The epoch's bookkeeping, on every rank: its metrics.csv row, the epoch
+// count and the best top-1. Rank 0 then writes metrics.csv, checkpoint-last,
+// checkpoint-best when top-1 improved, and the epoch's line.
+void Trainer::checkpoint(int64_t epoch, const EpochResult& trained, const Validation& v) {
+  const EvalResult& ev = v.model;
+  std::string row = fmt::format("{},{:.6f},{:.6f},{:.4f},{:.4f},{:.6g}", epoch + 1, trained.loss, ev.loss, ev.top1,
+                                ev.top5, trained.lr);
+  if (v.ema) row += fmt::format(",{:.6f},{:.4f},{:.4f}", v.ema->loss, v.ema->top1, v.ema->top5);
+  st.csv_rows.push_back(row);
+  st.epoch = epoch + 1;
+  const bool best = ev.top1 > st.best_top1;
+  if (best) st.best_top1 = ev.top1;
+  st.seconds = total_seconds();
+  if (!main) return;
+  std::string csv = csv_header(cfg.train.ema);
+  for (const auto& r : st.csv_rows) csv += r + "\n";
+  write_file_atomic(run_dir / "metrics.csv", csv);
+  save("checkpoint-last", true);
+  if (best) save("checkpoint-best", false);
+  fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
+             cfg.train.epochs, trained.loss, ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
+}
+
+void Trainer::save(const char* name, bool keep_previous) {
+  save_checkpoint(run_dir / name, *model.module, *opt, ema.get(), st, config_yaml, keep_previous);
+}
+
+// Rank 0 at the end: the final weights, summary.json and the closing lines.
+void Trainer::write_summary() {
   write_weights(run_dir / "model.safetensors", module_state(*model.module));
   if (ema) write_weights(run_dir / "model_ema.safetensors", ema->state);
   const double wall = total_seconds();
-  const int64_t skipped = train_loader.skipped() + val_loader.skipped();
+  const int64_t skipped = train_loader->skipped() + val_loader->skipped();
   nlohmann::json summary = {
       {"model", spec.name},
       {"epochs", st.epoch},
@@ -677,15 +899,21 @@ double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64
       {"device", device.str()},
       {"amp", cfg.train.amp},
       {"wall_seconds", wall},
-      {"train_images_per_sec", train_seconds > 0 ? samples_seen * group.size() / train_seconds : 0.0},
+      {"train_images_per_sec", train_seconds > 0 ? samples_seen * group->size() / train_seconds : 0.0},
       {"threads", threads},
-      {"processes", group.size()}};
+      {"processes", group->size()}};
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
   if (st.epoch < cfg.train.epochs)
     fmt::print("stopped after epoch {} of {}; continue with --resume\n", st.epoch, cfg.train.epochs);
   fmt::print("done: {} epochs, best eval top-1 {:.2f}%, {} files skipped, {:.0f} s; outputs in {}\n", st.epoch,
              st.best_top1, skipped, wall, run_dir.string());
-  return st.best_top1;
+}
+
+}  // namespace
+
+double train(const TrainConfig& cfg, const fs::path& run_dir, bool resume, int64_t stop_after) {
+  Trainer trainer(cfg, run_dir, resume);
+  return trainer.run(stop_after);
 }
 
 }  // namespace vitlab

@@ -1,4 +1,4 @@
-#include "models/head_mixing.h"
+#include "kernels/head_mixing.h"
 
 #include <ATen/Parallel.h>
 
@@ -6,7 +6,7 @@
 #include <numeric>
 #include <vector>
 
-#include "common/simd.h"
+#include "kernels/simd.h"
 
 namespace vitlab {
 

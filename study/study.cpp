@@ -1,4 +1,4 @@
-#include "analysis/study.h"
+#include "study/study.h"
 
 #include <fmt/format.h>
 #include <sys/wait.h>
@@ -20,8 +20,8 @@
 #include "common/files.h"
 #include "common/process.h"
 #include "eval/evaluate.h"
-#include "eval/figures.h"
 #include "models/registry.h"
+#include "plot/figures.h"
 #include "train/trainer.h"
 
 namespace vitlab {

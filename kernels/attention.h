@@ -21,7 +21,7 @@
 // (`bench/run.py --kernels`, docs/BENCHMARKS.md).
 #include <torch/torch.h>
 
-#include <algorithm>
+#include "kernels/map_sink.h"
 
 namespace vitlab {
 
@@ -36,31 +36,10 @@ torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v);
 
 // Inference without autograd: softmax(scale * q k^T) v, each (batch, head)
 // map in per-thread memory, never stored, so the product reads it from
-// cache. When packed is not null it receives the maps packed by column
-// blocks (below), for the similarity analysis. Returns [B, H, N, d], as
-// attention_apply.
+// cache. When sink is not null it is handed each map from there
+// (AttentionMapSink::begin/write). Returns [B, H, N, d], as attention_apply.
 torch::Tensor attention_inference(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                                  torch::Tensor* packed = nullptr);
-
-// Attention maps packed by column blocks, the layout in which the
-// similarity analysis reads columns: an N x N map (N >= 8) as
-// [packed_blocks(N), N, 8], block i holding columns
-// packed_column_start(i, N) to + 8 of every row; the last block overlaps the
-// one before when 8 does not divide N. Captured maps of a block come as
-// [B, H, packed_blocks(N), N, 8]. Written by the kernels above while a map
-// is in cache, the analysis no longer copies 60 MB per 224x224 image into
-// this order itself (docs/BENCHMARKS.md).
-constexpr int64_t kPackedWidth = 8;
-inline int64_t packed_blocks(int64_t N) { return (N + kPackedWidth - 1) / kPackedWidth; }
-inline int64_t packed_column_start(int64_t i, int64_t N) { return std::min(i * kPackedWidth, N - kPackedWidth); }
-void pack_map_columns(const float* map, int64_t N, float* packed);
-// Where column t of a packed map lies among its blocks' lanes, flattened
-// ([blocks * 8]), for every t < N.
-torch::Tensor packed_column_index(int64_t N);
-// Whether t is a block's packed maps [B, H, blocks, N, 8].
-bool is_packed_maps(const torch::Tensor& t);
-// Packed maps [..., blocks, N, 8] back as [..., N, N]; other tensors as they are.
-torch::Tensor unpack_maps(const torch::Tensor& maps);
+                                  AttentionMapSink* sink = nullptr);
 
 // DeepViT's re-attended maps applied without storing them: per image b,
 // y = w a[b] + c mixes the H maps a[b] (w [H, H], c [H], any floating
@@ -71,10 +50,10 @@ torch::Tensor unpack_maps(const torch::Tensor& maps);
 // Σ dy (a - shift)ᵀ [H, H] and Σ dy [H] (float64). Saves writing y and
 // reading it back twice, and keeping it between the passes
 // (docs/BENCHMARKS.md).
-// With packed not null, it also receives the maps y, packed by column
-// blocks (above).
+// With sink not null, it is handed each map y from cache, as by
+// attention_inference.
 torch::Tensor mixed_attention_apply(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
-                                    const torch::Tensor& v, torch::Tensor* packed = nullptr);
+                                    const torch::Tensor& v, AttentionMapSink* sink = nullptr);
 struct MixedApplyGrads {
   torch::Tensor dy, dv, cross, dy_sums;
 };

@@ -1,4 +1,4 @@
-#include "models/attention_kernel.h"
+#include "kernels/attention.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "common/runtime.h"
-#include "common/simd.h"
-#include "models/head_mixing.h"
+#include "kernels/head_mixing.h"
+#include "kernels/simd.h"
 
 namespace vitlab {
 
@@ -304,20 +304,8 @@ torch::Tensor attention_apply(const torch::Tensor& p, const torch::Tensor& v) {
   return ApplyFunction::apply(p, v).permute({0, 2, 1, 3});
 }
 
-namespace {
-
-// The packed output of B * H maps of N tokens, or null when none is asked for.
-float* packed_output(torch::Tensor* packed, int64_t B, int64_t H, int64_t N, const torch::TensorOptions& options) {
-  if (!packed) return nullptr;
-  TORCH_CHECK(N >= kPackedWidth, "attention kernel: packed maps need at least ", kPackedWidth, " tokens, got ", N);
-  *packed = torch::empty({B, H, packed_blocks(N), N, kPackedWidth}, options);
-  return packed->data_ptr<float>();
-}
-
-}  // namespace
-
 torch::Tensor attention_inference(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
-                                  double scale, torch::Tensor* packed) {
+                                  double scale, AttentionMapSink* sink) {
   RECORD_USER_SCOPE("vitlab::attention_inference");
   check_heads(q_in, "q");
   check_heads(k_in, "k");
@@ -327,7 +315,7 @@ torch::Tensor attention_inference(const torch::Tensor& q_in, const torch::Tensor
   const torch::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in), v = unit_inner_stride(v_in);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), NN = N * N;
   torch::Tensor out = torch::empty({B, N, H, d}, v.options());
-  float* P = packed_output(packed, B, H, N, q.options());
+  if (sink) sink->begin(B, H, N);
   const Heads Q(q), K(k), V(v);
   float* O = out.data_ptr<float>();
   for_each_head(B * H, N, d, [&](int64_t bh, Scratch& s) {
@@ -335,52 +323,10 @@ torch::Tensor attention_inference(const torch::Tensor& q_in, const torch::Tensor
     s.map.resize(NN);
     small_gemm(N, N, d, Q.at(bh), K.transposed(bh), static_cast<float>(scale), s.rows.data(), lds, s);
     softmax_rows(s.rows.data(), N, N, lds, s.map.data());
-    if (P) pack_map_columns(s.map.data(), N, P + bh * packed_blocks(N) * N * kPackedWidth);
+    if (sink) sink->write(bh / H, bh % H, s.map.data());
     apply_head(s.map.data(), V, bh, O, s);
   });
   return out.permute({0, 2, 1, 3});
-}
-
-void pack_map_columns(const float* map, int64_t N, float* packed) {
-  const int64_t blocks = packed_blocks(N);
-  // Row by row: the map is read once, in order; each row's 8-column pieces
-  // go to the blocks' streams.
-  for (int64_t r = 0; r < N; ++r)
-    for (int64_t i = 0; i < blocks; ++i)
-      std::memcpy(packed + (i * N + r) * kPackedWidth, map + r * N + packed_column_start(i, N),
-                  kPackedWidth * sizeof(float));
-}
-
-namespace {
-
-// Whether t's last three dims are packed maps' [blocks, N, 8].
-bool packed_trailing_dims(const torch::Tensor& t) {
-  return t.dim() >= 3 && t.size(-1) == kPackedWidth && t.size(-2) >= kPackedWidth &&
-         t.size(-3) == packed_blocks(t.size(-2));
-}
-
-}  // namespace
-
-bool is_packed_maps(const torch::Tensor& t) { return t.dim() == 5 && packed_trailing_dims(t); }
-
-torch::Tensor unpack_maps(const torch::Tensor& maps) {
-  if (!packed_trailing_dims(maps)) return maps;
-  const int64_t N = maps.size(-2), blocks = maps.size(-3);
-  std::vector<int64_t> shape = maps.sizes().vec();
-  shape.resize(shape.size() - 3);
-  shape.insert(shape.end(), {N, blocks * kPackedWidth});
-  return maps.transpose(-3, -2).reshape(shape).index_select(-1, packed_column_index(N).to(maps.device()));
-}
-
-torch::Tensor packed_column_index(int64_t N) {
-  // Column t is lane t - start of block min(t / 8, blocks - 1).
-  const int64_t blocks = packed_blocks(N);
-  std::vector<int64_t> index(N);
-  for (int64_t t = 0; t < N; ++t) {
-    const int64_t i = std::min(t / kPackedWidth, blocks - 1);
-    index[t] = i * kPackedWidth + t - packed_column_start(i, N);
-  }
-  return torch::tensor(index, torch::kLong);
 }
 
 namespace {
@@ -424,19 +370,18 @@ void for_each_mixed_image(const torch::Tensor& w, const torch::Tensor& c, const 
 }  // namespace
 
 torch::Tensor mixed_attention_apply(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a,
-                                    const torch::Tensor& v, torch::Tensor* packed) {
+                                    const torch::Tensor& v, AttentionMapSink* sink) {
   RECORD_USER_SCOPE("vitlab::mixed_attention_apply");
   const MixedMaps m = check_mixed(w, c, a, v);
   torch::Tensor out = torch::empty({m.B, m.N, m.H, m.d}, m.v.options());
   const Heads V(m.v);
   float* O = out.data_ptr<float>();
-  float* P = packed_output(packed, m.B, m.H, m.N, m.a.options());
-  const int64_t packed_map = packed_blocks(m.N) * m.N * kPackedWidth;
+  if (sink) sink->begin(m.B, m.H, m.N);
   for_each_mixed_image(m.w, m.c, m.a.data_ptr<float>(), nullptr, m.B, m.H, m.N, m.d,
                        [&](int64_t b, const float* y, Scratch& s) {
                          for (int64_t h = 0; h < m.H; ++h) {
                            const float* map = y + h * m.N * m.N;
-                           if (P) pack_map_columns(map, m.N, P + (b * m.H + h) * packed_map);
+                           if (sink) sink->write(b, h, map);
                            apply_head(map, V, b * m.H + h, O, s);
                          }
                        });

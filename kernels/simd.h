@@ -14,10 +14,13 @@
 #error "compile with OpenMP (CMake links OpenMP::OpenMP_CXX): at::parallel_for is serial without it"
 #endif
 
-// GCC only: under clang 14 the clones give wrong results (the attention
-// kernel's softmax rows no longer sum to one; the same code unclones is
-// right) and the baseline clone does not compile; clang builds take the
-// target from their flags.
+// GCC only. Clang 14's resolver dispatches "arch=x86-64-v3" on a CPU
+// vendor of 0 (llvm/llvm-project#55830), so its baseline clone always runs,
+// and that clone is built without the command line's -mavx2 -mfma: a Lanes
+// helper left out of line there takes its vectors in ymm registers while
+// the clone passes xmm pairs (the wrong results once seen), and without
+// -mavx2 clang rejects every Lanes call in the clones ("AVX vector return
+// ... changes the ABI"). Clang builds take the target from their flags.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VITLAB_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -34,10 +37,9 @@ typedef int32_t IntLanes __attribute__((vector_size(kW * sizeof(int32_t))));
 // taking or returning Lanes must be inlined (VITLAB_LANES): an out-of-line
 // copy is compiled once, for the baseline ABI (lanes in memory), and an
 // AVX2 clone calling it passes them in registers, so it computes garbage.
-// With that guaranteed, GCC's note at every call is moot and is off in the
-// files that include this one.
+// With that guaranteed, GCC's -Wpsabi note at every call is moot
+// (kernels/CMakeLists.txt turns it off).
 #define VITLAB_LANES [[gnu::always_inline]] inline
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 // Unaligned, as heap blocks need not be 32-byte aligned.
 VITLAB_LANES Lanes load(const float* p) {

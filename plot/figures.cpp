@@ -1,4 +1,4 @@
-#include "eval/figures.h"
+#include "plot/figures.h"
 
 #include <fmt/format.h>
 

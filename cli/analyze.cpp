@@ -1,0 +1,128 @@
+// `vitlab analyze`: attention collapse of a trained model, over a saved tensor or a validation split.
+#include "analysis/analyze.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "common/error.h"
+#include "io/torch_file.h"
+#include "train/trainer.h"
+
+namespace vitlab::cli {
+namespace {
+
+struct AnalyzeArgs {
+  TrainedModelArgs source;
+  std::string input, data, out, maps = "applied";
+  int64_t limit = 0, batch = 32, visualize = 4;
+  double tau = 0.9, threshold = 0.9;
+  bool center = false;
+};
+
+AnalyzeOptions analyze_options(const AnalyzeArgs& a, const TrainedRun& run) {
+  AnalyzeOptions ao;
+  ao.device = run.device;
+  ao.amp = run.amp;
+  ao.batch_size = a.batch;
+  ao.limit = a.limit;
+  ao.visualize = a.visualize;
+  ao.maps = a.maps;
+  ao.similarity.tau = a.tau;
+  ao.similarity.similar_threshold = a.threshold;
+  ao.similarity.center = a.center;
+  return ao;
+}
+
+// --input: the model takes its class count from the run's classes.json unless model.num_classes is set.
+AnalyzeReport analyze_tensor(const AnalyzeArgs& a, const TrainedRun& run, AnalyzeOptions ao) {
+  YAML::Node keys = YAML::Clone(run.config.model_overrides);
+  const fs::path classes = fs::path(a.source.checkpoint) / "classes.json";
+  if (!a.source.checkpoint.empty() && !keys["num_classes"] && fs::exists(classes))
+    keys["num_classes"] = nlohmann::json::parse(read_file(classes)).size();
+  Model m = load_trained_model(resolve_model(run.config.model, keys), run.weights);
+  const TransformOptions tf = run.config.transforms(m.config["img_size"], m.config["in_chans"]);
+  ao.mean = tf.mean;
+  ao.std = tf.std;
+  torch::Tensor x = read_torch_tensor(a.input);
+  const int64_t in_chans = m.config["in_chans"], img = m.config["img_size"];
+  if (x.dim() != 4 || x.size(1) != in_chans || x.size(2) != img || x.size(3) != img)
+    fail("{}: input shape {} does not match the model's [N, {}, {}, {}]", a.input, x.sizes().vec(), in_chans, img, img);
+  if (!x.is_floating_point()) fail("{}: expected a float tensor, got {}", a.input, c10::toString(x.scalar_type()));
+  return analyze(m, x, ao, a.out);
+}
+
+// --data or the run's own dataset: the first --limit images of its validation split.
+AnalyzeReport analyze_split(const AnalyzeArgs& a, const TrainedRun& run, AnalyzeOptions ao) {
+  DataSplits data = open_data(run.config.data);
+  Model m = load_trained_model(resolve_train_model(run.config, static_cast<int64_t>(data.classes.size())), run.weights);
+  const TransformOptions tf = run.config.transforms(m.config["img_size"], m.config["in_chans"]);
+  ao.mean = tf.mean;
+  ao.std = tf.std;
+  std::shared_ptr<const ImageSource> source = data.val;
+  if (a.limit > 0) source = std::make_shared<SubsetSource>(source, a.limit);
+  DataLoader loader(source, tf, eval_loader_options(run.config, a.batch, ao.device));
+  return analyze(m, loader, ao, a.out);
+}
+
+void print_report(const AnalyzeReport& report, const std::string& out) {
+  const SimilarityResult& r = report.similarity;
+  fmt::print("analysed {} images: {} blocks, {} heads, {} tokens\n", r.images, r.layers, r.heads, r.tokens);
+  fmt::print(
+      "adjacent-block similarity S[k-1,k]: [{:.3f}]\n",
+      fmt::join(std::vector<double>(r.adjacent.data_ptr<double>(), r.adjacent.data_ptr<double>() + r.adjacent.numel()),
+                ", "));
+  fmt::print("similar blocks (S[k-1,k] >= {}): {} of {}\n", r.options.similar_threshold, r.similar_blocks, r.layers);
+  fmt::print("forward {:.2f} s, analysis {:.2f} s ({:.1f}% of the forward passes), figures {:.2f} s\n",
+             report.forward_seconds, report.analysis_seconds,
+             report.forward_seconds > 0 ? 100.0 * report.analysis_seconds / report.forward_seconds : 0.0,
+             report.output_seconds);
+  fmt::print("wrote {} files to {}\n", report.files.size(), out);
+}
+
+void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
+  check_trained_model_args(a.source);
+  if (!a.input.empty() && !a.data.empty()) fail("give either --input X.pt or --data SPEC, not both");
+  if (a.input.empty() && a.data.empty() && a.source.checkpoint.empty()) fail("give either --input X.pt or --data SPEC");
+  const TrainedRun run = resolve_trained_run(a.source, common, a.data);
+  const AnalyzeOptions ao = analyze_options(a, run);
+  print_report(a.input.empty() ? analyze_split(a, run, ao) : analyze_tensor(a, run, ao), a.out);
+}
+
+}  // namespace
+
+Command add_analyze_command(CLI::App& app, CommonOptions& common) {
+  auto a = std::make_shared<AnalyzeArgs>();
+  auto* cmd =
+      app.add_subcommand("analyze", "Attention collapse: cross-layer similarity of attention maps, with figures");
+  add_trained_model_options(cmd, a->source, common, "Training config for the model, data and transforms",
+                            "Override any key, e.g. --set model.num_classes=10");
+  cmd->add_option("--input", a->input, "Images [N, C, H, W] saved by torch.save, normalised as the model expects");
+  cmd->add_option("--data", a->data, "fashion_mnist, cifar10:ROOT or imagefolder:ROOT (its validation split)");
+  cmd->add_option("--limit", a->limit, "At most this many images (the first ones; 0: all)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--batch", a->batch, "Images per forward pass")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--tau", a->tau, "Per-image cosine counted as similar in the ratio R")->capture_default_str();
+  cmd->add_option("--threshold", a->threshold, "S[k-1,k] at or above which block k is a similar block")
+      ->capture_default_str();
+  cmd->add_option("--maps", a->maps,
+                  "applied: the maps that multiply V (after re-attention in DeepViT); softmax: the softmax maps "
+                  "before re-attention")
+      ->check(CLI::IsMember({"applied", "softmax"}))
+      ->capture_default_str();
+  cmd->add_flag("--center", a->center,
+                "Subtract each map row's mean first (1/T for softmax): compare deviations from uniform attention");
+  cmd->add_option("--visualize", a->visualize, "Images with attention overlays")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--out", a->out, "Output directory")->required();
+  add_threads(cmd, common);
+  add_device(cmd, common);
+  return make_command(cmd, [a, &common] { run_analyze(*a, common); });
+}
+
+}  // namespace vitlab::cli
