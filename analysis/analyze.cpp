@@ -10,11 +10,13 @@
 #include <functional>
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include "analysis/map_packing.h"
 #include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
+#include "io/state_dict.h"
 #include "io/torch_file.h"
 #include "kernels/cosine.h"
 #include "plot/figures.h"
@@ -41,6 +43,10 @@ void AnalyzeOptions::validate() const {
   if (limit < 0) fail("analysis limit must be >= 0 images (0: all), got {}", limit);
   if (visualize < 0) fail("analysis visualize must be >= 0 images, got {}", visualize);
   check_maps(maps, "analysis maps");
+  MeasureOptions m;
+  m.measures = measures;
+  m.cka_batch = cka_batch;
+  m.validate();
   if (mean.size() != std.size())
     fail("analysis mean has {} values and std {}: give one per channel for both (or neither)", mean.size(), std.size());
   for (double s : std)
@@ -131,79 +137,175 @@ int overlay_columns(int panels) {
 
 std::string rounded(double v) { return fmt::format("{:.2f}", v); }
 
+// One batch's maps and block outputs into the measures, but the maps the
+// sink handed them as it streamed them: the softmax maps, kept apart for
+// re-attention blocks when the analysed maps are the applied ones.
+void add_measures(MeasureAccumulator& measures, const PackedMaps& sink, const std::vector<torch::Tensor>& maps,
+                  const std::vector<torch::Tensor>& softmax_maps, const std::vector<torch::Tensor>& outputs) {
+  if (measures.needs_maps())
+    for (size_t l = 0; l < maps.size(); ++l) {
+      if (sink.measured(l)) continue;
+      const bool apart = l < softmax_maps.size() && softmax_maps[l].defined();
+      measures.add_maps(static_cast<int64_t>(l), apart ? softmax_maps[l] : unpack_maps(maps[l]));
+    }
+  if (measures.needs_features()) measures.add_features(outputs);
+}
+
+// Each measure as a tensor for torch.load and as a CSV: per block, with a
+// column per head for the attention measures; CKA as a matrix.
+template <typename Add>
+void write_measures(const MeasureResult& m, const Add& add) {
+  for (const auto& [stem, t] : {std::pair{"entropy", m.entropy},
+                                {"attention_distance", m.distance},
+                                {"token_uniformity", m.uniformity},
+                                {"rank_residual", m.residual},
+                                {"effective_rank", m.effective_rank},
+                                {"cka", m.cka}}) {
+    if (!t.defined()) continue;
+    add(std::string(stem) + ".pt", serialize_torch(t));
+    if (std::string(stem) == "cka") {
+      add("cka.csv", matrix_csv(t, "p\\q"));
+      continue;
+    }
+    std::string csv = "block";
+    if (t.dim() == 2)
+      for (int64_t h = 0; h < t.size(1); ++h) csv += fmt::format(",head{}", h);
+    else
+      csv += std::string(",") + stem;
+    csv += "\n";
+    for (int64_t l = 0; l < t.size(0); ++l) {
+      const torch::Tensor row = t[l].reshape({-1});
+      csv += std::to_string(l);
+      for (int64_t i = 0; i < row.numel(); ++i) csv += fmt::format(",{:.8g}", row[i].item<double>());
+      csv += "\n";
+    }
+    add(std::string(stem) + ".csv", csv);
+  }
+}
+
+// A per-block curve of v [L] (or, for [L, H], the mean over heads).
+LineSeries block_curve(const std::string& label, const torch::Tensor& v) {
+  const torch::Tensor y = v.dim() == 2 ? v.mean(1) : v;
+  LineSeries s{label, {}, {}};
+  for (int64_t l = 0; l < y.size(0); ++l) {
+    s.x.push_back(static_cast<double>(l));
+    s.y.push_back(y[l].item<double>());
+  }
+  return s;
+}
+
+// The measures' figures: the CKA heatmap, entropy and distance per block
+// (the mean and every head, as the ViT paper's Fig. 7 plots distances), and
+// the block outputs' uniformity, residual and effective rank.
+template <typename Add>
+void draw_measures(const MeasureResult& m, const std::string& name, const Add& add) {
+  const std::string images = fmt::format("{} image{}", m.images, m.images == 1 ? "" : "s");
+  if (m.cka.defined()) {
+    HeatmapOptions h;
+    h.title = fmt::format("{}: linear CKA of block outputs ({})", name, images);
+    h.subtitle = "minibatch CKA with the unbiased HSIC (Nguyen, Raghu & Kornblith 2021)";
+    h.x_label = "block q";
+    h.y_label = "block p";
+    h.vmin = std::min(0.0, m.cka.min().item<double>());
+    h.vmax = 1.0;
+    add("cka.png", heatmap_png(m.cka, h));
+  }
+  for (const auto& [file, t, what, unit] :
+       {std::tuple{"entropy.png", m.entropy, "attention entropy", "nats"},
+        {"attention_distance.png", m.distance, "mean attention distance", "pixels"}}) {
+    if (!t.defined()) continue;
+    std::vector<LineSeries> series = {block_curve("mean over heads", t)};
+    for (int64_t h = 0; h < t.size(1); ++h) series.push_back(block_curve("", t.select(1, h)));
+    LinePlotOptions p;
+    p.title = fmt::format("{}: {} per block ({})", name, what, images);
+    p.subtitle = "the mean over heads, and one line per head";
+    p.x_label = "block";
+    p.y_label = fmt::format("{} ({})", what, unit);
+    add(file, line_plot_png(series, p));
+  }
+  std::vector<LineSeries> tokens;
+  if (m.uniformity.defined()) tokens.push_back(block_curve("token uniformity", m.uniformity));
+  if (m.residual.defined()) tokens.push_back(block_curve("rank-collapse residual", m.residual));
+  if (!tokens.empty()) {
+    LinePlotOptions p;
+    p.title = fmt::format("{}: block outputs' token geometry ({})", name, images);
+    p.subtitle = "uniformity 1 and residual 0: every token the same";
+    p.x_label = "block";
+    p.y_label = "value";
+    p.ymin = 0.0;
+    add("token_geometry.png", line_plot_png(tokens, p));
+  }
+  if (m.effective_rank.defined()) {
+    LinePlotOptions p;
+    p.title = fmt::format("{}: effective rank of block outputs ({})", name, images);
+    p.x_label = "block";
+    p.y_label = "effective rank";
+    p.ymin = 0.0;
+    add("effective_rank.png", line_plot_png({block_curve("effective rank", m.effective_rank)}, p));
+  }
+}
+
 // Loader input only: how many unreadable files it skipped.
 using SkippedFiles = std::function<int64_t()>;
 
-AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>()>& next_batch, const fs::path& out,
-                  const AnalyzeOptions& o, const SkippedFiles& skipped_files) {
-  o.validate();
-  if (!model.vision) fail("analyze runs vision models (vit, deepvit); '{}' is a {} model", model.name, model.family);
-  VisionTransformerImpl& vit = *model.vision;
-  const ViTOptions& vo = vit.vit_options();
-  const int64_t L = vo.depth, H = vo.num_heads, prefix = vit.num_prefix_tokens();
-  const int64_t grid = vo.grid_size(), T = grid * grid + prefix;
-  const std::string name = o.model_name.empty() ? model.name : o.model_name;
-
-  SimilarityAccumulator acc(L, H, T, o.similarity, o.device);
+// Everything the passes over the images accumulate.
+struct Passes {
+  SimilarityAccumulator similarity;
+  MeasureAccumulator measures;
   std::vector<Visual> visuals;
-  AnalyzeReport report;
+  double forward_seconds = 0.0, analysis_seconds = 0.0;
+};
 
-  model.module->to(o.device);
-  {
-    // Eval mode for the passes, the caller's mode back afterwards, errors
-    // included.
-    struct PassMode {
-      VisionTransformerImpl& m;
-      bool was_training;
-      ~PassMode() { m.train(was_training); }
-    } pass_mode{vit, vit.is_training()};
-    vit.eval();
-    PackedMaps sink(o.maps == "softmax" ? AttentionMapSink::Map::softmax : AttentionMapSink::Map::applied);
-    torch::NoGradGuard no_grad;
-    int64_t seen = 0;
-    while (o.limit == 0 || seen < o.limit) {
-      std::optional<torch::Tensor> batch = next_batch();
-      if (!batch) break;
-      torch::Tensor x = *batch;
-      if (o.limit > 0 && x.size(0) > o.limit - seen) x = x.narrow(0, 0, o.limit - seen);
-      if (x.size(0) == 0) continue;
+// The forward passes (eval mode, no gradients), each batch's maps and block
+// outputs into the accumulators; the caller's mode back afterwards, errors
+// included.
+void run_passes(VisionTransformerImpl& vit, const std::function<std::optional<torch::Tensor>()>& next_batch,
+                const AnalyzeOptions& o, Passes& p) {
+  struct PassMode {
+    VisionTransformerImpl& m;
+    bool was_training;
+    ~PassMode() { m.train(was_training); }
+  } pass_mode{vit, vit.is_training()};
+  vit.eval();
+  const int64_t prefix = vit.num_prefix_tokens();
+  const bool softmax = o.maps == "softmax";
+  PackedMaps sink(softmax ? AttentionMapSink::Map::softmax : AttentionMapSink::Map::applied, &p.measures);
+  torch::NoGradGuard no_grad;
+  int64_t seen = 0;
+  while (o.limit == 0 || seen < o.limit) {
+    std::optional<torch::Tensor> batch = next_batch();
+    if (!batch) break;
+    torch::Tensor x = *batch;
+    if (o.limit > 0 && x.size(0) > o.limit - seen) x = x.narrow(0, 0, o.limit - seen);
+    if (x.size(0) == 0) continue;
 
-      auto t0 = Clock::now();
-      std::vector<torch::Tensor> outputs;
-      {
-        Autocast autocast(o.device, o.amp);
-        vit.forward_features(x.to(o.device, torch::kFloat), &sink, o.features ? &outputs : nullptr);
-      }
-      const std::vector<torch::Tensor> maps = sink.take();
-      sync(o.device);
-      report.forward_seconds += seconds_since(t0);
-
-      t0 = Clock::now();
-      acc.add(maps, outputs);
-      const int64_t want = std::min<int64_t>(o.visualize - static_cast<int64_t>(visuals.size()), x.size(0));
-      for (auto& v : make_visuals(x, maps, want, prefix)) visuals.push_back(std::move(v));
-      sync(o.device);
-      report.analysis_seconds += seconds_since(t0);
-      seen += x.size(0);
+    auto t0 = Clock::now();
+    std::vector<torch::Tensor> outputs;
+    {
+      Autocast autocast(o.device, o.amp);
+      vit.forward_features(x.to(o.device, torch::kFloat), &sink,
+                           o.features || p.measures.needs_features() ? &outputs : nullptr);
     }
+    const std::vector<torch::Tensor> maps = sink.take(), softmax_maps = sink.take_softmax();
+    sync(o.device);
+    p.forward_seconds += seconds_since(t0);
+
+    t0 = Clock::now();
+    p.similarity.add(maps, o.features ? outputs : std::vector<torch::Tensor>{});
+    add_measures(p.measures, sink, maps, softmax_maps, outputs);
+    p.measures.end_batch(x.size(0));
+    const int64_t want = std::min<int64_t>(o.visualize - static_cast<int64_t>(p.visuals.size()), x.size(0));
+    for (auto& v : make_visuals(x, maps, want, prefix)) p.visuals.push_back(std::move(v));
+    sync(o.device);
+    p.analysis_seconds += seconds_since(t0);
+    seen += x.size(0);
   }
-  if (acc.images() == 0) fail("analyze: no images to analyse (empty input or data split)");
+}
 
-  const auto t_out = Clock::now();
-  SimilarityResult r = acc.result();
-  report.similarity = r;
-  const int64_t N = r.images;
-  const std::string images_text = fmt::format("{} image{}", N, N == 1 ? "" : "s");
-  // What the attention figures' titles say they measured.
-  const std::string label = maps_label(o.maps, r.options.center);
-  const std::string maps_text = label.empty() ? images_text : label + ", " + images_text;
-
-  StagedOutputs staged;
-  auto add = [&](const std::string& file, const std::string& bytes) {
-    staged.add(out / file, bytes);
-    report.files.push_back(file);
-  };
-
+// similarity.pt and the similarity's CSV tables.
+template <typename Add>
+void write_similarity(const SimilarityResult& r, const Add& add) {
+  const int64_t L = r.layers;
   add("similarity.pt", serialize_torch(r.M));
   add("cross_layer.csv", matrix_csv(r.S, "p\\q"));
   add("cross_layer_ratio.csv", matrix_csv(r.ratio, "p\\q"));
@@ -230,7 +332,14 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
     }
     add("row_square_norm.csv", csv);
   }
+}
 
+// The similarity's figures; maps_text says which maps of how many images.
+template <typename Add>
+void draw_similarity(const SimilarityResult& r, const std::string& name, const std::string& maps_text,
+                     const AnalyzeOptions& o, const Add& add) {
+  const int64_t L = r.layers, H = r.heads;
+  const std::string images_text = fmt::format("{} image{}", r.images, r.images == 1 ? "" : "s");
   // Figures. Cosines of attention maps lie in [0, 1] for softmax maps; the
   // colour range starts lower only when re-attention makes them negative.
   const double smin = colour_floor(r.S);
@@ -305,6 +414,14 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
     h.vmax = 1.0;
     add("feature_similarity.png", heatmap_png(r.feature_similarity, h));
   }
+}
+
+// The attention overlays of the first images.
+template <typename Add>
+void draw_overlays(const std::vector<Visual>& visuals, const std::string& name, const VisionTransformerImpl& vit,
+                   const AnalyzeOptions& o, const Add& add) {
+  const ViTOptions& vo = vit.vit_options();
+  const int64_t L = vo.depth, H = vo.num_heads, grid = vo.grid_size(), prefix = vit.num_prefix_tokens();
   const std::string row_name = prefix > 0 ? "class-token attention" : "mean attention of all tokens (no class token)";
   for (size_t i = 0; i < visuals.size(); ++i) {
     const Visual& v = visuals[i];
@@ -327,18 +444,11 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
             panels, columns, fmt::format("{}: image {}{}", name, i, o.maps == "softmax" ? " (softmax maps)" : ""),
             fmt::format("{}: heads of block {} (the last), their mean, and rollout", row_name, L - 1))));
   }
+}
 
-  nlohmann::json j = r.to_json();
-  j["parameters"]["maps"] = o.maps;
-  j["model"] = name;
-  j["family"] = model.family;
-  j["config"] = model.config;
-  std::vector<int64_t> re_attention;
-  for (int64_t l = 0; l < L; ++l)
-    if (vit.blocks[l]->options.re_attention) re_attention.push_back(l);
-  j["re_attention_blocks"] = re_attention;
-  j["class_token"] = prefix > 0;
-  j["definitions"] = {
+// What summary.json's similarity entries mean.
+nlohmann::json definitions() {
+  return {
       {"A",
        "per block, head and image: the T x T map that multiplies V (post-softmax; after Theta and BatchNorm for "
        "re-attention blocks), or with parameters.maps 'softmax' the softmax map before Theta and BatchNorm; rows are "
@@ -357,8 +467,41 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
        "[L][H]: mean over images and rows of sum_t A[i,t]^2 (of the maps as analysed); for softmax maps 1/T is "
        "uniform attention, 1 one token per row, and 1/value the effective number of tokens attended"},
       {"indices", "blocks and heads are numbered from 0"}};
-  j["visualized_images"] = visuals.size();
-  if (skipped_files) j["skipped_files"] = skipped_files();
+}
+
+using AddFile = std::function<void(const std::string&, const std::string&)>;
+
+// Writes an analysis's files into out, all made visible together: the
+// similarity's and the measures' tensors, tables and figures, and
+// summary.json; `extra` adds what only its caller has (overlays, the
+// model's facts) to the files and the summary.
+void write_report(AnalyzeReport& report, const std::string& name, const AnalyzeOptions& o, const fs::path& out,
+                  const std::function<void(const AddFile&, nlohmann::json&)>& extra) {
+  const auto t_out = Clock::now();
+  const SimilarityResult& r = report.similarity;
+  const std::string images_text = fmt::format("{} image{}", r.images, r.images == 1 ? "" : "s");
+  // What the attention figures' titles say they measured.
+  const std::string label = maps_label(o.maps, r.options.center);
+  const std::string maps_text = label.empty() ? images_text : label + ", " + images_text;
+
+  StagedOutputs staged;
+  const AddFile add = [&](const std::string& file, const std::string& bytes) {
+    staged.add(out / file, bytes);
+    report.files.push_back(file);
+  };
+  write_similarity(r, add);
+  write_measures(report.measures, add);
+  draw_similarity(r, name, maps_text, o, add);
+  draw_measures(report.measures, name, add);
+
+  nlohmann::json j = r.to_json();
+  j.update(report.measures.to_json());
+  j["parameters"]["maps"] = o.maps;
+  j["parameters"]["measures"] = o.measures;
+  j["parameters"]["cka_batch"] = o.cka_batch;
+  j["model"] = name;
+  j["definitions"] = definitions();
+  extra(add, j);
   report.output_seconds = seconds_since(t_out);
   j["timing"] = {
       {"device", o.device.str()},
@@ -372,6 +515,45 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
   staged.add(out / "summary.json", j.dump(2) + "\n");
   staged.commit();
   report.summary = std::move(j);
+}
+
+AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>()>& next_batch, const fs::path& out,
+                  const AnalyzeOptions& o, const SkippedFiles& skipped_files) {
+  o.validate();
+  if (!model.vision) fail("analyze runs vision models (vit, deepvit); '{}' is a {} model", model.name, model.family);
+  VisionTransformerImpl& vit = *model.vision;
+  const ViTOptions& vo = vit.vit_options();
+  const int64_t L = vo.depth, H = vo.num_heads, prefix = vit.num_prefix_tokens();
+  const int64_t T = vo.grid_size() * vo.grid_size() + prefix;
+  const std::string name = o.model_name.empty() ? model.name : o.model_name;
+
+  MeasureOptions mo;
+  mo.measures = o.measures;
+  mo.cka_batch = o.cka_batch;
+  mo.prefix_tokens = prefix;
+  mo.patch_size = vo.patch_size;
+  Passes passes{SimilarityAccumulator(L, H, T, o.similarity, o.device), MeasureAccumulator(L, H, T, mo), {}};
+  model.module->to(o.device);
+  run_passes(vit, next_batch, o, passes);
+  if (passes.similarity.images() == 0) fail("analyze: no images to analyse (empty input or data split)");
+
+  AnalyzeReport report;
+  report.forward_seconds = passes.forward_seconds;
+  report.analysis_seconds = passes.analysis_seconds;
+  report.similarity = passes.similarity.result();
+  report.measures = passes.measures.result();
+  write_report(report, name, o, out, [&](const AddFile& add, nlohmann::json& j) {
+    draw_overlays(passes.visuals, name, vit, o, add);
+    j["family"] = model.family;
+    j["config"] = model.config;
+    std::vector<int64_t> re_attention;
+    for (int64_t l = 0; l < L; ++l)
+      if (vit.blocks[l]->options.re_attention) re_attention.push_back(l);
+    j["re_attention_blocks"] = re_attention;
+    j["class_token"] = prefix > 0;
+    j["visualized_images"] = passes.visuals.size();
+    if (skipped_files) j["skipped_files"] = skipped_files();
+  });
   return report;
 }
 
@@ -412,6 +594,101 @@ AnalyzeReport analyze(Model& model, DataLoader& loader, const AnalyzeOptions& op
         return b->images;
       },
       out, options, [&] { return loader.skipped(); });
+}
+
+namespace {
+
+// A file's one tensor: torch.save of a tensor, or a .safetensors holding one.
+torch::Tensor read_one_tensor(const fs::path& path) {
+  if (path.extension() != ".safetensors") return read_torch_tensor(path);
+  const StateDict tensors = read_weights(path);
+  if (tensors.size() != 1) fail("{}: holds {} tensors, expected one", path.string(), tensors.size());
+  return tensors.begin()->second;
+}
+
+// Maps [L, B, H, T, T] of T = prefix + g² tokens, finite, of the first
+// file's L, H and T when `like` is defined.
+torch::Tensor read_maps(const fs::path& path, int64_t prefix, const torch::Tensor& like) {
+  const torch::Tensor maps = read_one_tensor(path);
+  const std::string file = path.string();
+  if (maps.dim() != 5 || maps.size(3) != maps.size(4) || !maps.is_floating_point())
+    fail("{}: attention maps must be floating-point [L, B, H, T, T], got {} {}", file,
+         c10::toString(maps.scalar_type()), maps.sizes().vec());
+  const int64_t T = maps.size(3), patches = T - prefix;
+  const auto g = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(std::max<int64_t>(patches, 0)))));
+  if (patches < 1 || g * g != patches)
+    fail("{}: {} tokens with --prefix-tokens {} leave {} patch tokens, not a square grid", file, T, prefix, patches);
+  if (like.defined() && (maps.size(0) != like.size(0) || maps.size(2) != like.size(2) || T != like.size(3)))
+    fail("{}: maps of {} blocks, {} heads and {} tokens; the first file has {}, {} and {}", file, maps.size(0),
+         maps.size(2), T, like.size(0), like.size(2), like.size(3));
+  if (!torch::isfinite(maps).all().item<bool>())
+    fail("{}: attention maps contain non-finite values (NaN or Inf)", file);
+  return maps;
+}
+
+// Block outputs [L, B, T, D] of the images of `maps`.
+torch::Tensor read_features(const fs::path& path, const torch::Tensor& maps) {
+  const torch::Tensor f = read_one_tensor(path);
+  if (f.dim() != 4 || f.size(0) != maps.size(0) || f.size(1) != maps.size(1) || f.size(2) != maps.size(3) ||
+      !f.is_floating_point())
+    fail("{}: block outputs must be floating-point [L, B, T, D] = [{}, {}, {}, D] as its maps file, got {} {}",
+         path.string(), maps.size(0), maps.size(1), maps.size(3), c10::toString(f.scalar_type()), f.sizes().vec());
+  if (!torch::isfinite(f).all().item<bool>())
+    fail("{}: block outputs contain non-finite values (NaN or Inf)", path.string());
+  return f;
+}
+
+}  // namespace
+
+AnalyzeReport analyze_maps(const MapsFiles& files, const AnalyzeOptions& options, const fs::path& out) {
+  options.validate();
+  if (files.maps.empty()) fail("analyze: no maps file given");
+  if (!files.features.empty() && files.features.size() != files.maps.size())
+    fail("analyze: {} features files for {} maps files: give one per maps file, in the same order",
+         files.features.size(), files.maps.size());
+  AnalyzeOptions o = options;
+  MeasureOptions mo;
+  mo.measures.clear();
+  for (const auto& m : o.measures)  // the block-output measures need features
+    if (!files.features.empty() || m == "entropy" || m == "distance") mo.measures.push_back(m);
+  mo.cka_batch = o.cka_batch;
+  mo.prefix_tokens = files.prefix_tokens;
+  mo.patch_size = files.patch_size;
+  o.measures = mo.measures;
+
+  const auto t0 = Clock::now();
+  torch::Tensor first;
+  std::optional<SimilarityAccumulator> similarity;
+  std::optional<MeasureAccumulator> measures;
+  for (size_t i = 0; i < files.maps.size(); ++i) {
+    const torch::Tensor maps = read_maps(files.maps[i], files.prefix_tokens, first).to(o.device, torch::kFloat);
+    const torch::Tensor features =
+        files.features.empty() ? torch::Tensor() : read_features(files.features[i], maps).to(o.device, torch::kFloat);
+    if (!first.defined()) {
+      first = maps;
+      similarity.emplace(maps.size(0), maps.size(2), maps.size(3), o.similarity, o.device);
+      measures.emplace(maps.size(0), maps.size(2), maps.size(3), mo);
+    }
+    similarity->add(maps, features);
+    for (int64_t l = 0; l < maps.size(0) && measures->needs_maps(); ++l) measures->add_maps(l, maps[l]);
+    if (features.defined() && measures->needs_features()) measures->add_features(features.unbind(0));
+    measures->end_batch(maps.size(1));
+  }
+  AnalyzeReport report;
+  report.analysis_seconds = seconds_since(t0);
+  report.similarity = similarity->result();
+  report.measures = measures->result();
+  write_report(report, files.name, o, out, [&](const AddFile&, nlohmann::json& j) {
+    std::vector<std::string> maps, features;
+    for (const auto& f : files.maps) maps.push_back(f.string());
+    for (const auto& f : files.features) features.push_back(f.string());
+    j["source"] = {{"maps_files", maps},
+                   {"features_files", features},
+                   {"prefix_tokens", files.prefix_tokens},
+                   {"patch_size", files.patch_size}};
+    j["class_token"] = files.prefix_tokens > 0;
+  });
+  return report;
 }
 
 }  // namespace vitlab

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "analysis/measures.h"
 #include "analysis/similarity.h"
 #include "data/loader.h"
 #include "models/registry.h"
@@ -27,6 +28,10 @@ struct AnalyzeOptions {
   // BatchNorm in re-attention blocks), or "softmax", the softmax map before
   // them (the same in blocks without re-attention).
   std::string maps = "applied";
+  // The measures of analysis/measures.h to compute (their prefix tokens and
+  // patch size come from the model), and CKA's minibatch size.
+  std::vector<std::string> measures = measure_names();
+  int64_t cka_batch = 64;
   // The normalisation the inputs went through (TransformOptions::mean/std),
   // undone for the overlays; empty: each image is stretched to [0, 1].
   std::vector<double> mean, std;
@@ -47,6 +52,7 @@ double colour_floor(const torch::Tensor& values);
 
 struct AnalyzeReport {
   SimilarityResult similarity;
+  MeasureResult measures;
   double forward_seconds = 0.0;    // forward passes with attention capture (what the analysis consumes)
   double analysis_seconds = 0.0;   // accumulating similarities and the overlay maps
   double output_seconds = 0.0;     // drawing figures, writing files
@@ -63,5 +69,21 @@ AnalyzeReport analyze(Model& model, const torch::Tensor& images, const AnalyzeOp
 // The same over a loader's batches (eval transforms, in order); labels are unused.
 AnalyzeReport analyze(Model& model, DataLoader& loader, const AnalyzeOptions& options,
                       const std::filesystem::path& out);
+
+// Attention maps some other tool computed (timm, DINOv2, CLIP, one's own
+// model): each maps file holds [L, B, H, T, T] (torch.save or a
+// .safetensors holding one tensor), several files being consecutive
+// batches; each features file, when given (as many), the block outputs
+// [L, B, T, D] of the same images.
+struct MapsFiles {
+  std::vector<std::filesystem::path> maps, features;
+  int64_t prefix_tokens = 1;  // class/distillation/register tokens before the T - prefix = g² patch tokens
+  int64_t patch_size = 16;    // pixels per patch side
+  std::string name = "maps";  // names the model in figure titles and summary.json
+};
+// Every analysis its inputs allow (the block-output measures need features
+// files), with analyze()'s outputs but the overlays; options.maps says what
+// the maps are (recorded). Errors name the file and what was expected.
+AnalyzeReport analyze_maps(const MapsFiles& files, const AnalyzeOptions& options, const std::filesystem::path& out);
 
 }  // namespace vitlab

@@ -5,6 +5,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -22,12 +23,17 @@ struct AnalyzeArgs {
   int64_t limit = 0, batch = 32, visualize = 4;
   double tau = 0.9, threshold = 0.9;
   bool center = false;
+  std::vector<std::string> measures = measure_names();
+  int64_t cka_batch = 64;
+  // Another tool's maps instead of a model (analyze_maps).
+  std::vector<std::string> maps_files, features_files;
+  int64_t prefix_tokens = 1, patch_size = 16;
 };
 
-AnalyzeOptions analyze_options(const AnalyzeArgs& a, const TrainedRun& run) {
+AnalyzeOptions analyze_options(const AnalyzeArgs& a, const torch::Device& device, at::ScalarType amp) {
   AnalyzeOptions ao;
-  ao.device = run.device;
-  ao.amp = run.amp;
+  ao.device = device;
+  ao.amp = amp;
   ao.batch_size = a.batch;
   ao.limit = a.limit;
   ao.visualize = a.visualize;
@@ -35,6 +41,10 @@ AnalyzeOptions analyze_options(const AnalyzeArgs& a, const TrainedRun& run) {
   ao.similarity.tau = a.tau;
   ao.similarity.similar_threshold = a.threshold;
   ao.similarity.center = a.center;
+  ao.measures.clear();
+  for (const auto& m : a.measures)
+    if (m != "none") ao.measures.push_back(m);
+  ao.cka_batch = a.cka_batch;
   return ao;
 }
 
@@ -84,12 +94,30 @@ void print_report(const AnalyzeReport& report, const std::string& out) {
   fmt::print("wrote {} files to {}\n", report.files.size(), out);
 }
 
+// --maps-file: maps (and block outputs) another tool saved.
+AnalyzeReport analyze_files(const AnalyzeArgs& a, const CommonOptions& common) {
+  if (!a.source.checkpoint.empty() || !a.source.model.empty() || !a.input.empty() || !a.data.empty())
+    fail("--maps-file analyses saved maps: give no --checkpoint, --model, --input or --data with it");
+  MapsFiles files;
+  files.maps.assign(a.maps_files.begin(), a.maps_files.end());
+  files.features.assign(a.features_files.begin(), a.features_files.end());
+  files.prefix_tokens = a.prefix_tokens;
+  files.patch_size = a.patch_size;
+  files.name = fs::path(a.maps_files.front()).stem().string();
+  const torch::Device device = option_device(common);
+  return analyze_maps(files, analyze_options(a, device, at::ScalarType::Undefined), a.out);
+}
+
 void run_analyze(const AnalyzeArgs& a, const CommonOptions& common) {
+  if (!a.maps_files.empty()) {
+    print_report(analyze_files(a, common), a.out);
+    return;
+  }
   check_trained_model_args(a.source);
   if (!a.input.empty() && !a.data.empty()) fail("give either --input X.pt or --data SPEC, not both");
   if (a.input.empty() && a.data.empty() && a.source.checkpoint.empty()) fail("give either --input X.pt or --data SPEC");
   const TrainedRun run = resolve_trained_run(a.source, common, a.data);
-  const AnalyzeOptions ao = analyze_options(a, run);
+  const AnalyzeOptions ao = analyze_options(a, run.device, run.amp);
   print_report(a.input.empty() ? analyze_split(a, run, ao) : analyze_tensor(a, run, ao), a.out);
 }
 
@@ -116,6 +144,32 @@ Command add_analyze_command(CLI::App& app, CommonOptions& common) {
       ->capture_default_str();
   cmd->add_flag("--center", a->center,
                 "Subtract each map row's mean first (1/T for softmax): compare deviations from uniform attention");
+  cmd->add_option("--measures", a->measures,
+                  "Collapse measures beside the similarity (docs/ANALYSIS.md), comma-separated; 'none' for none")
+      ->delimiter(',')
+      ->check(CLI::IsMember([] {
+        std::vector<std::string> names = measure_names();
+        names.push_back("none");
+        return names;
+      }()))
+      ->capture_default_str();
+  cmd->add_option("--cka-batch", a->cka_batch, "Images per CKA minibatch (in input order)")
+      ->check(CLI::Range(int64_t{4}, std::numeric_limits<int64_t>::max()))
+      ->capture_default_str();
+  cmd->add_option("--maps-file", a->maps_files,
+                  "Attention maps [L, B, H, T, T] another tool saved (torch.save or .safetensors), instead of a "
+                  "model; several: consecutive batches")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--features-file", a->features_files,
+                  "With --maps-file: block outputs [L, B, T, D] of the same images, one file per maps file")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--prefix-tokens", a->prefix_tokens,
+                  "With --maps-file: class/distillation/register tokens before the patch tokens")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--patch-size", a->patch_size, "With --maps-file: pixels per patch side")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--visualize", a->visualize, "Images with attention overlays")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();

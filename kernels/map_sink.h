@@ -22,6 +22,12 @@ class AttentionMapSink {
   // A block's maps as one tensor, [B, H, N, N].
   virtual void put(const torch::Tensor& maps) = 0;
 
+  // Whether a block whose applied maps are not its softmax maps (DeepViT's
+  // re-attention) also hands over the softmax maps [B, H, N, N], through
+  // put_softmax before its applied ones, when map() is applied.
+  virtual bool wants_softmax() const { return false; }
+  virtual void put_softmax(const torch::Tensor& /*maps*/) {}
+
   // Whether this sink takes the float32 maps of N tokens one at a time: a
   // block then calls begin() once and write() for every (image, head), from
   // several threads at once for distinct pairs, instead of put().

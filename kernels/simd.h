@@ -107,4 +107,37 @@ VITLAB_LANES Lanes exp(Lanes x) {
   return y * scale;
 }
 
+// x ln x, Cephes' single-precision logarithm (about 1 ulp); 0 for x below
+// the smallest normal float (0 ln 0 = 0, and denormal probabilities add
+// less than 1e-36), and for x < 0.
+VITLAB_LANES Lanes xlogx(Lanes x) {
+  constexpr float kMinNormal = 1.17549435e-38f;
+  const IntLanes valid = x >= kMinNormal;
+  const Lanes safe = valid ? x : splat(1.0f);
+  IntLanes bits;
+  std::memcpy(&bits, &safe, sizeof bits);
+  Lanes e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, Lanes);  // safe = m 2^e, m in [0.5, 1)
+  bits = (bits & 0x807fffff) | 0x3f000000;
+  Lanes m;
+  std::memcpy(&m, &bits, sizeof m);
+  const IntLanes small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const Lanes z = m * m;
+  Lanes y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) *
+                    m -
+                1.6668057665e-1f) *
+                   m +
+               2.0000714765e-1f) *
+                  m -
+              2.4999993993e-1f) *
+                 m +
+             3.3333331174e-1f) *
+            m * z;
+  y = y + -2.12194440e-4f * e - 0.5f * z;
+  const Lanes log = m + y + 0.693359375f * e;
+  return valid ? x * log : Lanes{};
+}
+
 }  // namespace vitlab::simd

@@ -79,6 +79,7 @@ torch::Tensor ReAttentionImpl::forward(const torch::Tensor& x, AttentionMapSink*
     maps->put(a);
     return merge_heads(re_attend(a, h.v));
   }
+  if (maps->wants_softmax()) maps->put_softmax(a);
   if (kernel_inference(h) && maps->streams(a.size(2))) return merge_heads(re_attend(a, h.v, maps));
   const torch::Tensor y = re_attend(a);
   maps->put(y);

@@ -1,5 +1,6 @@
 // Attention-collapse analysis: the similarity measures against the fixtures
 // and hand-built cases, streaming, `analyze` end to end, and the figures.
+#include <fmt/ranges.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 #include <opencv2/imgcodecs.hpp>
+#include <sstream>
 
 #include "analysis/analyze.h"
 #include "analysis/map_packing.h"
@@ -17,6 +19,7 @@
 #include "common/files.h"
 #include "common/runtime.h"
 #include "eval/evaluate.h"
+#include "io/state_dict.h"
 #include "io/torch_file.h"
 #include "kernels/attention.h"
 #include "kernels/cosine.h"
@@ -406,10 +409,15 @@ TEST_CASE("analyze writes every output for a fixture model") {
   AnalyzeReport report = analyze(m, images, o, dir / "out");
 
   const std::vector<std::string> expected = {
-      "similarity.pt",        "cross_layer.csv",        "cross_layer_ratio.csv",  "adjacent.csv",
-      "inter_head_mean.csv",  "feature_similarity.csv", "cross_layer.png",        "cross_layer_heads.png",
-      "adjacent.png",         "inter_head.png",         "feature_similarity.png", "attention_image0.png",
-      "attention_image1.png", "attention_image2.png",   "summary.json",           "row_square_norm.csv"};
+      "similarity.pt", "cross_layer.csv", "cross_layer_ratio.csv", "adjacent.csv", "inter_head_mean.csv",
+      "feature_similarity.csv", "cross_layer.png", "cross_layer_heads.png", "adjacent.png", "inter_head.png",
+      "feature_similarity.png", "attention_image0.png", "attention_image1.png", "attention_image2.png", "summary.json",
+      "row_square_norm.csv",
+      // The collapse measures (analysis/measures.h): tensor, CSV and figures.
+      "entropy.pt", "entropy.csv", "attention_distance.pt", "attention_distance.csv", "token_uniformity.pt",
+      "token_uniformity.csv", "rank_residual.pt", "rank_residual.csv", "effective_rank.pt", "effective_rank.csv",
+      "cka.pt", "cka.csv", "cka.png", "entropy.png", "attention_distance.png", "token_geometry.png",
+      "effective_rank.png"};
   CHECK(report.files.size() == expected.size());
   for (const auto& f : expected) {
     INFO(f);
@@ -439,6 +447,29 @@ TEST_CASE("analyze writes every output for a fixture model") {
 
   const auto summary = nlohmann::json::parse(read_file(dir / "out" / "summary.json"));
   CHECK(summary["images"] == 6);
+  // The measures as tensors and in summary.json, of the maps and block
+  // outputs the model gives.
+  {
+    torch::NoGradGuard no_grad;
+    AttentionMaps maps;
+    std::vector<torch::Tensor> outputs;
+    m.vision->forward_features(images, &maps, &outputs);
+    MeasureOptions mo;
+    mo.prefix_tokens = 1;
+    mo.patch_size = m.config["patch_size"];
+    MeasureAccumulator expect(3, 4, 17, mo);
+    for (int64_t l = 0; l < 3; ++l) expect.add_maps(l, maps.blocks[l]);
+    expect.add_features(outputs);
+    expect.end_batch(6);
+    const MeasureResult e = expect.result();
+    CHECK(max_abs_diff(read_torch_tensor(dir / "out" / "entropy.pt"), e.entropy) < 1e-6);
+    CHECK(max_abs_diff(read_torch_tensor(dir / "out" / "attention_distance.pt"), e.distance) < 1e-4);
+    CHECK(max_abs_diff(read_torch_tensor(dir / "out" / "cka.pt"), e.cka) < 1e-6);
+    CHECK(max_abs_diff(read_torch_tensor(dir / "out" / "effective_rank.pt"), e.effective_rank) < 1e-6);
+    CHECK(summary["token_uniformity"].size() == 3);
+    CHECK(summary["attention_entropy"][2][3].get<double>() == Approx(e.entropy[2][3].item<double>()).epsilon(1e-9));
+    CHECK(summary["rank_residual"][1].get<double>() == Approx(e.residual[1].item<double>()).epsilon(1e-9));
+  }
   CHECK(summary["model"] == "vit_base_patch16_224");
   CHECK(summary["class_token"] == true);
   CHECK(summary["re_attention_blocks"].empty());
@@ -496,6 +527,9 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
     o.maps = "softmax";
     AnalyzeReport s = analyze(m, x, o, dir / "deepvit_softmax");
     CHECK(s.summary["parameters"]["maps"] == "softmax");
+    // The attention measures take the softmax maps whichever maps are analysed.
+    CHECK(max_abs_diff(s.measures.entropy, r.measures.entropy) < 1e-9);
+    CHECK(max_abs_diff(s.measures.distance, r.measures.distance) < 1e-9);
     CHECK(max_abs_diff(s.similarity.M, similarity_of(torch::stack(softmax_maps)).M) <= 1e-6);
     CHECK(max_abs_diff(s.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3),
                        r.similarity.M.narrow(0, 0, 3).narrow(1, 0, 3)) <= 1e-6);
@@ -528,6 +562,78 @@ TEST_CASE("analyze: a DeepViT, a model without class token, and clear errors") {
   o.batch_size = 0;
   CHECK_THROWS_WITH(analyze(m, torch::zeros({1, 3, 32, 32}), o, dir / "bad"),
                     Catch::Contains("batch size must be >= 1"));
+}
+
+TEST_CASE("analyze --maps-file: another tool's maps give the numbers of analysing the model") {
+  Model m = fixture_model("vit_timm_small");
+  const torch::Tensor x = read_torch_tensor(fixture("vit_timm_small.input.pt"));
+  const torch::Tensor images = torch::cat({x, x.flip(3), x.flip(2)});  // 6 images
+  TempDir dir;
+  AnalyzeOptions o;
+  o.batch_size = 6;
+  o.visualize = 0;
+  const AnalyzeReport direct = analyze(m, images, o, dir / "direct");
+  // The maps and block outputs as a PyTorch user would dump them, in two
+  // files of 4 and 2 images (.pt and .safetensors).
+  MapsFiles files;
+  {
+    torch::NoGradGuard no_grad;
+    AttentionMaps maps;
+    std::vector<torch::Tensor> outputs;
+    m.vision->eval();
+    m.vision->forward_features(images, &maps, &outputs);
+    const torch::Tensor all_maps = torch::stack(maps.blocks), all_outputs = torch::stack(outputs);
+    write_file_atomic(dir / "maps0.pt", serialize_torch(all_maps.narrow(1, 0, 4)));
+    write_file_atomic(dir / "features0.pt", serialize_torch(all_outputs.narrow(1, 0, 4)));
+    write_weights(dir / "maps1.safetensors", {{"maps", all_maps.narrow(1, 4, 2).contiguous()}});
+    write_weights(dir / "features1.safetensors", {{"features", all_outputs.narrow(1, 4, 2).contiguous()}});
+  }
+  files.maps = {dir / "maps0.pt", dir / "maps1.safetensors"};
+  files.features = {dir / "features0.pt", dir / "features1.safetensors"};
+  files.prefix_tokens = 1;
+  files.patch_size = m.config["patch_size"];
+  const AnalyzeReport saved = analyze_maps(files, o, dir / "saved");
+  check_same(saved.similarity, direct.similarity, 1e-5);
+  CHECK(max_abs_diff(saved.measures.entropy, direct.measures.entropy) < 1e-6);
+  CHECK(max_abs_diff(saved.measures.distance, direct.measures.distance) < 1e-4);
+  CHECK(max_abs_diff(saved.measures.cka, direct.measures.cka) < 1e-6);
+  CHECK(max_abs_diff(saved.measures.effective_rank, direct.measures.effective_rank) < 1e-5);
+  for (const char* f : {"similarity.pt", "cka.pt", "entropy.pt", "cross_layer.png", "cka.png", "summary.json"})
+    CHECK(fs::exists(dir / "saved" / f));
+  const auto summary = nlohmann::json::parse(read_file(dir / "saved" / "summary.json"));
+  CHECK(summary["source"]["prefix_tokens"] == 1);
+
+  // Without block outputs: the measures of the maps only.
+  files.features.clear();
+  const AnalyzeReport maps_only = analyze_maps(files, o, dir / "maps_only");
+  CHECK(maps_only.measures.entropy.defined());
+  CHECK_FALSE(maps_only.measures.cka.defined());
+
+  // The command line takes the same files.
+  const RunResult cli = run_cli("analyze --maps-file " + (dir / "maps0.pt").string() + " --maps-file " +
+                                (dir / "maps1.safetensors").string() + " --prefix-tokens 1 --patch-size 8 --out " +
+                                (dir / "cli").string());
+  INFO(cli.output);
+  CHECK(cli.status == 0);
+  CHECK_THAT(cli.output, Catch::Contains("analysed 6 images: 3 blocks, 4 heads, 17 tokens"));
+
+  // Clear errors naming the file and what was expected.
+  write_file_atomic(dir / "flat.pt", serialize_torch(torch::rand({3, 6, 4, 17})));
+  write_file_atomic(dir / "nan.pt", serialize_torch(torch::full({3, 2, 4, 17, 17}, NAN)));
+  files.maps = {dir / "flat.pt"};
+  CHECK_THROWS_WITH(analyze_maps(files, o, dir / "bad"),
+                    Catch::Contains("flat.pt: attention maps must be floating-point [L, B, H, T, T]"));
+  files.maps = {dir / "nan.pt"};
+  CHECK_THROWS_WITH(analyze_maps(files, o, dir / "bad"), Catch::Contains("nan.pt: attention maps contain non-finite"));
+  files.maps = {dir / "maps0.pt"};
+  files.prefix_tokens = 0;
+  CHECK_THROWS_WITH(
+      analyze_maps(files, o, dir / "bad"),
+      Catch::Contains("maps0.pt: 17 tokens with --prefix-tokens 0 leave 17 patch tokens, not a square grid"));
+  files.prefix_tokens = 1;
+  files.features = {dir / "maps0.pt"};
+  CHECK_THROWS_WITH(analyze_maps(files, o, dir / "bad"), Catch::Contains("maps0.pt: block outputs must be"));
+  CHECK_FALSE(fs::exists(dir / "bad"));
 }
 
 TEST_CASE("figures: heatmaps, grids, line plots and overlays decode at sensible sizes") {
@@ -647,6 +753,13 @@ TEST_CASE("analysis overhead benchmark", "[.]") {
     o.device = parse_device(device_env ? device_env : "cpu");
     o.visualize = 1;
     if (chunk_env) o.similarity.chunk = std::stoll(chunk_env);
+    // VITLAB_BENCH_MEASURES: the collapse measures to compute (comma-separated, "none"; default all).
+    if (const char* measures = std::getenv("VITLAB_BENCH_MEASURES")) {
+      o.measures.clear();
+      std::stringstream list(measures);
+      for (std::string m; std::getline(list, m, ',');)
+        if (m != "none") o.measures.push_back(m);
+    }
     TempDir dir;
     // One untimed batch first: CUDA's start-up and the allocator's first
     // requests are not the analysis's cost.
@@ -654,11 +767,12 @@ TEST_CASE("analysis overhead benchmark", "[.]") {
     warm = true;
     AnalyzeReport r = analyze(m, torch::randn({n, 3, 224, 224}), o, dir / "out");
     std::printf(
-        "%s on %s, %lld images in batches of %lld, chunk %lld, %d threads: forward %.3f s, analysis %.3f s "
-        "(%.1f%%), outputs %.3f s\n",
-        preset, o.device.str().c_str(), static_cast<long long>(n), static_cast<long long>(o.batch_size),
-        static_cast<long long>(o.similarity.chunk), torch::get_num_threads(), r.forward_seconds, r.analysis_seconds,
-        100.0 * r.analysis_seconds / r.forward_seconds, r.output_seconds);
+        "%s on %s, measures %s, %lld images in batches of %lld, chunk %lld, %d threads: forward %.3f s, analysis "
+        "%.3f s (%.1f%%), outputs %.3f s\n",
+        preset, o.device.str().c_str(), fmt::format("{}", fmt::join(o.measures, ",")).c_str(),
+        static_cast<long long>(n), static_cast<long long>(o.batch_size), static_cast<long long>(o.similarity.chunk),
+        torch::get_num_threads(), r.forward_seconds, r.analysis_seconds, 100.0 * r.analysis_seconds / r.forward_seconds,
+        r.output_seconds);
   }
 }
 
