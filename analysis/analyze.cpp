@@ -42,6 +42,7 @@ void AnalyzeOptions::validate() const {
   if (batch_size < 1) fail("analysis batch size must be >= 1, got {}", batch_size);
   if (limit < 0) fail("analysis limit must be >= 0 images (0: all), got {}", limit);
   if (visualize < 0) fail("analysis visualize must be >= 0 images, got {}", visualize);
+  rollout.validate();
   check_maps(maps, "analysis maps");
   MeasureOptions m;
   m.measures = measures;
@@ -74,15 +75,15 @@ struct Visual {
 
 // Patch-token maps of the first `count` images of a batch.
 std::vector<Visual> make_visuals(const torch::Tensor& images, const std::vector<torch::Tensor>& maps, int64_t count,
-                                 int64_t prefix) {
+                                 int64_t prefix, const RolloutOptions& rollout_options) {
   std::vector<Visual> out;
   if (count <= 0) return out;
-  // The rollout takes each block's head mean (as one head), averaged before
+  // The rollout takes each block's fused heads (as one head), fused before
   // the maps are unpacked from the analysis's layout: 1/H of them to copy.
-  std::vector<torch::Tensor> head_means;
+  std::vector<torch::Tensor> fused;
   for (const auto& m : maps)
-    head_means.push_back(unpack_maps(m.narrow(0, 0, count).to(torch::kFloat).mean(1, /*keepdim=*/true)));
-  torch::Tensor rollout = attention_rollout(head_means);                                // [n, T, T]
+    fused.push_back(unpack_maps(fuse_heads(m.narrow(0, 0, count).to(torch::kFloat), rollout_options.head_fusion)));
+  torch::Tensor rollout = attention_rollout(fused, rollout_options);                    // [n, T, T]
   torch::Tensor last = unpack_maps(maps.back().narrow(0, 0, count)).to(torch::kFloat);  // [n, H, T, T]
   const int64_t T = last.size(-1);
   // With a class token its row; without one, the mean over all output tokens.
@@ -186,7 +187,8 @@ void write_measures(const MeasureResult& m, const Add& add) {
 // A per-block curve of v [L] (or, for [L, H], the mean over heads).
 LineSeries block_curve(const std::string& label, const torch::Tensor& v) {
   const torch::Tensor y = v.dim() == 2 ? v.mean(1) : v;
-  LineSeries s{label, {}, {}};
+  LineSeries s;
+  s.label = label;
   for (int64_t l = 0; l < y.size(0); ++l) {
     s.x.push_back(static_cast<double>(l));
     s.y.push_back(y[l].item<double>());
@@ -194,12 +196,15 @@ LineSeries block_curve(const std::string& label, const torch::Tensor& v) {
   return s;
 }
 
+// The "N images" of figure titles.
+std::string images_text(int64_t n) { return fmt::format("{} image{}", n, n == 1 ? "" : "s"); }
+
 // The measures' figures: the CKA heatmap, entropy and distance per block
 // (the mean and every head, as the ViT paper's Fig. 7 plots distances), and
 // the block outputs' uniformity, residual and effective rank.
 template <typename Add>
 void draw_measures(const MeasureResult& m, const std::string& name, const Add& add) {
-  const std::string images = fmt::format("{} image{}", m.images, m.images == 1 ? "" : "s");
+  const std::string images = images_text(m.images);
   if (m.cka.defined()) {
     HeatmapOptions h;
     h.title = fmt::format("{}: linear CKA of block outputs ({})", name, images);
@@ -214,14 +219,21 @@ void draw_measures(const MeasureResult& m, const std::string& name, const Add& a
        {std::tuple{"entropy.png", m.entropy, "attention entropy", "nats"},
         {"attention_distance.png", m.distance, "mean attention distance", "pixels"}}) {
     if (!t.defined()) continue;
-    std::vector<LineSeries> series = {block_curve("mean over heads", t)};
-    for (int64_t h = 0; h < t.size(1); ++h) series.push_back(block_curve("", t.select(1, h)));
+    // Every head a point per block (the ViT paper's Fig. 7), their mean a line.
+    LineSeries heads;
+    heads.label = "one head";
+    heads.connect = false;
+    for (int64_t h = 0; h < t.size(1); ++h) {
+      const LineSeries head = block_curve("", t.select(1, h));
+      heads.x.insert(heads.x.end(), head.x.begin(), head.x.end());
+      heads.y.insert(heads.y.end(), head.y.begin(), head.y.end());
+    }
     LinePlotOptions p;
     p.title = fmt::format("{}: {} per block ({})", name, what, images);
-    p.subtitle = "the mean over heads, and one line per head";
+    p.subtitle = "each head a point, and the mean over heads";
     p.x_label = "block";
     p.y_label = fmt::format("{} ({})", what, unit);
-    add(file, line_plot_png(series, p));
+    add(file, line_plot_png({heads, block_curve("mean over heads", t)}, p));
   }
   std::vector<LineSeries> tokens;
   if (m.uniformity.defined()) tokens.push_back(block_curve("token uniformity", m.uniformity));
@@ -295,7 +307,7 @@ void run_passes(VisionTransformerImpl& vit, const std::function<std::optional<to
     add_measures(p.measures, sink, maps, softmax_maps, outputs);
     p.measures.end_batch(x.size(0));
     const int64_t want = std::min<int64_t>(o.visualize - static_cast<int64_t>(p.visuals.size()), x.size(0));
-    for (auto& v : make_visuals(x, maps, want, prefix)) p.visuals.push_back(std::move(v));
+    for (auto& v : make_visuals(x, maps, want, prefix, o.rollout)) p.visuals.push_back(std::move(v));
     sync(o.device);
     p.analysis_seconds += seconds_since(t0);
     seen += x.size(0);
@@ -339,7 +351,7 @@ template <typename Add>
 void draw_similarity(const SimilarityResult& r, const std::string& name, const std::string& maps_text,
                      const AnalyzeOptions& o, const Add& add) {
   const int64_t L = r.layers, H = r.heads;
-  const std::string images_text = fmt::format("{} image{}", r.images, r.images == 1 ? "" : "s");
+  const std::string images = images_text(r.images);
   // Figures. Cosines of attention maps lie in [0, 1] for softmax maps; the
   // colour range starts lower only when re-attention makes them negative.
   const double smin = colour_floor(r.S);
@@ -406,7 +418,7 @@ void draw_similarity(const SimilarityResult& r, const std::string& name, const s
   }
   if (r.feature_similarity.defined()) {
     HeatmapOptions h;
-    h.title = fmt::format("{}: block-output similarity ({})", name, images_text);
+    h.title = fmt::format("{}: block-output similarity ({})", name, images);
     h.subtitle = "cosine of a token's features after blocks p and q, mean over tokens";
     h.x_label = "block q";
     h.y_label = "block p";
@@ -414,6 +426,13 @@ void draw_similarity(const SimilarityResult& r, const std::string& name, const s
     h.vmax = 1.0;
     add("feature_similarity.png", heatmap_png(r.feature_similarity, h));
   }
+}
+
+// "rollout", with its options where they are not the defaults.
+std::string rollout_label(const RolloutOptions& r) {
+  std::string options = r.head_fusion == "mean" ? "" : r.head_fusion;
+  if (r.discard_ratio > 0) options += fmt::format("{}discard {:g}", options.empty() ? "" : ", ", r.discard_ratio);
+  return options.empty() ? "rollout" : fmt::format("rollout ({})", options);
 }
 
 // The attention overlays of the first images.
@@ -436,7 +455,7 @@ void draw_overlays(const std::vector<Visual>& visuals, const std::string& name, 
     }
     ov.title = "mean of heads";
     panels.push_back(overlay_image(image, v.cls_heads.mean(0).reshape({grid, grid}), ov));
-    ov.title = "rollout";
+    ov.title = rollout_label(o.rollout);
     panels.push_back(overlay_image(image, v.rollout.reshape({grid, grid}), ov));
     const int columns = overlay_columns(static_cast<int>(panels.size()));
     add(fmt::format("attention_image{}.png", i),
@@ -479,10 +498,10 @@ void write_report(AnalyzeReport& report, const std::string& name, const AnalyzeO
                   const std::function<void(const AddFile&, nlohmann::json&)>& extra) {
   const auto t_out = Clock::now();
   const SimilarityResult& r = report.similarity;
-  const std::string images_text = fmt::format("{} image{}", r.images, r.images == 1 ? "" : "s");
+  const std::string images = images_text(r.images);
   // What the attention figures' titles say they measured.
   const std::string label = maps_label(o.maps, r.options.center);
-  const std::string maps_text = label.empty() ? images_text : label + ", " + images_text;
+  const std::string maps_text = label.empty() ? images : label + ", " + images;
 
   StagedOutputs staged;
   const AddFile add = [&](const std::string& file, const std::string& bytes) {
@@ -552,6 +571,7 @@ AnalyzeReport run(Model& model, const std::function<std::optional<torch::Tensor>
     j["re_attention_blocks"] = re_attention;
     j["class_token"] = prefix > 0;
     j["visualized_images"] = passes.visuals.size();
+    j["rollout"] = {{"head_fusion", o.rollout.head_fusion}, {"discard_ratio", o.rollout.discard_ratio}};
     if (skipped_files) j["skipped_files"] = skipped_files();
   });
   return report;

@@ -23,6 +23,7 @@ struct AnalyzeOptions {
   torch::Device device = torch::kCPU;              // the model is moved here; the analysis runs here too
   at::ScalarType amp = at::ScalarType::Undefined;  // autocast dtype of the forward passes; Undefined: fp32
   int64_t visualize = 4;                           // the first images get attention overlays
+  RolloutOptions rollout;                          // the overlays' attention rollout
   bool features = true;                            // also the cross-layer similarity of block outputs
   // Which map A is: "applied", the one that multiplies V (after Θ and
   // BatchNorm in re-attention blocks), or "softmax", the softmax map before

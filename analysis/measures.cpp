@@ -43,36 +43,57 @@ torch::Tensor grid_distances(int64_t n, int64_t patch_size) {
   return torch::cdist(pos, pos) * static_cast<double>(patch_size);
 }
 
-// The block-output measures compute per entry in float32 or float64 (as
-// each says) and sum in float64.
+// The block-output measures: uniformity and effective rank from one float64
+// Gram matrix of each image's tokens, the residual from the tokens
+// themselves; all summed in float64.
 
-// Σ over the batch of the mean |cos| between distinct patch tokens of x [B, n, D].
-double uniformity_sum(const torch::Tensor& patches) {
-  const int64_t n = patches.size(1);
+// The Gram matrices of x [B, T, D] in float64, of its tokens (X Xᵀ,
+// [B, T, T]) or of its channels (Xᵀ X, [B, D, D]): a float32 Gram matrix's
+// rounding (1e-7 of its largest eigenvalue) gives a collapsed block's zero
+// singular values a weight of 3e-4 each, which lifts a rank-one block's
+// effective rank from 1 to 1.6.
+torch::Tensor gram(const torch::Tensor& x, bool of_tokens) {
+  const torch::Tensor x64 = x.to(torch::kCPU, torch::kDouble);
+  return of_tokens ? torch::matmul(x64, x64.transpose(1, 2)) : torch::matmul(x64.transpose(1, 2), x64);
+}
+
+// Σ over the batch of the mean |cos| between distinct patch tokens, from
+// the Gram matrices: cos_ij = G_ij / sqrt(G_ii G_jj) for i, j >= prefix.
+double uniformity_sum(const torch::Tensor& gram, int64_t prefix) {
+  const int64_t n = gram.size(1) - prefix;
   if (n < 2) fail("token uniformity needs at least 2 patch tokens, got {}", n);
-  const torch::Tensor u = patches / patches.norm(2, -1, true).clamp_min(1e-12);
-  const torch::Tensor cos = torch::matmul(u, u.transpose(1, 2)).abs();
-  const torch::Tensor off_diagonal =
-      cos.sum(torch::IntArrayRef{1, 2}, false, torch::kDouble) - cos.diagonal(0, 1, 2).sum(1, false, torch::kDouble);
+  const torch::Tensor g = gram.narrow(1, prefix, n).narrow(2, prefix, n);
+  const torch::Tensor inv_norm = g.diagonal(0, 1, 2).clamp_min(1e-300).rsqrt();  // [B, n]
+  const torch::Tensor cos = (g * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)).abs_();
+  const torch::Tensor off_diagonal = cos.sum(torch::IntArrayRef{1, 2}) - cos.diagonal(0, 1, 2).sum(1);
   return (off_diagonal / static_cast<double>(n * (n - 1))).sum().item<double>();
 }
 
-// Σ over the batch of ‖X - 1 x̄ᵀ‖_F / ‖X‖_F (0 for X = 0).
+// Σ over the batch of ‖X - 1 x̄ᵀ‖_F / ‖X‖_F (0 for X = 0), from the tokens:
+// through the Gram matrix, ‖X‖² - T‖x̄‖² would cancel to rounding noise
+// (1e-8 instead of 0) for a collapsed block.
 double residual_sum(const torch::Tensor& x) {
-  const torch::Tensor total = x.norm(2, torch::IntArrayRef{1, 2});
-  const torch::Tensor centred = (x - x.mean(1, true)).norm(2, torch::IntArrayRef{1, 2});
+  const torch::Tensor x64 = x.to(torch::kCPU, torch::kDouble);
+  const torch::Tensor total = x64.norm(2, torch::IntArrayRef{1, 2});
+  const torch::Tensor centred = (x64 - x64.mean(1, true)).norm(2, torch::IntArrayRef{1, 2});
   return torch::where(total > 0, centred / total, torch::zeros_like(total)).sum().item<double>();
 }
 
+// The eigenvalues of each Gram matrix [B, T, T], one matrix per thread:
+// LAPACK's syevd runs sequentially at this size, and a batched eigvalsh
+// loops over the batch on one thread.
+torch::Tensor gram_eigenvalues(const torch::Tensor& gram) {
+  torch::Tensor out = torch::empty({gram.size(0), gram.size(1)}, gram.options());
+  at::parallel_for(0, gram.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) out[b].copy_(torch::linalg_eigvalsh(gram[b]));
+  });
+  return out;
+}
+
 // Σ over the batch of exp(-Σ p_k ln p_k), p the normalised singular values
-// of x [B, T, D], from the eigenvalues of the smaller Gram matrix (0 for X = 0).
-// In float64: a float32 Gram matrix's rounding (1e-7 of its largest
-// eigenvalue) gives a collapsed block's zero singular values a weight of
-// 3e-4 each, which lifts a rank-one block's effective rank from 1 to 1.6.
-double effective_rank_sum(const torch::Tensor& x) {
-  const torch::Tensor gram =
-      x.size(1) <= x.size(2) ? torch::matmul(x, x.transpose(1, 2)) : torch::matmul(x.transpose(1, 2), x);
-  const torch::Tensor sigma = torch::linalg_eigvalsh(gram).clamp_min(0.0).sqrt();
+// σ_k = sqrt(λ_k(X Xᵀ)) (0 for X = 0).
+double effective_rank_sum(const torch::Tensor& gram) {
+  const torch::Tensor sigma = gram_eigenvalues(gram).clamp_min(0.0).sqrt();
   const torch::Tensor total = sigma.sum(-1, true);
   const torch::Tensor p = sigma / total.clamp_min(1e-300);
   const torch::Tensor erank = torch::exp(-torch::xlogy(p, p).sum(-1));
@@ -147,11 +168,15 @@ void MeasureAccumulator::add_features(const std::vector<torch::Tensor>& features
     const torch::Tensor& f = features[l];
     if (f.dim() != 3 || f.size(1) != T_)
       fail("measures: expected block {}'s outputs [B, {}, D], got shape {}", l, T_, f.sizes().vec());
-    const torch::Tensor x = f.to(torch::kCPU, torch::kDouble);
-    if (options_.has("uniformity"))
-      uniformity_[l] += uniformity_sum(f.to(torch::kCPU, torch::kFloat).narrow(1, prefix, T_ - prefix));
-    if (options_.has("residual")) residual_[l] += residual_sum(x);
-    if (options_.has("effective_rank")) effective_rank_[l] += effective_rank_sum(x);
+    if (options_.has("residual")) residual_[l] += residual_sum(f);
+    if (!options_.has("uniformity") && !options_.has("effective_rank")) continue;
+    // Uniformity needs the tokens' Gram matrix; the effective rank takes
+    // the smaller one (the same nonzero eigenvalues).
+    const bool tokens_smaller = f.size(1) <= f.size(2);
+    const torch::Tensor tokens = options_.has("uniformity") || tokens_smaller ? gram(f, true) : torch::Tensor();
+    if (options_.has("uniformity")) uniformity_[l] += uniformity_sum(tokens, prefix);
+    if (options_.has("effective_rank"))
+      effective_rank_[l] += effective_rank_sum(tokens_smaller ? tokens : gram(f, false));
   }
   if (!options_.has("cka")) return;
   // Minibatches of cka_batch images in input order, across batches.

@@ -495,14 +495,44 @@ nlohmann::json SimilarityResult::to_json() const {
   return j;
 }
 
-torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn) {
+void RolloutOptions::validate() const {
+  if (head_fusion != "mean" && head_fusion != "max" && head_fusion != "min")
+    fail("rollout head fusion must be mean, max or min, got '{}'", head_fusion);
+  if (!(discard_ratio >= 0.0 && discard_ratio < 1.0))
+    fail("rollout discard ratio must be in [0, 1), got {}", discard_ratio);
+}
+
+torch::Tensor fuse_heads(const torch::Tensor& maps, const std::string& head_fusion) {
+  if (head_fusion == "max") return std::get<0>(maps.max(1, /*keepdim=*/true));
+  if (head_fusion == "min") return std::get<0>(maps.min(1, /*keepdim=*/true));
+  return maps.mean(1, /*keepdim=*/true);
+}
+
+namespace {
+
+// Zeroes the lowest `ratio` of each map's entries in m [B, T, T], but [0, 0].
+void discard_lowest(torch::Tensor& m, double ratio) {
+  const int64_t B = m.size(0), count = static_cast<int64_t>(static_cast<double>(m[0].numel()) * ratio);
+  if (count == 0) return;
+  torch::Tensor flat = m.reshape({B, -1});
+  const torch::Tensor lowest = std::get<1>(flat.topk(count, -1, /*largest=*/false));
+  torch::Tensor keep = torch::ones_like(flat, torch::kBool).scatter_(1, lowest, false);
+  keep.select(1, 0).fill_(true);
+  m = (flat * keep).view_as(m);
+}
+
+}  // namespace
+
+torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn, const RolloutOptions& options) {
+  options.validate();
   if (attn.empty()) fail("attention rollout: no blocks");
   torch::Tensor rollout;
   for (size_t l = 0; l < attn.size(); ++l) {
     const auto& a = attn[l];
     if (a.dim() != 4 || a.size(2) != a.size(3))
       fail("attention rollout: block {}'s map has shape {}, expected [B, H, T, T]", l, a.sizes().vec());
-    torch::Tensor m = a.to(torch::kFloat).mean(1).clamp_min(0.0);
+    torch::Tensor m = fuse_heads(a.to(torch::kFloat), options.head_fusion).squeeze(1).clamp_min(0.0);
+    discard_lowest(m, options.discard_ratio);
     m = m + torch::eye(m.size(1), m.options());
     m = m / m.sum(-1, /*keepdim=*/true);
     rollout = rollout.defined() ? torch::bmm(m, rollout) : m;

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 namespace vitlab {
@@ -102,11 +103,26 @@ class SimilarityAccumulator {
   torch::Tensor batch_sum_, columns_, gram_, mask_, normalised_features_;
 };
 
-// Attention rollout (Abnar & Zuidema 2020) of per-block maps [B, H, T, T]:
-// per block the head mean, negative entries clamped to 0 (re-attention maps
-// may have them), plus the identity, rows renormalised to sum 1; then the
-// product over blocks, last block leftmost. Returns [B, T, T]: row i says how
-// much each input token flows into output token i.
-torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn);
+// Attention rollout (Abnar & Zuidema 2020) with the options of its common
+// implementation (jacobgil/vit-explain).
+struct RolloutOptions {
+  std::string head_fusion = "mean";  // mean | max | min over a block's heads
+  // The lowest fraction of each fused map's entries set to 0 before the
+  // identity is added (the entry [0, 0] kept, as the reference code does).
+  double discard_ratio = 0.0;
+
+  void validate() const;  // errors name the option and the expectation
+};
+
+// A block's maps [B, H, ...] with the heads fused into one: [B, 1, ...].
+torch::Tensor fuse_heads(const torch::Tensor& maps, const std::string& head_fusion);
+
+// The rollout of per-block maps [B, H, T, T]: per block the heads fused,
+// negative entries clamped to 0 (re-attention maps may have them), the
+// lowest discard_ratio of entries dropped, plus the identity, rows
+// renormalised to sum 1; then the product over blocks, last block leftmost.
+// Returns [B, T, T]: row i says how much each input token flows into output
+// token i.
+torch::Tensor attention_rollout(const std::vector<torch::Tensor>& attn, const RolloutOptions& options = {});
 
 }  // namespace vitlab

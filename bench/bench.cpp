@@ -3,14 +3,17 @@
 #include <sys/resource.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/version.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <vector>
 
+#include "analysis/analyze.h"
 #include "analysis/map_packing.h"
 #include "common/device.h"
 #include "common/error.h"
@@ -201,6 +204,70 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& o) {
                       {"gemm_peak_gflops", peak},
                       {"mfu", achieved / peak}};
   if (o.profile) j["profile"] = profile;
+  return j;
+}
+
+namespace {
+
+struct AnalysisRun {
+  std::string name;
+  std::vector<std::string> measures;
+  double forward = INFINITY, analysis = INFINITY, total = INFINITY;  // the fastest round's seconds
+};
+
+// The configurations bench_analysis compares: the similarity alone first
+// (every cost's reference), each measure alone, then all together.
+std::vector<AnalysisRun> analysis_runs(const std::vector<std::string>& measures) {
+  std::vector<AnalysisRun> runs = {{"none", {}}};
+  for (const auto& m : measures) runs.push_back({m, {m}});
+  if (measures.size() > 1) runs.push_back({"all", measures});
+  return runs;
+}
+
+}  // namespace
+
+nlohmann::json bench_analysis(const ModelSpec& spec, const BenchOptions& o, const std::vector<std::string>& measures) {
+  if (o.batch < 1 || o.steps < 1 || o.warmup < 0)
+    fail("bench: --batch and --steps must be >= 1 and --warmup >= 0, got {}, {} and {}", o.batch, o.steps, o.warmup);
+  MeasureOptions{measures}.validate();
+  Model model = build_model(spec);
+  if (!model.vision) fail("bench: {} is not an image model", spec.name);
+  model.module->to(o.device);
+  const int64_t img = spec.config["img_size"], chans = spec.config["in_chans"];
+  torch::manual_seed(0);
+  const torch::Tensor x = torch::randn({o.batch, chans, img, img});
+  const std::filesystem::path out =
+      std::filesystem::temp_directory_path() / fmt::format("vitlab-bench-analysis-{}", ::getpid());
+  AnalyzeOptions a;
+  a.batch_size = o.batch;
+  a.device = o.device;
+  a.amp = o.amp;
+  a.visualize = 0;
+  auto analyse = [&](const std::vector<std::string>& list) {
+    a.measures = list;
+    return analyze(model, x, a, out);
+  };
+  for (int64_t i = 0; i < o.warmup; ++i) analyse({});
+  std::vector<AnalysisRun> runs = analysis_runs(measures);
+  for (int64_t round = 0; round < o.steps; ++round)
+    for (auto& run : runs) {
+      const AnalyzeReport r = analyse(run.measures);
+      run.forward = std::min(run.forward, r.forward_seconds);
+      run.analysis = std::min(run.analysis, r.analysis_seconds);
+      run.total = std::min(run.total, r.forward_seconds + r.analysis_seconds);
+    }
+  std::filesystem::remove_all(out);
+  const AnalysisRun& none = runs.front();
+  nlohmann::json j = {{"model", spec.name},        {"mode", "analyze"},        {"batch", o.batch},
+                      {"rounds", o.steps},         {"device", o.device.str()}, {"threads", at::get_num_threads()},
+                      {"libtorch", TORCH_VERSION}, {"vitlab", version()},      {"runs", nlohmann::json::array()}};
+  for (const auto& run : runs)
+    j["runs"].push_back({{"measures", run.name},
+                         {"forward_s", run.forward},
+                         {"analysis_s", run.analysis},
+                         {"analysis_over_forward", run.analysis / run.forward},
+                         {"cost", (run.total - none.total) / none.forward},
+                         {"analysis_cost", (run.analysis - none.analysis) / none.forward}});
   return j;
 }
 

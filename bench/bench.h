@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "models/registry.h"
 
@@ -39,6 +40,18 @@ nlohmann::json bench_model(const ModelSpec& spec, const BenchOptions& options);
 // three run in turn each round; inference without autograd, or training's
 // forward and backward. What decides which one the models take.
 nlohmann::json bench_attention_op(const ModelSpec& spec, const BenchOptions& options);
+
+// What `vitlab analyze`'s collapse measures add to its forward passes:
+// `steps` rounds, each analysing `batch` random images (one batch, eval
+// mode) with the similarity alone, each of `measures` alone and all of them
+// together, in turn, so that every configuration sees the same drift of a
+// shared machine; `warmup` untimed rounds of the similarity alone first.
+// Per configuration, from its fastest round (the minimum resists a shared
+// machine's noise): forward and analysis seconds, and its cost over the
+// similarity alone as a fraction of the forward passes, in total (entropy
+// and distance are computed inside the forward passes) and in the analysis.
+nlohmann::json bench_analysis(const ModelSpec& spec, const BenchOptions& options,
+                              const std::vector<std::string>& measures);
 
 // The best float32 matrix-multiply rate (GFLOP/s) over a few square sizes,
 // with the current thread count.

@@ -25,6 +25,7 @@ struct AnalyzeArgs {
   bool center = false;
   std::vector<std::string> measures = measure_names();
   int64_t cka_batch = 64;
+  RolloutOptions rollout;
   // Another tool's maps instead of a model (analyze_maps).
   std::vector<std::string> maps_files, features_files;
   int64_t prefix_tokens = 1, patch_size = 16;
@@ -37,6 +38,7 @@ AnalyzeOptions analyze_options(const AnalyzeArgs& a, const torch::Device& device
   ao.batch_size = a.batch;
   ao.limit = a.limit;
   ao.visualize = a.visualize;
+  ao.rollout = a.rollout;
   ao.maps = a.maps;
   ao.similarity.tau = a.tau;
   ao.similarity.similar_threshold = a.threshold;
@@ -172,6 +174,14 @@ Command add_analyze_command(CLI::App& app, CommonOptions& common) {
       ->capture_default_str();
   cmd->add_option("--visualize", a->visualize, "Images with attention overlays")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--rollout-fusion", a->rollout.head_fusion, "How the overlays' attention rollout fuses heads")
+      ->check(CLI::IsMember({"mean", "max", "min"}))
+      ->capture_default_str();
+  cmd->add_option("--rollout-discard", a->rollout.discard_ratio,
+                  "The lowest fraction of each fused map's entries the rollout drops (Abnar & Zuidema's "
+                  "common implementation; 0.9 is usual with max fusion)")
+      ->check(CLI::Range(0.0, 0.999))
       ->capture_default_str();
   cmd->add_option("--out", a->out, "Output directory")->required();
   add_threads(cmd, common);

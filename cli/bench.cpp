@@ -7,6 +7,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "analysis/measures.h"
 #include "cli/commands.h"
 #include "common/error.h"
 
@@ -17,10 +18,12 @@ struct BenchArgs {
   std::string model, mode = "infer", data;
   int64_t batch = 32, steps = 20, warmup = 5, img_size = 224;
   int workers = 1;
-  bool attention = false, attention_op = false, gemm = false, loader = false, profile = false;
+  bool attention = false, attention_op = false, analysis = false, gemm = false, loader = false, profile = false;
+  std::vector<std::string> measures = measure_names();
 };
 
-// --model: steps of --mode, or the attention op alone at its shapes.
+// --model: steps of --mode, the attention op alone at its shapes, or the
+// analysis's measures.
 nlohmann::json bench_preset(const BenchArgs& a, const CommonOptions& common, const torch::Device& device) {
   if (a.model.empty()) fail("bench needs --model NAME (or --gemm, or --loader --data SPEC)");
   BenchOptions o;
@@ -33,6 +36,7 @@ nlohmann::json bench_preset(const BenchArgs& a, const CommonOptions& common, con
   o.attention = a.attention;
   o.profile = a.profile;
   const ModelSpec spec = resolve_model(a.model, parse_overrides(common.sets));
+  if (a.analysis) return bench_analysis(spec, o, a.measures);
   return a.attention_op ? bench_attention_op(spec, o) : bench_model(spec, o);
 }
 
@@ -72,6 +76,12 @@ Command add_bench_command(CLI::App& app, CommonOptions& common) {
   cmd->add_flag("--attention-op", a->attention_op,
                 "Time the attention op alone at the model's shapes instead: vitlab's CPU kernel, "
                 "scaled_dot_product_attention and LibTorch's explicit matmul/softmax, in turn");
+  cmd->add_flag("--analysis", a->analysis,
+                "Time `analyze` instead: --steps rounds of --batch images, the similarity alone, each of "
+                "--measures alone and all together; each one's cost over the forward passes");
+  cmd->add_option("--measures", a->measures, "--analysis: the collapse measures to time, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_flag("--gemm", a->gemm, "Measure the float32 matrix-multiply peak instead");
   cmd->add_flag("--loader", a->loader, "Measure the data loader (decode + training transforms) instead");
   cmd->add_option("--data", a->data, "--loader: imagefolder:ROOT (its train split), fashion_mnist or cifar10:ROOT");

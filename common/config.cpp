@@ -30,13 +30,29 @@ YAML::Node section_overrides(const std::vector<Override>& overrides, const std::
     if (std::find(all_sections.begin(), all_sections.end(), head) == all_sections.end())
       fail("--set {}: keys start with a section ({}), e.g. {}.KEY", o.key, fmt::join(all_sections, ", "),
            all_sections.front());
-    if (head == section) out[o.key.substr(dot + 1)] = o.value;
+    if (head != section) continue;
+    YAML::Node into(YAML::NodeType::Map), leaf = into;
+    std::string rest = o.key.substr(dot + 1);
+    for (auto next = rest.find('.'); next != std::string::npos; next = rest.find('.')) {
+      leaf[rest.substr(0, next)] = YAML::Node(YAML::NodeType::Map);
+      leaf.reset(leaf[rest.substr(0, next)]);
+      rest = rest.substr(next + 1);
+    }
+    leaf[rest] = o.value;
+    merge_into(out, into);
   }
   return out;
 }
 
 void merge_into(YAML::Node& base, const YAML::Node& overrides) {
-  for (const auto& kv : overrides) base[kv.first.as<std::string>()] = kv.second;
+  for (const auto& kv : overrides) {
+    const auto key = kv.first.as<std::string>();
+    YAML::Node existing = base[key];
+    if (existing && existing.IsMap() && kv.second.IsMap())
+      merge_into(existing, kv.second);
+    else  // a copy: later merges into it must not change `overrides`
+      base[key] = kv.second.IsMap() ? YAML::Clone(kv.second) : kv.second;
+  }
 }
 
 namespace {

@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/error.h"
@@ -27,12 +29,14 @@ struct Override {
 // Parses "model.depth=3" or "model.apply_transform=[false,true]".
 Override parse_override(const std::string& text);
 
-// The overrides under `section.` as a YAML map of the remaining key to value;
-// an override of another section is an error naming the allowed sections.
+// The overrides under `section.` as a YAML map of the remaining key to value
+// (a dotted remainder, "analysis.every", as nested maps); an override of
+// another section is an error naming the allowed sections.
 YAML::Node section_overrides(const std::vector<Override>& overrides, const std::string& section,
                              const std::vector<std::string>& all_sections);
 
-// Copies every entry of `overrides` (a map) into `base` (a map).
+// Copies every entry of `overrides` (a map) into `base` (a map), merging
+// the maps both have under one key.
 void merge_into(YAML::Node& base, const YAML::Node& overrides);
 
 // The candidate nearest to `key` by edit distance, or "" when none is close.
@@ -45,6 +49,17 @@ void read_value(const YAML::Node& node, bool& out, const std::string& where);
 void read_value(const YAML::Node& node, std::string& out, const std::string& where);
 void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where);
 void read_value(const YAML::Node& node, std::vector<double>& out, const std::string& where);
+
+// Whether T is an options struct (has visit): a field of that type is a
+// nested map of keys, as train.analysis.every.
+struct AnyField {
+  template <class V>
+  void operator()(const char*, V&) const {}
+};
+template <class T, class = void>
+struct is_options : std::false_type {};
+template <class T>
+struct is_options<T, std::void_t<decltype(std::declval<T&>().visit(AnyField{}))>> : std::true_type {};
 
 template <class Options>
 std::vector<std::string> option_keys(Options& options) {
@@ -69,14 +84,24 @@ void read_options(Options& options, const YAML::Node& values, const std::string&
     }
   }
   options.visit([&](const char* key, auto& field) {
-    if (YAML::Node v = values[key]) read_value(v, field, section + "." + key);
+    YAML::Node v = values[key];
+    if (!v) return;
+    if constexpr (is_options<std::decay_t<decltype(field)>>::value)
+      read_options(field, v, section + "." + key);
+    else
+      read_value(v, field, section + "." + key);
   });
 }
 
 template <class Options>
 nlohmann::json options_to_json(Options& options) {
   nlohmann::json j = nlohmann::json::object();
-  options.visit([&](const char* key, auto& field) { j[key] = field; });
+  options.visit([&](const char* key, auto& field) {
+    if constexpr (is_options<std::decay_t<decltype(field)>>::value)
+      j[key] = options_to_json(field);
+    else
+      j[key] = field;
+  });
   return j;
 }
 

@@ -468,7 +468,7 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
   // Legend entries, to the right of the axes.
   std::vector<std::pair<std::string, int>> legend;  // label, palette index (-1: threshold)
   for (size_t i = 0; i < series.size(); ++i)
-    if (!series[i].label.empty()) legend.emplace_back(series[i].label, static_cast<int>(i % palette.size()));
+    if (!series[i].label.empty()) legend.emplace_back(series[i].label, static_cast<int>(i));
   if (o.threshold && !o.threshold_label.empty()) legend.emplace_back(o.threshold_label, -1);
   int legend_w = 0;
   for (const auto& entry : legend) legend_w = std::max(legend_w, text_size(entry.first, kTick).width + 40);
@@ -534,8 +534,8 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
     for (size_t k = 0; k < series[i].x.size(); ++k)
       if (std::isfinite(series[i].x[k]) && std::isfinite(series[i].y[k]))
         points.push_back({px(series[i].x[k]) - left, py(series[i].y[k]) - top});
-    if (points.size() > 1) cv::polylines(plot, points, false, colour, 2, cv::LINE_AA);
-    if (points.size() <= 64)
+    if (series[i].connect && points.size() > 1) cv::polylines(plot, points, false, colour, 2, cv::LINE_AA);
+    if (!series[i].connect || points.size() <= 64)
       for (const auto& p : points) cv::circle(plot, p, 3, colour, cv::FILLED, cv::LINE_AA);
   }
   cv::rectangle(img, {left, top}, {right, bottom}, kDark, 1);
@@ -547,8 +547,9 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
       for (int x = lx; x < lx + 26; x += 13)
         cv::line(img, {x, mid}, {std::min(x + 8, lx + 26), mid}, threshold_colour, 2);
     } else {
-      cv::line(img, {lx, mid}, {lx + 26, mid}, palette[index], 2, cv::LINE_AA);
-      cv::circle(img, {lx + 13, mid}, 3, palette[index], cv::FILLED, cv::LINE_AA);
+      const cv::Scalar colour = palette[static_cast<size_t>(index) % palette.size()];
+      if (series[static_cast<size_t>(index)].connect) cv::line(img, {lx, mid}, {lx + 26, mid}, colour, 2, cv::LINE_AA);
+      cv::circle(img, {lx + 13, mid}, 3, colour, cv::FILLED, cv::LINE_AA);
     }
     draw_text(img, label, {lx + 32, mid}, kTick, -1, 0);
     ly += tick_h + 10;

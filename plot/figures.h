@@ -56,6 +56,7 @@ std::string heatmap_grid_png(const torch::Tensor& matrices, const HeatmapGridOpt
 struct LineSeries {
   std::string label;  // in the legend; empty: not listed
   std::vector<double> x, y;
+  bool connect = true;  // false: the points alone (a scatter)
 };
 
 struct LinePlotOptions {

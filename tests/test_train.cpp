@@ -1,7 +1,9 @@
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <sstream>
 
 #include "common/error.h"
 #include "common/files.h"
@@ -198,6 +200,72 @@ TEST_CASE("resume gives bitwise the same weights as an uninterrupted run") {
   const auto straight = scalars("straight");
   CHECK(straight.size() > 8);
   CHECK(scalars("split") == straight);
+}
+
+TEST_CASE("train.analysis: a nested map in YAML and in --set, its keys checked") {
+  TempDir dir;
+  write_file_atomic(dir / "a.yaml", "train:\n  epochs: 2\n  analysis: {every: 3, images: 40}\n");
+  TrainConfig c = TrainConfig::load(dir / "a.yaml", sets({"train.analysis.images=50"}));
+  CHECK(c.train.analysis.every == 3);
+  CHECK(c.train.analysis.images == 50);  // the override changes one key, the file keeps the other
+  CHECK(c.train.analysis.batch_size == 64);
+  write_file_atomic(dir / "resolved.yaml", c.to_yaml());
+  CHECK(TrainConfig::load(dir / "resolved.yaml", {}).to_yaml() == c.to_yaml());
+  CHECK_THROWS_WITH(
+      TrainConfig::load("", sets({"train.analysis.evry=2"})),
+      Catch::Contains("unknown key 'train.analysis.evry'") && Catch::Contains("did you mean 'train.analysis.every'"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.analysis.every=-1"})),
+                    Catch::Contains("train.analysis.every must be >= 0 epochs (0: off), got -1"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.analysis=3"})),
+                    Catch::Contains("train.analysis: expected a map of key: value"));
+}
+
+TEST_CASE("training-time analysis: curves every N epochs, exact on resume, and the training unchanged") {
+  TempDir dir;
+  write_fashion_mnist_slice(dir / "fm", 128);
+  const std::string base = std::string(kTinyTrain) +
+                           " --set data.type=fashion_mnist --set data.root=" + (dir / "fm").string() +
+                           " --set train.epochs=4";
+  const std::string analysis =
+      " --set train.analysis.every=2 --set train.analysis.images=24 "
+      "--set train.analysis.batch_size=10";
+  REQUIRE(run_cli("train" + base + " --out " + (dir / "plain").string()).status == 0);
+  REQUIRE(run_cli("train" + base + analysis + " --out " + (dir / "straight").string()).status == 0);
+  REQUIRE(run_cli("train" + base + analysis + " --stop-after 3 --out " + (dir / "split").string()).status == 0);
+  RunResult r = run_cli("train" + base + analysis + " --resume --out " + (dir / "split").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  // The analysis draws nothing from the training's random streams.
+  CHECK(read_file(dir / "plain" / "model.safetensors") == read_file(dir / "straight" / "model.safetensors"));
+  // At initialisation and after epochs 2 and 4, each a full analysis.
+  const fs::path a = dir / "straight" / "analysis";
+  for (const char* epoch : {"epoch_000", "epoch_002", "epoch_004"}) {
+    INFO(epoch);
+    const auto summary = nlohmann::json::parse(read_file(a / epoch / "summary.json"));
+    CHECK(summary.at("images") == 24);
+    CHECK(summary.contains("effective_rank"));
+    CHECK(fs::exists(a / epoch / "similarity.pt"));
+  }
+  CHECK_FALSE(fs::exists(a / "epoch_001"));
+  const std::string csv = read_file(a / "curves.csv");
+  CHECK_THAT(csv, Catch::StartsWith("epoch,images,similar_blocks,mean_adjacent_similarity"));
+  CHECK(std::count(csv.begin(), csv.end(), '\n') == 4);
+  // The weights changed between the analyses, and so did what they measure.
+  std::vector<std::string> rows;
+  std::stringstream lines(csv);
+  for (std::string line; std::getline(lines, line);) rows.push_back(line);
+  CHECK(rows[1].rfind("0,24,", 0) == 0);
+  CHECK(rows[3].rfind("4,24,", 0) == 0);
+  CHECK(rows[1].substr(2) != rows[3].substr(2));
+  CHECK(read_file(dir / "split" / "analysis" / "curves.csv") == csv);
+  for (const char* file : {"similarity.pt", "effective_rank.pt", "cka.pt"})
+    CHECK(read_file(dir / "split" / "analysis" / "epoch_004" / file) == read_file(a / "epoch_004" / file));
+  for (const fs::path png : {a / "curves.png", dir / "straight" / "curves.png", dir / "plain" / "curves.png"}) {
+    INFO(png.string());
+    const cv::Mat image = cv::imread(png.string());
+    CHECK(image.cols > 600);
+  }
+  CHECK_FALSE(fs::exists(dir / "plain" / "analysis"));
 }
 
 TEST_CASE("every config in configs/ loads and resolves its model and transforms") {

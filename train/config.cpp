@@ -17,6 +17,23 @@ void one_of(const std::string& key, const std::string& value, std::initializer_l
 
 const std::vector<std::string> kSections = {"model", "data", "optim", "schedule", "aug", "train"};
 
+// An options struct as a YAML map, nested ones as nested maps.
+template <class Options>
+void emit_options(YAML::Emitter& out, Options& options) {
+  out << YAML::BeginMap;
+  options.visit([&](const char* key, auto& v) {
+    out << YAML::Key << key << YAML::Value;
+    using Field = std::decay_t<decltype(v)>;
+    if constexpr (is_options<Field>::value)
+      emit_options(out, v);
+    else if constexpr (std::is_same_v<Field, std::vector<double>>)
+      out << YAML::Flow << v;
+    else
+      out << v;
+  });
+  out << YAML::EndMap;
+}
+
 }  // namespace
 
 void DataConfig::validate() const {
@@ -61,6 +78,9 @@ void RunConfig::validate() const {
   one_of("train.on_nonfinite", on_nonfinite, {"stop", "skip"});
   if (cos_reg < 0) fail("train.cos_reg must be >= 0, got {}", cos_reg);
   if (cos_reg_pairs < 0) fail("train.cos_reg_pairs must be >= 0 (0: all), got {}", cos_reg_pairs);
+  if (analysis.every < 0) fail("train.analysis.every must be >= 0 epochs (0: off), got {}", analysis.every);
+  if (analysis.images < 1) fail("train.analysis.images must be >= 1, got {}", analysis.images);
+  if (analysis.batch_size < 1) fail("train.analysis.batch_size must be >= 1, got {}", analysis.batch_size);
 }
 
 TrainConfig TrainConfig::load(const std::filesystem::path& file, const std::vector<Override>& overrides) {
@@ -120,15 +140,8 @@ std::string TrainConfig::to_yaml() const {
   for (const auto& kv : model_overrides) out << YAML::Key << kv.first << YAML::Value << kv.second;
   out << YAML::EndMap;
   auto emit = [&](const char* name, auto options) {
-    out << YAML::Key << name << YAML::Value << YAML::BeginMap;
-    options.visit([&](const char* key, const auto& v) {
-      out << YAML::Key << key << YAML::Value;
-      if constexpr (std::is_same_v<std::decay_t<decltype(v)>, std::vector<double>>)
-        out << YAML::Flow << v;
-      else
-        out << v;
-    });
-    out << YAML::EndMap;
+    out << YAML::Key << name << YAML::Value;
+    emit_options(out, options);
   };
   emit("data", data);
   emit("optim", optim);

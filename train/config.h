@@ -116,6 +116,22 @@ struct AugConfig {
   }
 };
 
+// The attention-collapse analysis while a model trains (train/monitor.h):
+// at initialisation and every `every` epochs, on the first `images`
+// evaluation images.
+struct TrainAnalysisConfig {
+  int64_t every = 0;  // epochs; 0: off
+  int64_t images = 256;
+  int64_t batch_size = 64;
+
+  template <class F>
+  void visit(F&& f) {
+    f("every", every);
+    f("images", images);
+    f("batch_size", batch_size);
+  }
+};
+
 struct RunConfig {
   int64_t epochs = 10;
   int64_t batch_size = 64;
@@ -145,6 +161,7 @@ struct RunConfig {
   // checkpoint) or skip that optimizer step and go on. fp16 always skips and
   // lowers the loss scale, as GradScaler.
   std::string on_nonfinite = "stop";
+  TrainAnalysisConfig analysis;
 
   template <class F>
   void visit(F&& f) {
@@ -165,6 +182,7 @@ struct RunConfig {
     f("dist_timeout", dist_timeout);
     f("sync_bn", sync_bn);
     f("on_nonfinite", on_nonfinite);
+    f("analysis", analysis);
   }
   void validate() const;
 };

@@ -26,6 +26,7 @@
 #include "models/registry.h"
 #include "train/distributed.h"
 #include "train/loss.h"
+#include "train/monitor.h"
 
 namespace vitlab {
 
@@ -148,7 +149,8 @@ struct RunState {
   double loss_sum = 0;
   double best_top1 = -1.0;
   std::vector<std::string> csv_rows;
-  double loss_scale = 65536.0;  // fp16 only
+  std::vector<std::string> curve_rows;  // analysis/curves.csv's (train.analysis.every)
+  double loss_scale = 65536.0;          // fp16 only
   int64_t scale_growth_tracker = 0;
   int64_t skipped_steps = 0;
   // Wall-clock seconds of training up to this state, summed over the runs
@@ -263,6 +265,7 @@ void save_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::optim
                       {"loss_count", st.loss_count},
                       {"best_top1", st.best_top1},
                       {"csv_rows", st.csv_rows},
+                      {"curve_rows", st.curve_rows},
                       {"loss_scale", st.loss_scale},
                       {"scale_growth_tracker", st.scale_growth_tracker},
                       {"skipped_steps", st.skipped_steps},
@@ -318,6 +321,7 @@ RunState load_checkpoint(const fs::path& dir, torch::nn::Module& model, torch::o
     st.loss_count = j.value("loss_count", int64_t(0));
     st.best_top1 = j.at("best_top1");
     st.csv_rows = j.at("csv_rows").get<std::vector<std::string>>();
+    st.curve_rows = j.value("curve_rows", std::vector<std::string>());
     st.loss_scale = j.value("loss_scale", st.loss_scale);
     st.scale_growth_tracker = j.value("scale_growth_tracker", int64_t(0));
     st.skipped_steps = j.value("skipped_steps", int64_t(0));
@@ -464,6 +468,8 @@ struct Trainer {
   // validate, checkpoint, summary
   Validation validate(double train_loss);
   void log_eval(const std::string& prefix, const EvalResult& r);
+  void analyse(int64_t epoch);
+  void add_curve_row(const std::string& row, const fs::path& dir);
   void checkpoint(int64_t epoch, const EpochResult& trained, const Validation& v);
   void save(const char* name, bool keep_previous);
   void write_summary();
@@ -647,9 +653,11 @@ void Trainer::open_outputs(bool resume) {
 
 double Trainer::run(int64_t stop_after) {
   const int64_t last_epoch = stop_after > 0 ? std::min(stop_after, cfg.train.epochs) : cfg.train.epochs;
+  if (st.step == 0 && st.batch == 0) analyse(0);
   for (int64_t epoch = st.epoch; epoch < last_epoch; ++epoch) {
     const EpochResult trained = train_one_epoch(epoch);
     const Validation v = validate(trained.loss);
+    analyse(epoch + 1);
     checkpoint(epoch, trained, v);
   }
   if (main) write_summary();
@@ -856,6 +864,55 @@ void Trainer::log_eval(const std::string& prefix, const EvalResult& r) {
   events->scalar(prefix + "/top5", r.top5, st.step);
 }
 
+// train.analysis.every: rank 0 analyses the model after `epoch` epochs (0:
+// at initialisation) on the first evaluation images into
+// analysis/epoch_NNN/, adds its row to analysis/curves.csv and redraws
+// analysis/curves.png. The other ranks go on and wait for it in the next
+// collective. The analysis draws no random number, so the training run
+// stays the same with it or without it.
+void Trainer::analyse(int64_t epoch) {
+  const TrainAnalysisConfig& a = cfg.train.analysis;
+  if (!main || a.every == 0 || epoch % a.every != 0) return;
+  const int64_t img_size = spec.config["img_size"], in_chans = spec.config["in_chans"];
+  const TransformOptions tf = cfg.transforms(img_size, in_chans);
+  LoaderOptions lo;
+  lo.batch_size = std::min(a.batch_size, a.images);
+  lo.workers = static_cast<int>(cfg.data.workers);
+  lo.skip_errors = cfg.data.on_error == "skip";
+  lo.train = false;
+  DataLoader loader(data.val, tf, lo);
+  AnalyzeOptions ao;
+  ao.limit = a.images;
+  ao.device = device;
+  ao.amp = amp;
+  ao.visualize = 2;
+  ao.mean = tf.mean;
+  ao.std = tf.std;
+  ao.model_name = fmt::format("{}, epoch {}", spec.name, epoch);
+  const fs::path dir = run_dir / "analysis", out = dir / fmt::format("epoch_{:03d}", epoch);
+  const AnalyzeReport report = analyze(model, loader, ao, out);
+  add_curve_row(analysis_curve_row(epoch, report), dir);
+  fmt::print(stderr, "analysis after epoch {}: {} similar blocks, mean adjacent similarity {:.3f} ({})\n", epoch,
+             report.similarity.similar_blocks,
+             report.similarity.adjacent.numel() > 0 ? report.similarity.adjacent.mean().item<double>() : 0.0,
+             out.string());
+}
+
+// analysis/curves.csv and curves.png with `row`, which replaces a row of the
+// same epoch (a run resumed from inside an epoch redoes its analysis).
+void Trainer::add_curve_row(const std::string& row, const fs::path& dir) {
+  const std::string epoch = row.substr(0, row.find(',') + 1);
+  auto& rows = st.curve_rows;
+  rows.erase(std::remove_if(rows.begin(), rows.end(), [&](const std::string& r) { return r.rfind(epoch, 0) == 0; }),
+             rows.end());
+  rows.push_back(row);
+  std::string csv = analysis_curves_header();
+  for (const auto& r : rows) csv += r + "\n";
+  write_file_atomic(dir / "curves.csv", csv);
+  write_file_atomic(dir / "curves.png",
+                    analysis_curves_png(rows, fmt::format("{}: attention collapse while it trains", spec.name)));
+}
+
 // The epoch's bookkeeping, on every rank: its metrics.csv row, the epoch
 // count and the best top-1. Rank 0 then writes metrics.csv, checkpoint-last,
 // checkpoint-best when top-1 improved, and the epoch's line.
@@ -873,6 +930,7 @@ void Trainer::checkpoint(int64_t epoch, const EpochResult& trained, const Valida
   std::string csv = csv_header(cfg.train.ema);
   for (const auto& r : st.csv_rows) csv += r + "\n";
   write_file_atomic(run_dir / "metrics.csv", csv);
+  write_file_atomic(run_dir / "curves.png", training_curves_png(st.csv_rows, fmt::format("{}: training", spec.name)));
   save("checkpoint-last", true);
   if (best) save("checkpoint-best", false);
   fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
