@@ -22,6 +22,7 @@
 #include "eval/evaluate.h"
 #include "models/registry.h"
 #include "plot/figures.h"
+#include "train/monitor.h"
 #include "train/trainer.h"
 
 namespace vitlab {
@@ -436,6 +437,18 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
           encode_png(panel_grid_image(panels, static_cast<int>(config.depths.size()),
                                       "Cross-layer attention similarity S[p, q]", subtitle)));
 
+  // With train.analysis.every in the recipe: each member's collapse
+  // measures against epoch.
+  std::vector<AnalysisCurves> curves;
+  for (const auto& r : results) {
+    const std::string name = member_name(r.family, r.depth);
+    std::vector<std::string> rows = read_analysis_curves(out_dir / "members" / name / "analysis" / "curves.csv");
+    if (!rows.empty()) curves.push_back({name, std::move(rows)});
+  }
+  if (!curves.empty())
+    out.add(out_dir / "measures_vs_epoch.png",
+            analysis_curves_png(curves, "Collapse measures while the members train"));
+
   std::string md = "# Depth-scaling study\n\n";
   md += fmt::format(
       "ViT and DeepViT at {} blocks, trained with one recipe and analysed on the first {} evaluation images "
@@ -459,6 +472,13 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
   md += "Similar blocks against depth (Fig. 2b):\n\n![similar blocks](similar_blocks_vs_depth.png)\n\n";
   md += "Adjacent-block similarity (Fig. 2a):\n\n![adjacent similarity](adjacent_similarity.png)\n\n";
   md += "Cross-layer similarity per member:\n\n![cross-layer heatmaps](cross_layer_heatmaps.png)\n";
+  if (!curves.empty())
+    md += fmt::format(
+        "\nThe collapse measures while the members train (every {} epochs on the first {} evaluation images; "
+        "each member's numbers in `members/<member>/analysis/curves.csv`):\n\n"
+        "![collapse measures against epoch](measures_vs_epoch.png)\n",
+        config.member_config(config.families.front(), config.depths.front()).train.analysis.every,
+        config.member_config(config.families.front(), config.depths.front()).train.analysis.images);
   const double minutes = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 60.0;
   md +=
       fmt::format("\nThis run of `vitlab study` took {:.1f} min (members already done are not retrained).\n", minutes);

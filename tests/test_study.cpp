@@ -56,13 +56,18 @@ TEST_CASE("study config: members, overrides and clear errors") {
 TEST_CASE("a two-member study completes, reports both, and a rerun skips them") {
   TempDir dir;
   write_file_atomic(dir / "s.yaml", kTinyStudy);
-  RunResult r = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string());
+  // The members' collapse measures through training, every epoch.
+  const std::string during = " --set train.analysis.every=1 --set train.analysis.images=16";
+  RunResult r =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string() + during);
   INFO(r.output);
   REQUIRE(r.status == 0);
   const std::string report = read_file(dir / "out" / "REPORT.md");
   CHECK_THAT(report, Catch::Contains("| ViT | 2 |") && Catch::Contains("| DeepViT | 2 |"));
+  CHECK_THAT(report, Catch::Contains("![collapse measures against epoch](measures_vs_epoch.png)"));
   for (const char* f : {"top1_vs_depth.png", "similar_blocks_vs_depth.png", "adjacent_similarity.png",
-                        "cross_layer_heatmaps.png", "members/ViT_d2/model.safetensors",
+                        "cross_layer_heatmaps.png", "measures_vs_epoch.png", "members/ViT_d2/model.safetensors",
+                        "members/ViT_d2/analysis/curves.csv", "members/DeepViT_d2/analysis/epoch_000/summary.json",
                         "members/DeepViT_d2/analysis/similarity.pt", "members/DeepViT_d2/analysis/summary.json"})
     CHECK(fs::exists(dir / "out" / f));
   const auto trained = fs::last_write_time(dir / "out" / "members" / "ViT_d2" / "model.safetensors");

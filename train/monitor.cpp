@@ -6,6 +6,8 @@
 #include <limits>
 #include <sstream>
 
+#include "common/error.h"
+#include "common/files.h"
 #include "plot/figures.h"
 
 namespace vitlab {
@@ -81,9 +83,25 @@ std::string analysis_curve_row(int64_t epoch, const AnalyzeReport& report) {
                      number(last_or_nan(m.effective_rank)), number(cka));
 }
 
-std::string analysis_curves_png(const std::vector<std::string>& rows, const std::string& title) {
-  std::vector<std::vector<double>> values;
-  for (const auto& r : rows) values.push_back(cells(r));
+std::vector<std::string> read_analysis_curves(const std::filesystem::path& csv) {
+  std::vector<std::string> rows;
+  if (!std::filesystem::exists(csv)) return rows;
+  std::stringstream in(read_file(csv));
+  std::string line;
+  std::getline(in, line);
+  if (line + "\n" != analysis_curves_header())
+    fail("{}: expected the header {}, got '{}'", csv.string(), analysis_curves_header(), line);
+  while (std::getline(in, line))
+    if (!line.empty()) rows.push_back(line);
+  return rows;
+}
+
+std::string analysis_curves_png(const std::vector<AnalysisCurves>& runs, const std::string& title) {
+  std::vector<std::vector<std::vector<double>>> values;
+  for (const auto& run : runs) {
+    values.emplace_back();
+    for (const auto& r : run.rows) values.back().push_back(cells(r));
+  }
   const std::vector<std::pair<size_t, std::string>> panels = {{2, "similar blocks"},
                                                               {3, "mean adjacent similarity"},
                                                               {4, "mean attention entropy (nats)"},
@@ -93,7 +111,11 @@ std::string analysis_curves_png(const std::vector<std::string>& rows, const std:
                                                               {8, "last block's effective rank"},
                                                               {9, "mean adjacent CKA"}};
   std::vector<cv::Mat> images;
-  for (const auto& [c, name] : panels) images.push_back(panel({column(values, c, "")}, name));
+  for (const auto& [c, name] : panels) {
+    std::vector<LineSeries> series;
+    for (size_t i = 0; i < runs.size(); ++i) series.push_back(column(values[i], c, runs[i].label));
+    images.push_back(panel(series, name));
+  }
   return encode_png(panel_grid_image(images, 4, title, "analysis/curves.csv: the collapse measures against epoch"));
 }
 

@@ -5,6 +5,7 @@
 // (analysis/analyze.h) at initialisation and every N epochs, one row per
 // analysis in analysis/curves.csv, drawn in analysis/curves.png.
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -22,7 +23,15 @@ std::string training_curves_png(const std::vector<std::string>& metrics_rows, co
 // measure (CKA of one image, adjacency of one block) is an empty cell.
 std::string analysis_curves_header();
 std::string analysis_curve_row(int64_t epoch, const AnalyzeReport& report);
-// The rows, each column against epoch, as a PNG.
-std::string analysis_curves_png(const std::vector<std::string>& rows, const std::string& title);
+// One run's rows of analysis/curves.csv, named in the legend (empty: none).
+struct AnalysisCurves {
+  std::string label;
+  std::vector<std::string> rows;
+};
+// The rows of `csv` (a file analysis_curves_header() heads); none when it
+// does not exist.
+std::vector<std::string> read_analysis_curves(const std::filesystem::path& csv);
+// Each column against epoch, a line per run, as a PNG.
+std::string analysis_curves_png(const std::vector<AnalysisCurves>& runs, const std::string& title);
 
 }  // namespace vitlab

@@ -909,8 +909,9 @@ void Trainer::add_curve_row(const std::string& row, const fs::path& dir) {
   std::string csv = analysis_curves_header();
   for (const auto& r : rows) csv += r + "\n";
   write_file_atomic(dir / "curves.csv", csv);
-  write_file_atomic(dir / "curves.png",
-                    analysis_curves_png(rows, fmt::format("{}: attention collapse while it trains", spec.name)));
+  write_file_atomic(
+      dir / "curves.png",
+      analysis_curves_png({{"", rows}}, fmt::format("{}: attention collapse while it trains", spec.name)));
 }
 
 // The epoch's bookkeeping, on every rank: its metrics.csv row, the epoch
