@@ -451,16 +451,22 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
   }
   if (o.ymin) ylo = *o.ymin;
   if (o.ymax) yhi = *o.ymax;
-  if (!(yhi > ylo)) {
-    ylo -= 0.5;
-    yhi += 0.5;
+  // A flat range gets room, relative to its values so that the ticks advance
+  // (y + step != y) around a value such as 1e27.
+  const double magnitude = std::max(std::abs(ylo), std::abs(yhi));
+  if (!(yhi - ylo > 1e-6 * magnitude)) {
+    const double room = std::max(0.5, 0.05 * magnitude);
+    ylo -= room;
+    yhi += room;
   }
   const double ystep = nice_step(yhi - ylo, 5);
   if (!o.ymin) ylo = std::floor(ylo / ystep + 1e-9) * ystep;
   if (!o.ymax) yhi = std::ceil(yhi / ystep - 1e-9) * ystep;
-  if (!(xhi > xlo)) {
-    xlo -= 1;
-    xhi += 1;
+  const double x_magnitude = std::max(std::abs(xlo), std::abs(xhi));
+  if (!(xhi - xlo > 1e-6 * x_magnitude)) {
+    const double room = std::max(1.0, 0.05 * x_magnitude);
+    xlo -= room;
+    xhi += room;
   }
   const double xpad = o.integer_x ? 0.5 : 0.0;
   const double x0 = xlo - xpad, x1 = xhi + xpad;

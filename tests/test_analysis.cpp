@@ -721,6 +721,10 @@ TEST_CASE("figures: heatmaps, grids, line plots and overlays decode at sensible 
   CHECK(size_of(line_plot_png({{"a", {1, 2, 3}, {0.5, 0.7, 0.95}}, {"b", {1, 2}, {0.1, 0.2}}}, p)) ==
         cv::Size(p.width, p.height));
   CHECK_THROWS_WITH(line_plot_png({{"a", {1, 2}, {1}}}, p), Catch::Contains("2 x values and 1 y values"));
+  // A diverged run's curves: one point at 2.4e27 (ticks must still advance), one series all NaN.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  CHECK(size_of(line_plot_png({{"lr", {1}, {2.4e27}}, {"loss", {1}, {nan}}}, LinePlotOptions{})).height > 0);
+  CHECK(size_of(line_plot_png({{"y", {1, 2}, {1e27, 1e27 + 1e12}}}, LinePlotOptions{})).height > 0);
 
   OverlayOptions ov;
   ov.title = "head 0";

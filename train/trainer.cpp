@@ -931,9 +931,9 @@ void Trainer::checkpoint(int64_t epoch, const EpochResult& trained, const Valida
   std::string csv = csv_header(cfg.train.ema);
   for (const auto& r : st.csv_rows) csv += r + "\n";
   write_file_atomic(run_dir / "metrics.csv", csv);
-  write_file_atomic(run_dir / "curves.png", training_curves_png(st.csv_rows, fmt::format("{}: training", spec.name)));
   save("checkpoint-last", true);
   if (best) save("checkpoint-best", false);
+  write_file_atomic(run_dir / "curves.png", training_curves_png(st.csv_rows, fmt::format("{}: training", spec.name)));
   fmt::print(stderr, "epoch {}/{}: train loss {:.4f}, eval loss {:.4f}, top-1 {:.2f}%, top-5 {:.2f}%{}\n", epoch + 1,
              cfg.train.epochs, trained.loss, ev.loss, ev.top1, ev.top5, best ? " (best)" : "");
 }
