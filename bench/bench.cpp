@@ -103,22 +103,37 @@ double median(std::vector<double> v) {
 }  // namespace
 
 double forward_macs(const ModelSpec& spec) {
-  if (spec.family != "vit" && spec.family != "deepvit")
-    fail("bench: FLOPs are counted for ViT and DeepViT models, not {} ({})", spec.name, spec.family);
+  const bool cait = spec.family == "cait";
+  if (spec.family != "vit" && spec.family != "deepvit" && !cait)
+    fail("bench: FLOPs are counted for ViT, DeepViT and CaiT models, not {} ({})", spec.name, spec.family);
   const nlohmann::json& c = spec.config;
   const double img = c["img_size"].get<double>(), patch = c["patch_size"].get<double>();
   const double D = c["embed_dim"].get<double>(), H = c["num_heads"].get<double>();
-  const double mlp = c["mlp_ratio"].get<double>(), classes = c["num_classes"].get<double>();
+  const double classes = c["num_classes"].get<double>();
+  // As the blocks build their Mlp: int(D * mlp_ratio) hidden features.
+  const auto hidden_of = [&](const char* ratio) { return std::floor(D * c[ratio].get<double>()); };
+  const double hidden = hidden_of("mlp_ratio");
   const double patches = (img / patch) * (img / patch);
-  const double T = patches + (c["class_token"].get<bool>() ? 1 : 0);
+  // CaiT's class token joins only after the self-attention blocks (and has no class_token key).
+  const double T = patches + (!cait && c["class_token"].get<bool>() ? 1 : 0);
+  const bool mlp = cait || c["mlp"].get<bool>();  // mlp: false drops the MLP half of every block
   double macs = patches * c["in_chans"].get<double>() * patch * patch * D;  // patch embedding
   const auto depth = c["depth"].get<int64_t>();
   for (int64_t l = 0; l < depth; ++l) {
-    macs += T * D * 3 * D;        // qkv
-    macs += 2 * T * T * D;        // q k^T and attn v over all heads
-    macs += T * D * D;            // projection
-    macs += 2 * T * D * mlp * D;  // fc1, fc2
+    macs += T * D * 3 * D;                // qkv
+    macs += 2 * T * T * D;                // q k^T and attn v over all heads
+    macs += T * D * D;                    // projection
+    if (mlp) macs += 2 * T * D * hidden;  // fc1, fc2
+    if (cait) macs += 2 * H * H * T * T;  // talking heads: proj_l before the softmax, proj_w after
     if (spec.family == "deepvit" && c["apply_transform"][l].get<bool>()) macs += H * H * T * T;  // Θ mixes heads
+  }
+  if (cait) {  // class attention: only the class token queries, over itself and the patches
+    const double keys = patches + 1, hidden_token = hidden_of("mlp_ratio_token_only");
+    const double block = 2 * D * D                // q of the class token, projection
+                         + 2 * keys * D * D       // k, v
+                         + 2 * keys * D           // scores and their weighted sum of V over all heads
+                         + 2 * D * hidden_token;  // MLP on the class token
+    macs += c["depth_token_only"].get<double>() * block;
   }
   return macs + D * classes;
 }

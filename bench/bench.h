@@ -15,9 +15,10 @@ namespace vitlab {
 
 // Multiply-accumulates of one image's forward pass, counted from the
 // shapes: every matrix product (patch embedding, qkv, attention scores and
-// their product with V, projection, MLP, head, and re-attention's head
-// mixing Θ); norms, softmax, activations and DeepViT's CNN stem are not
-// counted. A training step is taken as 3 forward passes (backward = 2).
+// their product with V, projection, MLP, head, re-attention's head mixing
+// Θ, CaiT's talking-heads mixing and class-attention blocks); norms,
+// softmax, activations and DeepViT's CNN stem are not counted. A training
+// step is taken as 3 forward passes (backward = 2).
 double forward_macs(const ModelSpec& spec);
 
 struct BenchOptions {

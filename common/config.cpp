@@ -17,7 +17,8 @@ Override parse_override(const std::string& text) {
   } catch (const YAML::Exception& e) {
     fail("--set {}: value '{}' is not valid YAML ({})", o.key, value, e.msg);
   }
-  if (!o.value || o.value.IsNull()) fail("--set {}: empty value", o.key);
+  // null (a Python None) is a value; nothing is not.
+  if (!o.value || (o.value.IsNull() && value != "null" && value != "~")) fail("--set {}: empty value", o.key);
   return o;
 }
 
@@ -121,6 +122,18 @@ void read_value(const YAML::Node& node, std::vector<bool>& out, const std::strin
 }
 void read_value(const YAML::Node& node, std::vector<double>& out, const std::string& where) {
   read_list(node, out, where, "a list of numbers, e.g. [0.5, 1.0]");
+}
+
+void read_value(const YAML::Node& node, OptionalDouble& out, const std::string& where) {
+  if (node.IsNull()) {
+    out.reset();
+    return;
+  }
+  read_value(node, out.emplace(), where);
+}
+
+void to_json(nlohmann::json& j, const OptionalDouble& value) {
+  j = value ? nlohmann::json(*value) : nlohmann::json(nullptr);
 }
 
 }  // namespace vitlab

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -49,6 +50,14 @@ void read_value(const YAML::Node& node, bool& out, const std::string& where);
 void read_value(const YAML::Node& node, std::string& out, const std::string& where);
 void read_value(const YAML::Node& node, std::vector<bool>& out, const std::string& where);
 void read_value(const YAML::Node& node, std::vector<double>& out, const std::string& where);
+
+// A key that may be null, as a Python None (timm's init_values): null reads
+// as no value, and no value is written as null.
+struct OptionalDouble : std::optional<double> {
+  using std::optional<double>::optional;
+};
+void read_value(const YAML::Node& node, OptionalDouble& out, const std::string& where);
+void to_json(nlohmann::json& j, const OptionalDouble& value);
 
 // Whether T is an options struct (has visit): a field of that type is a
 // nested map of keys, as train.analysis.every.

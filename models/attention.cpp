@@ -11,6 +11,18 @@
 
 namespace vitlab {
 
+namespace {
+
+// Per image b, y[b] = w a[b] + c: the H maps a [B, H, N, M] mixed across
+// heads by w [H, H], offset by c [H], as one batched product.
+torch::Tensor mix_maps(const torch::Tensor& w, const torch::Tensor& c, const torch::Tensor& a) {
+  const int64_t B = a.size(0), H = a.size(1), positions = a.size(2) * a.size(3);
+  return at::baddbmm(c.view({1, H, 1}).expand({B, H, positions}), w.expand({B, H, H}), a.reshape({B, H, positions}))
+      .view(a.sizes());
+}
+
+}  // namespace
+
 AttentionImpl::AttentionImpl(const AttentionOptions& o)
     : options(o),
       qkv(register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(o.dim, 3 * o.dim).bias(o.qkv_bias)))),
@@ -110,9 +122,7 @@ torch::Tensor ReAttentionImpl::re_attend(const torch::Tensor& a) {
     return cpu_kernels_enabled() && head_mixing_applies(a) ? re_attention_training(a, training_parameters())
                                                            : unfused(a);
   const auto [w, c] = folded_mixing();
-  const int64_t B = a.size(0), H = a.size(1), N = a.size(2);
-  return at::baddbmm(c.view({1, H, 1}).expand({B, H, N * N}), w.expand({B, H, H}), a.reshape({B, H, N * N}))
-      .view({B, H, N, N});
+  return mix_maps(w, c, a);
 }
 
 torch::Tensor ReAttentionImpl::re_attend(const torch::Tensor& a, const torch::Tensor& v, AttentionMapSink* maps) {
@@ -129,6 +139,34 @@ torch::Tensor ReAttentionImpl::re_attend(const torch::Tensor& a, const torch::Te
     return mixed_attention_apply(w, c, a, v, maps).permute({0, 2, 1, 3});
   }
   return apply_maps(re_attend(a), v);
+}
+
+TalkingHeadAttentionImpl::TalkingHeadAttentionImpl(const AttentionOptions& o) : AttentionImpl(o) {
+  proj_l = register_module("proj_l", torch::nn::Linear(o.num_heads, o.num_heads));
+  proj_w = register_module("proj_w", torch::nn::Linear(o.num_heads, o.num_heads));
+}
+
+torch::Tensor TalkingHeadAttentionImpl::forward(const torch::Tensor& x, AttentionMapSink* maps) {
+  const Heads h = split_heads(x);
+  // timm's Linear over the head axis (heads moved last and back) is this
+  // mixing; logits first: the softmax runs on the mixed ones.
+  const torch::Tensor logits = torch::matmul(h.q * h.scale, h.k.transpose(-2, -1));
+  const torch::Tensor a = mix_maps(proj_l->weight, proj_l->bias, logits).softmax(-1);
+  AttentionMapSink* applied = maps;
+  if (maps && maps->map() == AttentionMapSink::Map::softmax) {
+    maps->put(a);
+    applied = nullptr;
+  } else if (maps && maps->wants_softmax()) {
+    maps->put_softmax(a);
+  }
+  // In inference the proj_w mixing and the product with v run as one kernel
+  // pass (re-attention's), the mixed maps never stored unless a sink that
+  // takes tensors wants them.
+  if (kernel_inference(h) && (!applied || applied->streams(a.size(2))))
+    return merge_heads(mixed_attention_apply(proj_w->weight, proj_w->bias, a, h.v, applied).permute({0, 2, 1, 3}));
+  const torch::Tensor mixed = attn_drop(mix_maps(proj_w->weight, proj_w->bias, a));
+  if (applied) applied->put(mixed);
+  return merge_heads(apply_maps(mixed, h.v));
 }
 
 }  // namespace vitlab

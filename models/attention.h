@@ -1,8 +1,9 @@
 #pragma once
-// Multi-head self-attention as timm's Attention, and DeepViT's ReAttention
-// as the official code (zhoudaquan/dvit_repo) has it, with the same
-// submodule names so that state_dict keys match (`attn.qkv`, `attn.proj`,
-// `attn.reatten_matrix`, `attn.var_norm`).
+// Multi-head self-attention as timm's Attention, DeepViT's ReAttention as
+// the official code (zhoudaquan/dvit_repo) has it, and CaiT's talking-heads
+// attention as timm's TalkingHeadAttn, with the same submodule names so that
+// state_dict keys match (`attn.qkv`, `attn.proj`, `attn.reatten_matrix`,
+// `attn.var_norm`, `attn.proj_l`, `attn.proj_w`).
 #include <torch/torch.h>
 
 #include <vector>
@@ -85,6 +86,20 @@ class ReAttentionImpl : public AttentionImpl {
   std::pair<torch::Tensor, torch::Tensor> folded_mixing() const;
 };
 TORCH_MODULE(ReAttention);
+
+// CaiT's talking-heads attention (Touvron et al. 2021, after Shazeer et al.
+// 2020): the heads' scaled logits q kᵀ are mixed across heads by `proj_l`
+// (a Linear over the head axis) before the softmax, the softmax maps by
+// `proj_w` after it; those are the maps that multiply V. A sink that asks
+// for softmax maps gets the softmax output between the two.
+class TalkingHeadAttentionImpl : public AttentionImpl {
+ public:
+  explicit TalkingHeadAttentionImpl(const AttentionOptions& options);
+  torch::Tensor forward(const torch::Tensor& x, AttentionMapSink* maps = nullptr) override;
+
+  torch::nn::Linear proj_l{nullptr}, proj_w{nullptr};
+};
+TORCH_MODULE(TalkingHeadAttention);
 
 // Collects each block's maps as [B, H, T, T] tensors, in block order.
 class AttentionMaps : public AttentionMapSink {

@@ -23,6 +23,23 @@ void trunc_normal_(torch::Tensor tensor, double std, double mean, double a, doub
   tensor.clamp_(a, b);
 }
 
+void init_linear_layers(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  module.apply([](torch::nn::Module& m) {
+    if (auto* linear = m.as<torch::nn::Linear>()) {
+      trunc_normal_(linear->weight, 0.02);
+      if (linear->bias.defined()) linear->bias.zero_();
+    }
+  });
+}
+
+torch::nn::LayerNorm layer_norm(int64_t dim) {
+  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6));
+}
+
+LayerScaleImpl::LayerScaleImpl(int64_t dim, double init_values)
+    : gamma(register_parameter("gamma", torch::full({dim}, init_values))) {}
+
 torch::Tensor DropPathImpl::forward(const torch::Tensor& x) {
   if (!is_training() || p == 0.0) return x;
   const double keep = 1.0 - p;

@@ -11,6 +11,13 @@ namespace vitlab {
 // timm's trunc_normal_: N(mean, std) truncated to [a, b] (absolute bounds).
 void trunc_normal_(torch::Tensor tensor, double std = 0.02, double mean = 0.0, double a = -2.0, double b = 2.0);
 
+// timm's weight init of its vision transformers for every Linear in module:
+// trunc_normal(.02) weights, zero biases.
+void init_linear_layers(torch::nn::Module& module);
+
+// The LayerNorm of timm's vision transformers (eps 1e-6).
+torch::nn::LayerNorm layer_norm(int64_t dim);
+
 // Stochastic depth: drops the whole residual branch per sample in training.
 class DropPathImpl : public torch::nn::Module {
  public:
@@ -19,6 +26,17 @@ class DropPathImpl : public torch::nn::Module {
   double p;
 };
 TORCH_MODULE(DropPath);
+
+// timm's LayerScale (Touvron et al. 2021): the learnable per-channel gamma,
+// initialised to init_values, that a residual branch is multiplied by. Only
+// its parameter: the block multiplies (models/vit.h), as CaiT's blocks
+// multiply by theirs, which are not in a submodule.
+class LayerScaleImpl : public torch::nn::Module {
+ public:
+  LayerScaleImpl(int64_t dim, double init_values);
+  torch::Tensor gamma;
+};
+TORCH_MODULE(LayerScale);
 
 class MlpImpl : public torch::nn::Module {
  public:

@@ -24,6 +24,12 @@ const std::vector<Preset>& presets() {
        "DeepViT-S: CNN stem, re-attention in the last 5 blocks"},
       {"deepvit_L", "deepvit", "{embed_dim: 420, depth: 32, num_heads: 12, apply_transform: 'last:12', use_cnn_embed: true, scale_adjustment: 0.5}",
        "DeepViT-L: CNN stem, re-attention in the last 12 blocks"},
+      {"cait_xxs24_224", "cait", "{embed_dim: 192, depth: 24, num_heads: 4, init_values: 1.0e-5}", "CaiT-XXS-24 (timm)"},
+      {"cait_xxs36_224", "cait", "{embed_dim: 192, depth: 36, num_heads: 4, init_values: 1.0e-5}", "CaiT-XXS-36 (timm)"},
+      {"cait_s24_224", "cait", "{embed_dim: 384, depth: 24, num_heads: 8, init_values: 1.0e-5}", "CaiT-S-24 (timm)"},
+      {"cait_xs24_384", "cait", "{img_size: 384, embed_dim: 288, depth: 24, num_heads: 6, init_values: 1.0e-5}", "CaiT-XS-24 at 384 (timm)"},
+      {"cait_s36_384", "cait", "{img_size: 384, embed_dim: 384, depth: 36, num_heads: 8, init_values: 1.0e-6}", "CaiT-S-36 at 384 (timm)"},
+      {"cait_m36_384", "cait", "{img_size: 384, embed_dim: 768, depth: 36, num_heads: 16, init_values: 1.0e-6}", "CaiT-M-36 at 384 (timm)"},
       {"transformer_base", "transformer", "{}", "Vaswani et al. base: N=6, d_model 512, 8 heads, d_ff 2048, dropout 0.1"},
   };
   // clang-format on
@@ -94,6 +100,8 @@ ModelSpec resolve_model(const std::string& name, const YAML::Node& overrides) {
   } else if (preset.family == "deepvit") {
     expand_block_rule(cfg);
     resolve(DeepViTOptions{});
+  } else if (preset.family == "cait") {
+    resolve(CaitOptions{});
   } else {
     resolve(TransformerOptions{});
   }
@@ -106,18 +114,30 @@ ModelSpec resolve_model(const std::string& name, const std::vector<Override>& ov
 
 namespace {
 
-int64_t vit_parameters(const ViTOptions& o, const DeepViTOptions* deep) {
+// A pre-norm block: its norms, attention (qkv as one Linear or three), MLP
+// and LayerScale gammas.
+int64_t block_parameters(int64_t D, int64_t hidden, bool qkv_bias, bool mlp, bool layer_scale) {
+  const int64_t branches = mlp ? 2 : 1;
+  return branches * (layer_scale ? 3 * D : 2 * D) + (3 * D * D + (qkv_bias ? 3 * D : 0)) + (D * D + D) +
+         (mlp ? (D * hidden + hidden) + (hidden * D + D) : 0);
+}
+
+int64_t vit_parameters(const ViTOptions& o, const DeepViTOptions* deep, const CaitOptions* cait) {
   const int64_t D = o.embed_dim, C = o.in_chans, P = o.patch_size, H = o.num_heads;
-  const int64_t hidden = static_cast<int64_t>(D * o.mlp_ratio);
-  const int64_t tokens = o.grid_size() * o.grid_size() + (o.class_token ? 1 : 0);
+  const int64_t patches = o.grid_size() * o.grid_size();
+  const int64_t tokens = patches + (o.class_token && !cait ? 1 : 0);
   int64_t stem = D * C * P * P + D;
   if (deep && deep->use_cnn_embed) stem = 64 * C * 49 + 2 * 64 + 64 * 64 * 9 + 2 * 64 + D * 64 * (P / 2) * (P / 2) + D;
-  const int64_t block =
-      4 * D + (3 * D * D + (o.qkv_bias ? 3 * D : 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D);
+  int64_t block =
+      block_parameters(D, static_cast<int64_t>(D * o.mlp_ratio), o.qkv_bias, o.mlp, o.init_values.has_value());
+  if (cait) block += 2 * (H * H + H);  // talking heads: proj_l, proj_w
   int64_t n = stem + (o.class_token ? D : 0) + tokens * D + o.depth * block + 2 * D +
               (o.num_classes > 0 ? (D + 1) * o.num_classes : 0);
   if (deep)
     for (bool re : deep->apply_transform) n += re ? H * H + H + 2 * H : 0;
+  if (cait)
+    n += cait->depth_token_only *
+         block_parameters(D, static_cast<int64_t>(D * cait->mlp_ratio_token_only), o.qkv_bias, true, true);
   return n;
 }
 
@@ -132,8 +152,9 @@ int64_t transformer_parameters(const TransformerOptions& o) {
 }  // namespace
 
 int64_t spec_parameters(const ModelSpec& spec) {
-  if (auto* o = std::get_if<ViTOptions>(&spec.options)) return vit_parameters(*o, nullptr);
-  if (auto* o = std::get_if<DeepViTOptions>(&spec.options)) return vit_parameters(*o, o);
+  if (auto* o = std::get_if<ViTOptions>(&spec.options)) return vit_parameters(*o, nullptr, nullptr);
+  if (auto* o = std::get_if<DeepViTOptions>(&spec.options)) return vit_parameters(*o, o, nullptr);
+  if (auto* o = std::get_if<CaitOptions>(&spec.options)) return vit_parameters(*o, nullptr, o);
   return transformer_parameters(std::get<TransformerOptions>(spec.options));
 }
 
@@ -141,6 +162,7 @@ Model build_model(const ModelSpec& spec) {
   Model m{spec.name, spec.family, spec.config, nullptr, nullptr, nullptr};
   if (auto* o = std::get_if<ViTOptions>(&spec.options)) m.vision = VisionTransformer(*o).ptr();
   if (auto* o = std::get_if<DeepViTOptions>(&spec.options)) m.vision = DeepViT(*o).ptr();
+  if (auto* o = std::get_if<CaitOptions>(&spec.options)) m.vision = Cait(*o).ptr();
   if (auto* o = std::get_if<TransformerOptions>(&spec.options)) m.seq2seq = Seq2SeqTransformer(*o).ptr();
   m.module = m.vision ? std::static_pointer_cast<torch::nn::Module>(m.vision)
                       : std::static_pointer_cast<torch::nn::Module>(m.seq2seq);

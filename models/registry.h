@@ -12,6 +12,7 @@
 
 #include "common/config.h"
 #include "io/state_dict.h"
+#include "models/cait.h"
 #include "models/deepvit.h"
 #include "models/transformer.h"
 #include "models/vit.h"
@@ -20,7 +21,7 @@ namespace vitlab {
 
 struct Preset {
   std::string name;
-  std::string family;  // vit | deepvit | transformer
+  std::string family;  // vit | deepvit | cait | transformer
   std::string config;  // YAML map of the keys that differ from the family's defaults
   std::string description;
 };
@@ -32,7 +33,7 @@ struct ModelSpec {
   std::string name;
   std::string family;
   nlohmann::json config;  // every key, resolved
-  std::variant<ViTOptions, DeepViTOptions, TransformerOptions> options;
+  std::variant<ViTOptions, DeepViTOptions, CaitOptions, TransformerOptions> options;
 };
 
 // `overrides` is a YAML map of model keys (without the `model.` prefix).
@@ -50,7 +51,7 @@ struct Model {
   std::string family;
   nlohmann::json config;  // every key, resolved
   std::shared_ptr<torch::nn::Module> module;
-  std::shared_ptr<VisionTransformerImpl> vision;    // ViT and DeepViT
+  std::shared_ptr<VisionTransformerImpl> vision;    // ViT, DeepViT and CaiT
   std::shared_ptr<Seq2SeqTransformerImpl> seq2seq;  // Transformer
 };
 

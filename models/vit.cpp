@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "common/config.h"
 #include "common/error.h"
 
 namespace vitlab {
@@ -28,6 +29,14 @@ void ViTOptions::validate() const {
   for (auto [key, p] :
        {std::pair{"drop_rate", drop_rate}, {"attn_drop_rate", attn_drop_rate}, {"drop_path_rate", drop_path_rate}})
     if (!(p >= 0.0 && p < 1.0)) fail("model.{} must be in [0, 1), got {}", key, p);
+  // timm takes a falsy init_values (0 as None) for no LayerScale; a gamma of
+  // zeros would be the other reading, so 0 is refused rather than guessed.
+  if (init_values && !(std::isfinite(*init_values) && *init_values != 0.0))
+    fail("model.init_values must be a finite nonzero number or null (no LayerScale), got {}", *init_values);
+  // Stochastic depth drops a residual branch; without the skip it would
+  // zero the sample's tokens instead.
+  if (!skip && drop_path_rate > 0.0)
+    fail("model.drop_path_rate must be 0 with model.skip: false (no residual branch to drop), got {}", drop_path_rate);
 }
 
 std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
@@ -41,6 +50,9 @@ std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
     b.attention.proj_drop = o.drop_rate;
     b.mlp_ratio = o.mlp_ratio;
     b.drop_path = o.depth > 1 ? o.drop_path_rate * static_cast<double>(i) / static_cast<double>(o.depth - 1) : 0.0;
+    b.init_values = o.init_values;
+    b.skip = o.skip;
+    b.mlp = o.mlp;
     blocks.push_back(b);
   }
   return blocks;
@@ -48,27 +60,46 @@ std::vector<BlockOptions> vit_block_options(const ViTOptions& o) {
 
 BlockImpl::BlockImpl(const BlockOptions& o) : options(o) {
   const int64_t dim = o.attention.dim;
-  auto ln = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6)); };
-  norm1 = register_module("norm1", ln());
+  norm1 = register_module("norm1", layer_norm(dim));
   std::shared_ptr<AttentionImpl> attention;
   if (o.re_attention)
     attention = std::make_shared<ReAttentionImpl>(o.attention, o.reatten_scale);
+  else if (o.talking_heads)
+    attention = std::make_shared<TalkingHeadAttentionImpl>(o.attention);
   else
     attention = std::make_shared<AttentionImpl>(o.attention);
   attn = register_module("attn", Attention(attention));
   drop_path = register_module("drop_path", DropPath(o.drop_path));
-  norm2 = register_module("norm2", ln());
-  mlp = register_module("mlp", Mlp(dim, static_cast<int64_t>(dim * o.mlp_ratio), o.attention.proj_drop));
+  if (o.mlp) {
+    norm2 = register_module("norm2", layer_norm(dim));
+    mlp = register_module("mlp", Mlp(dim, static_cast<int64_t>(dim * o.mlp_ratio), o.attention.proj_drop));
+  }
+  if (!o.init_values) return;
+  if (o.cait_names) {
+    gamma_1 = register_parameter("gamma_1", torch::full({dim}, *o.init_values));
+    if (o.mlp) gamma_2 = register_parameter("gamma_2", torch::full({dim}, *o.init_values));
+  } else {
+    ls1 = register_module("ls1", LayerScale(dim, *o.init_values));
+    gamma_1 = ls1->gamma;
+    if (o.mlp) {
+      ls2 = register_module("ls2", LayerScale(dim, *o.init_values));
+      gamma_2 = ls2->gamma;
+    }
+  }
+}
+
+torch::Tensor BlockImpl::residual(const torch::Tensor& x, const torch::Tensor& branch, const torch::Tensor& gamma) {
+  torch::Tensor y = gamma.defined() ? branch * gamma : branch;
+  if (options.scale_adjustment != 1.0) y = y / options.scale_adjustment;
+  y = drop_path(y);
+  return options.skip ? x + y : y;
 }
 
 torch::Tensor BlockImpl::forward(torch::Tensor x, AttentionMapSink* maps) {
   const double s = options.scale_adjustment;
-  if (s == 1.0) {
-    x = x + drop_path(attn(norm1(x), maps));
-    return x + drop_path(mlp(norm2(x)));
-  }
-  x = x + drop_path(attn(norm1(x * s), maps) / s);
-  return x + drop_path(mlp(norm2(x * s))) / s;
+  x = residual(x, attn(norm1(s == 1.0 ? x : x * s), maps), gamma_1);
+  if (!mlp) return x;
+  return residual(x, mlp(norm2(s == 1.0 ? x : x * s)), gamma_2);
 }
 
 torch::Tensor resample_pos_embed(const torch::Tensor& pos_embed, int64_t new_grid, int64_t num_prefix_tokens) {
@@ -100,49 +131,49 @@ VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o)
 }
 
 VisionTransformerImpl::VisionTransformerImpl(const ViTOptions& o, const std::vector<BlockOptions>& block_options,
-                                             torch::nn::AnyModule stem)
-    : patch_embed(std::move(stem)), options_(o) {
+                                             torch::nn::AnyModule stem, bool late_class_token)
+    : patch_embed(std::move(stem)), options_(o), prefix_tokens_(o.class_token && !late_class_token ? 1 : 0) {
   o.validate();
   register_module("patch_embed", patch_embed.ptr());
   const int64_t num_patches = o.grid_size() * o.grid_size();
   if (o.class_token) cls_token = register_parameter("cls_token", torch::zeros({1, 1, o.embed_dim}));
-  pos_embed = register_parameter("pos_embed", torch::zeros({1, num_patches + num_prefix_tokens(), o.embed_dim}));
+  pos_embed = register_parameter("pos_embed", torch::zeros({1, num_patches + prefix_tokens_, o.embed_dim}));
   pos_drop = register_module("pos_drop", torch::nn::Dropout(o.drop_rate));
   blocks_list = register_module("blocks", torch::nn::ModuleList());
   for (const auto& b : block_options) {
     blocks.push_back(Block(b));
     blocks_list->push_back(blocks.back());
   }
-  norm = register_module(o.global_pool == "avg" ? "fc_norm" : "norm",
-                         torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.embed_dim}).eps(1e-6)));
+  norm = register_module(o.global_pool == "avg" ? "fc_norm" : "norm", layer_norm(o.embed_dim));
   head_drop = register_module("head_drop", torch::nn::Dropout(o.drop_rate));
   if (o.num_classes > 0) head = register_module("head", torch::nn::Linear(o.embed_dim, o.num_classes));
 
   // timm's init: trunc_normal(.02) for Linear weights and pos_embed, zero
-  // Linear biases; convolutions and norms keep PyTorch's defaults.
+  // Linear biases; convolutions, norms and LayerScale keep their own.
   torch::NoGradGuard no_grad;
   trunc_normal_(pos_embed, 0.02);
   if (cls_token.defined()) trunc_normal_(cls_token, 0.02);
-  apply([](torch::nn::Module& m) {
-    if (auto* linear = m.as<torch::nn::Linear>()) {
-      trunc_normal_(linear->weight, 0.02);
-      if (linear->bias.defined()) linear->bias.zero_();
-    }
-  });
+  init_linear_layers(*this);
 }
 
-torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, AttentionMapSink* maps,
-                                                      std::vector<torch::Tensor>* block_outputs) {
+torch::Tensor VisionTransformerImpl::forward_blocks(torch::Tensor x, AttentionMapSink* maps,
+                                                    std::vector<torch::Tensor>* block_outputs) {
   TORCH_CHECK(x.dim() == 4, "expected an image batch [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.size(1) == options_.in_chans, "input has ", x.size(1), " channels, the model expects ",
               options_.in_chans, " (model.in_chans)");
   x = patch_embed.forward(x);
-  if (options_.class_token) x = torch::cat({cls_token.expand({x.size(0), -1, -1}), x}, 1);
+  if (prefix_tokens_ > 0) x = torch::cat({cls_token.expand({x.size(0), -1, -1}), x}, 1);
   x = pos_drop(x + pos_embed);
   for (auto& block : blocks) {
     x = block(x, maps);
     if (block_outputs) block_outputs->push_back(x);
   }
+  return x;
+}
+
+torch::Tensor VisionTransformerImpl::forward_features(torch::Tensor x, AttentionMapSink* maps,
+                                                      std::vector<torch::Tensor>* block_outputs) {
+  x = forward_blocks(x, maps, block_outputs);
   return options_.global_pool == "avg" ? x : norm(x);
 }
 

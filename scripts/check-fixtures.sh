@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the test fixtures that need no network (timm, pos_embed, transformer, pickle; the DeepViT ones too
-# when DVIT_REPO names a zhoudaquan/dvit_repo checkout) into a temporary folder with scripts/make_fixtures.py and
-# compares them with tests/fixtures: same keys, shapes and dtypes, values within manifest.json's tolerances. Prints
-# one line per file; exits 1 naming each file that differs and by how much.
+# Regenerates the test fixtures that need no network (timm: the ViT, LayerScale ViT and CaiT ones; pos_embed,
+# transformer, pickle; the DeepViT ones too when DVIT_REPO names a zhoudaquan/dvit_repo checkout) into a temporary
+# folder with scripts/make_fixtures.py and compares them with tests/fixtures: same keys, shapes and dtypes, values
+# within manifest.json's tolerances. Prints one line per file; exits 1 naming each file that differs and by how much.
 #   scripts/check-fixtures.sh                      # PYTHON=... overrides .venv-bench/bin/python
 #   DVIT_REPO=/path/to/dvit_repo scripts/check-fixtures.sh
 set -euo pipefail

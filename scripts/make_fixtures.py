@@ -10,13 +10,18 @@ reference implementations:
   repository); without it these are skipped, and the random draws their construction makes are replayed so that
   the fixtures made after them come out the same.
 - transformer_torch_small.*: torch.nn.Transformer (post-LN encoder-decoder) with a causal target mask.
+- vit_timm_layerscale.*: timm's VisionTransformer(init_values=1e-5), LayerScale gammas perturbed like every weight.
+- cait_timm_small.*: timm's Cait (timm/models/cait.py) reduced to 3 talking-heads self-attention blocks over the
+  patch tokens and 2 class-attention blocks; .attn.pt holds the self-attention maps after proj_w [L,B,H,N,N],
+  .class_attn.pt the class-attention maps [2,B,H,1,N+1].
 - pickle/: small torch.save files for tests/test_pickle.cpp, each tensor file with a .safetensors twin.
 
 Each model fixture is <name>.pt (state_dict, torch.save), <name>.safetensors (the same tensors), its input(s), its
 output, and for the vision models the attention maps [L,B,H,T,T] and the DeepViT cross-layer similarity
 [L,L,H,T]; manifest.json gives each one's configuration, parameter count, tolerances and what every file holds.
-All model fixtures come from one random stream (torch.manual_seed(1234), drawn in the order timm, DeepViT small,
-DeepViT S-style, nn.Transformer); the pickle files from their own (seed 0).
+The first model fixtures come from one random stream (torch.manual_seed(1234), drawn in the order timm, DeepViT small,
+DeepViT S-style, nn.Transformer), the LayerScale ViT and CaiT from a second (seed 2026, in that order), the pickle
+files from their own (seed 0).
 
 The committed tests/fixtures were made this way on Debian's python3-torch 1.13.1 with a timm snapshot and
 dvit_repo at 1ccb152 (by an earlier generator; the pos_embed and pickle files by two small scripts, now folded in
@@ -24,15 +29,18 @@ here). This script runs in the bench environment (torch 2.15.0, timm 1.0.31, saf
 `scripts/install-deps.sh --bench`), which draws the same random numbers: its model fixtures agree with the
 committed ones within the tolerances (last-bit differences from trunc_normal_'s erfinv and the forward passes).
 pickle/checkpoint.* were made by this script on torch 2.15.0 (whose Adam has more param_group keys than 1.13's).
+vit_timm_layerscale.* and cait_timm_small.* were made on python3-torch 1.13.1 with a timm snapshot by the shared
+fixture generator (its sections 5 and 6, ported here as they were); this script's agree with them within the
+tolerances in the same way.
 
     .venv-bench/bin/python scripts/make_fixtures.py --dvit-repo /path/to/dvit_repo --out tests/fixtures
     .venv-bench/bin/python scripts/make_fixtures.py --out runs/fixtures-new --compare tests/fixtures
 
---only picks groups (timm, transformer, deepvit, pos_embed, pickle); the others are still built where the random
-stream needs them, but not written. Files are written to a temporary folder beside --out, then moved into it;
-manifest.json keeps the entries of fixtures not regenerated. --compare REF compares every file written with the
-one in REF (keys, shapes, dtypes, values within the manifest's tolerances) and exits 1 when any differ;
-scripts/check-fixtures.sh runs it for CI.
+--only picks groups (timm: vit_timm_small, vit_timm_layerscale, cait_timm_small; transformer, deepvit, pos_embed,
+pickle); the others are still built where the random stream needs them, but not written. Files are written to a
+temporary folder beside --out, then moved into it; manifest.json keeps the entries of fixtures not regenerated.
+--compare REF compares every file written with the one in REF (keys, shapes, dtypes, values within the manifest's
+tolerances) and exits 1 when any differ; scripts/check-fixtures.sh runs it for CI.
 """
 import argparse
 import importlib
@@ -49,6 +57,7 @@ import safetensors.torch
 import torch
 
 SEED = 1234  # the model fixtures' random stream
+LAYERSCALE_SEED = 2026  # vit_timm_layerscale then cait_timm_small: a stream of their own, as the shared generator had
 PICKLE_SEED = 0
 GROUPS = ("timm", "pos_embed", "deepvit", "transformer", "pickle")
 VISION_TOLERANCE = {"logits_max_abs": 1e-4, "attn_max_abs": 1e-5, "similarity_max_abs": 1e-5}
@@ -67,6 +76,7 @@ FILES_DOC = {
     "<name>.pt": "state_dict as a plain dict, written by Python torch.save (zip format)",
     "<name>.safetensors": "the same tensors in the safetensors format",
     "<name>.similarity.pt": "DeepViT cross-layer similarity M [L,L,H,T] (p, q, head, token), mean over the batch",
+    "cait_timm_small.class_attn.pt": "CaiT class-attention maps [2,B,H,1,N+1] (class token first among keys)",
     "transformer_torch_small.{src,tgt,output}.pt": "nn.Transformer inputs [S,B,E], [T,B,E] and output [T,B,E]",
 }
 
@@ -176,6 +186,48 @@ def pos_embed_grids(sink, vit):
         resized = resample_abs_pos_embed(pos_embed, new_size=[grid, grid], old_size=[4, 4], num_prefix_tokens=1,
                                          interpolation="bicubic", antialias=True)
         sink.save("pos_embed", f"vit_timm_small.pos_embed_grid{grid}.pt", resized.contiguous())
+
+
+def vit_timm_layerscale(sink):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(LAYERSCALE_SEED)
+    cfg = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=3, num_heads=4,
+               mlp_ratio=4.0, qkv_bias=True, init_values=1e-5)
+    model = VisionTransformer(**cfg).eval()
+    perturb_parameters(model)  # moves the gammas off init_values too
+    maps = []
+    for blk in model.blocks:
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o.detach().clone()))
+    x = torch.randn(2, 3, 32, 32)
+    save_vision_fixture(sink, "timm", "vit_timm_layerscale", model, x, maps,
+                        dict(cfg, layer_norm_eps=1e-6, class_token=True, global_pool="token"),
+                        "timm VisionTransformer(init_values=1e-5): LayerScale as blocks.N.ls1.gamma / ls2.gamma; "
+                        "attn = post-softmax maps")
+
+
+def cait_timm_small(sink):
+    """Draws on from where vit_timm_layerscale left the stream."""
+    from timm.models.cait import Cait
+
+    cfg = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=3, num_heads=4,
+               mlp_ratio=4.0, qkv_bias=True, init_values=1e-5, depth_token_only=2, mlp_ratio_token_only=4.0)
+    model = Cait(**cfg).eval()
+    perturb_parameters(model)
+    maps, class_maps = [], []
+    for blk in model.blocks:  # TalkingHeadAttn's attn_drop receives the map after proj_w, the one that multiplies V
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o.detach().clone()))
+    for blk in model.blocks_token_only:  # ClassAttn's: the softmax map of the class token's query
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, o: class_maps.append(o.detach().clone()))
+    x = torch.randn(2, 3, 32, 32)
+    save_vision_fixture(sink, "timm", "cait_timm_small", model, x, maps, dict(cfg, layer_norm_eps=1e-6),
+                        "timm Cait: attn = self-attention blocks' maps after talking heads (proj_w), the maps that "
+                        "multiply V, over patch tokens only [L,B,H,N,N]; class_attn = class-attention blocks' "
+                        "softmax maps [2,B,H,1,N+1]")
+    if len(class_maps) != cfg["depth_token_only"]:  # save_vision_fixture ran the only forward pass
+        raise RuntimeError(f"cait_timm_small: captured {len(class_maps)} class-attention maps for "
+                           f"{cfg['depth_token_only']} blocks")
+    sink.save("timm", "cait_timm_small.class_attn.pt", torch.stack(class_maps))
 
 
 # ---------------------------------------------------------------------------------------------- DeepViT
@@ -406,6 +458,8 @@ def generate(out, groups, dvit_repo):
         pos_embed_grids(sink, vit)
         deepvit_fixtures(sink, dvit)
         transformer_torch_small(sink)
+        vit_timm_layerscale(sink)  # reseeds
+        cait_timm_small(sink)
         pickle_fixtures(sink)
 
         manifest_path = os.path.join(out, "manifest.json")
@@ -417,6 +471,7 @@ def generate(out, groups, dvit_repo):
         manifest["_files"] = FILES_DOC
         with open(os.path.join(staging, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")  # as the committed manifest.json ends
         for _, rel in sink.files + [(None, "manifest.json")]:
             os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
             os.replace(os.path.join(staging, rel), os.path.join(out, rel))
@@ -439,6 +494,8 @@ def tolerance_for(rel, ref_manifest):
     name, _, kind = base.partition(".")
     kind = kind.rsplit(".", 1)[0]  # "logits" from "logits.pt", "" from ".pt"/".safetensors"
     tol = ref_manifest.get(name, {}).get("tolerance", {})
+    if kind == "class_attn" and "class_attn_max_abs" not in tol:
+        kind = "attn"  # CaiT's class-attention maps: softmax outputs like the others
     if f"{kind}_max_abs" in tol:
         return tol[f"{kind}_max_abs"], 0.0
     return WEIGHTS_MAX_ABS, WEIGHTS_MAX_REL  # weights, inputs

@@ -1,5 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/version.h>
+
+#include <catch2/catch.hpp>
 #include <set>
 #include <tuple>
 
@@ -24,6 +25,36 @@ TEST_CASE("FLOPs of vit_tiny_patch16_224 and a DeepViT match a hand count") {
   plain["apply_transform"] = "none";
   CHECK(forward_macs(deep) - forward_macs(resolve_model("deepvit_patch16_224_re_attn_16b", plain)) ==
         Approx(16 * 12.0 * 12 * T * T).epsilon(1e-12));
+}
+
+TEST_CASE("FLOPs of a small CaiT match a hand count; ViT without MLP drops exactly the MLP") {
+  YAML::Node small;
+  small["img_size"] = 32;  // 16 patches of 8x8x3
+  small["patch_size"] = 8;
+  small["embed_dim"] = 48;
+  small["depth"] = 3;
+  small["num_heads"] = 4;
+  small["num_classes"] = 10;
+  small["depth_token_only"] = 2;
+  small["mlp_ratio_token_only"] = 2.0;  // unlike mlp_ratio 4: the class blocks' MLP has 96 hidden
+  // N = 16, D = 48, H = 4. Self-attention over the patches alone: qkv 3ND^2,
+  // scores and attn*V 2N^2D, talking heads 2H^2N^2, projection ND^2, MLP
+  // 2ND*192. Class attention: q D^2, k and v 2(N+1)D^2, scores and sum
+  // 2(N+1)D, projection D^2, MLP 2D*96.
+  const double self_block =
+      3 * 16 * 48 * 48 + 2 * 16 * 16 * 48 + 2 * 4 * 4 * 16 * 16 + 16 * 48 * 48 + 2 * 16 * 48 * 192;
+  const double class_block = 48 * 48 + 2 * 17 * 48 * 48 + 2 * 17 * 48 + 48 * 48 + 2 * 48 * 96;
+  const double expected = 16 * 3 * 8 * 8 * 48 + 3 * self_block + 2 * class_block + 48 * 10;
+  CHECK(expected == 1760928);
+  CHECK(forward_macs(resolve_model("cait_xxs24_224", small)) == expected);
+  CHECK(forward_macs(resolve_model("cait_xxs24_224")) / 1e9 == Approx(2.5).epsilon(0.02));  // timm's card: 2.5
+
+  YAML::Node no_mlp;
+  no_mlp["mlp"] = false;
+  const double T = 197, D = 192, hidden = 768;
+  CHECK(forward_macs(resolve_model("vit_tiny_patch16_224")) -
+            forward_macs(resolve_model("vit_tiny_patch16_224", no_mlp)) ==
+        12 * 2 * T * D * hidden);
 }
 
 TEST_CASE("vitlab bench --profile lists operators by self CPU time, the attention kernel among them") {

@@ -22,6 +22,15 @@ TEST_CASE("overrides (--set) parse dotted keys and YAML values") {
   CHECK_THROWS_WITH(parse_override("model.depth"), Catch::Contains("expected KEY=VALUE"));
   CHECK_THROWS_WITH(parse_override("model.depth=[1,"), Catch::Contains("not valid YAML"));
   CHECK_THROWS_WITH(section_overrides({parse_override("depth=3")}, "model", {"model"}), Catch::Contains("model.KEY"));
+  CHECK_THROWS_WITH(parse_override("model.depth="), Catch::Contains("--set model.depth: empty value"));
+  // null, as a Python None, turns a nullable key off (LayerScale here).
+  const ModelSpec on = resolve_model("vit_tiny_patch16_224", sets({"model.init_values=1e-5"}));
+  CHECK(on.config["init_values"] == 1e-5);
+  CHECK(resolve_model("vit_tiny_patch16_224", sets({"model.init_values=1e-5", "model.init_values=null"}))
+            .config["init_values"]
+            .is_null());
+  CHECK(spec_parameters(resolve_model("vit_tiny_patch16_224", sets({"model.init_values=~"}))) ==
+        spec_parameters(resolve_model("vit_tiny_patch16_224")));
 }
 
 TEST_CASE("unknown keys name the closest valid key") {

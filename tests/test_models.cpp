@@ -23,9 +23,12 @@ YAML::Node yaml(const char* text) { return YAML::Load(text); }
 
 // A small DeepViT with every feature on: CNN stem, re-attention in some
 // blocks, transform_scale, scale_adjustment.
-Model small_deepvit() {
-  return create_model("deepvit_S", yaml("{img_size: 32, patch_size: 8, embed_dim: 48, depth: 3, num_heads: 4, "
-                                        "num_classes: 5, apply_transform: [false, true, true]}"));
+Model small_deepvit(const YAML::Node& extra = YAML::Node(YAML::NodeType::Map)) {
+  YAML::Node o = yaml(
+      "{img_size: 32, patch_size: 8, embed_dim: 48, depth: 3, num_heads: 4, num_classes: 5, "
+      "apply_transform: [false, true, true]}");
+  merge_into(o, extra);
+  return create_model("deepvit_S", o);
 }
 
 // Two threads stand for two processes; the sum across them meets at a
@@ -80,13 +83,20 @@ TEST_CASE("every preset has exactly the reference parameter count") {
       {"deepvit_patch16_224_re_attn_32b", 48096232},
       {"deepvit_S", 27312632},
       {"deepvit_L", 58883708},
+      {"cait_xxs24_224", 11956264},
+      {"cait_xxs36_224", 17299720},
+      {"cait_s24_224", 46916200},
+      {"cait_xs24_384", 26670088},
+      {"cait_s36_384", 68366632},
+      {"cait_m36_384", 271221352},
   };
   REQUIRE(presets().size() == expected.size() + 1);  // + transformer_base
   for (const auto& [name, count] : expected) {
     INFO(name);
     CHECK(spec_parameters(resolve_model(name)) == count);
     // Building (and initialising) ViT-L and ViT-H took most of this test's time, 23 s here and 38 s under ASan;
-    // their modules are those of the other ViTs at another size, and the shape-only count stands in.
+    // their modules (and CaiT-M's) are those of the other presets at another size, and the shape-only count
+    // stands in.
     if (count < 100'000'000) CHECK(count_parameters(*create_model(name).module) == count);
   }
 }
@@ -97,6 +107,12 @@ TEST_CASE("the shape-only parameter count matches the built model for variants")
       {"vit_tiny_patch16_224", "{qkv_bias: false, in_chans: 1, img_size: 32, patch_size: 4, mlp_ratio: 2.5}"},
       {"deepvit_S", "{img_size: 64, patch_size: 8, depth: 4, apply_transform: 'first:2', num_classes: 7}"},
       {"deepvit_patch16_224_re_attn_16b", "{depth: 2, use_cnn_embed: true, in_chans: 1}"},
+      {"vit_tiny_patch16_224", "{init_values: 1.0e-5, depth: 3}"},
+      {"vit_tiny_patch16_224", "{skip: false, mlp: false, depth: 3}"},
+      {"vit_tiny_patch16_224", "{mlp: false, init_values: 0.1, depth: 2}"},
+      {"deepvit_S", "{depth: 3, apply_transform: 'last:2', init_values: 1.0e-6}"},
+      {"cait_xxs24_224", "{img_size: 64, depth: 2, depth_token_only: 3, mlp_ratio_token_only: 2, qkv_bias: false}"},
+      {"cait_xxs24_224", "{depth: 1, num_classes: 0, in_chans: 1}"},
       {"transformer_base", "{}"},
       {"transformer_base",
        "{d_model: 64, nhead: 4, num_encoder_layers: 1, num_decoder_layers: 3, tie_weights: false, "
@@ -107,6 +123,41 @@ TEST_CASE("the shape-only parameter count matches the built model for variants")
     CHECK(spec_parameters(resolve_model(name, yaml(sets.c_str()))) ==
           count_parameters(*create_model(name, yaml(sets.c_str())).module));
   }
+}
+
+TEST_CASE("LayerScale in ViT and DeepViT: timm's ls1.gamma and ls2.gamma, initialised to init_values") {
+  // timm: vit_small_patch16_224(init_values=1e-5) has 22,059,880 parameters, 2 x 384 more per block.
+  const ModelSpec spec = resolve_model("vit_small_patch16_224", yaml("{init_values: 1.0e-5}"));
+  CHECK(spec_parameters(spec) == 22059880);
+  Model m = build_model(spec);
+  CHECK(count_parameters(*m.module) == 22059880);
+  CHECK(spec.config["init_values"].get<double>() == 1e-5);
+  CHECK(resolve_model("vit_small_patch16_224").config["init_values"].is_null());  // off by default, as timm's None
+  CHECK(resolve_model("vit_small_patch16_224", yaml("{init_values: null}")).config["init_values"].is_null());
+  StateDict s = module_state(*m.module);
+  for (const char* key : {"blocks.0.ls1.gamma", "blocks.11.ls2.gamma"}) {
+    INFO(key);
+    REQUIRE(s.count(key));
+    CHECK(torch::equal(s.at(key), torch::full({384}, 1e-5)));
+  }
+  CHECK(s.size() == 4 + 2 + 12 * 14 + 2);
+  StateDict d = module_state(*small_deepvit(yaml("{init_values: 0.5}")).module);
+  CHECK(d.count("blocks.2.ls1.gamma"));
+  CHECK(d.count("blocks.2.ls2.gamma"));
+  // A block's branch is multiplied by gamma: a zero gamma makes the block the identity.
+  torch::manual_seed(11);
+  Model one = create_model("vit_tiny_patch16_224", yaml("{img_size: 32, patch_size: 8, depth: 1, init_values: 1}"));
+  one.module->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor tokens = torch::randn({2, 17, 192});
+  Block& block = one.vision->blocks[0];
+  const torch::Tensor plain = block(tokens);
+  block->gamma_1.fill_(0.0);
+  block->gamma_2.fill_(0.0);
+  CHECK(torch::equal(block(tokens), tokens));
+  block->gamma_1.fill_(2.0);
+  block->gamma_2.fill_(2.0);
+  CHECK_FALSE(torch::allclose(block(tokens), plain));
 }
 
 TEST_CASE("state_dict keys are the reference implementations' names") {
@@ -126,6 +177,61 @@ TEST_CASE("state_dict keys are the reference implementations' names") {
     CHECK(dvit.count(key));
   CHECK_FALSE(dvit.count("blocks.0.attn.reatten_matrix.weight"));
   CHECK(dvit.at("blocks.1.attn.reatten_matrix.weight").sizes() == torch::IntArrayRef({4, 4, 1, 1}));
+}
+
+TEST_CASE("model keys: the new ones are checked, and a misspelt one is named with its closest key") {
+  const std::vector<std::pair<std::string, std::string>> misspelt = {
+      {"{init_value: 1.0e-5}", "did you mean 'model.init_values'"},
+      {"{skp: false}", "did you mean 'model.skip'"},
+      {"{mpl: false}", "did you mean 'model.mlp'"},
+  };
+  for (const auto& [sets, expected] : misspelt) {
+    INFO(sets);
+    CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml(sets.c_str())),
+                      Catch::Contains("unknown key 'model.") && Catch::Contains(expected));
+    CHECK_THROWS_WITH(resolve_model("deepvit_S", yaml(sets.c_str())), Catch::Contains(expected));
+  }
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{init_values: 0}")),
+                    Catch::Contains("model.init_values must be a finite nonzero number"));
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{init_values: small}")),
+                    Catch::Contains("model.init_values: expected a number, got 'small'"));
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{skip: maybe}")),
+                    Catch::Contains("model.skip: expected true or false"));
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{skip: false, drop_path_rate: 0.1}")),
+                    Catch::Contains("model.drop_path_rate must be 0 with model.skip: false"));
+}
+
+TEST_CASE("positive control: pure attention (skip: false, mlp: false) collapses the tokens to rank one") {
+  // Dong et al. 2021: without skips and MLPs, self-attention drives the
+  // token matrix X to 1 x̄ᵀ doubly exponentially in depth. At initialisation
+  // 12 such blocks leave a rank-collapse residual ‖X - 1 x̄ᵀ‖_F / ‖X‖_F under
+  // a tenth of a ViT's of the same depth.
+  const auto residuals = [](const std::string& sets) {  // per block, mean over images
+    torch::manual_seed(12);
+    Model m = create_model("vit_tiny_patch16_224", yaml(sets.c_str()));
+    m.module->eval();
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> outputs;
+    m.vision->forward_features(torch::randn({4, 3, 32, 32}), nullptr, &outputs);
+    std::vector<double> r;
+    for (const auto& output : outputs) {
+      const torch::Tensor x = output.to(torch::kDouble);  // [B, T, D]
+      r.push_back(((x - x.mean(1, true)).norm(2, {1, 2}) / x.norm(2, {1, 2})).mean().item<double>());
+    }
+    return r;
+  };
+  const std::string common = "{img_size: 32, patch_size: 4, embed_dim: 32, num_heads: 2, depth: 12, num_classes: 10";
+  const std::vector<double> vit = residuals(common + "}"), pure = residuals(common + ", skip: false, mlp: false}");
+  INFO("ViT " << fmt::format("{}", fmt::join(vit, ", ")) << "; pure attention "
+              << fmt::format("{}", fmt::join(pure, ", ")));
+  REQUIRE(pure.size() == 12);
+  CHECK(vit.back() > 0.1);
+  CHECK(pure.front() > pure.back());  // collapsing block by block, not at once by construction
+  CHECK(pure.back() < vit.back() / 10);
+  StateDict keys = module_state(*create_model("vit_tiny_patch16_224", yaml("{depth: 1, mlp: false}")).module);
+  CHECK(keys.count("blocks.0.norm1.weight"));
+  CHECK_FALSE(keys.count("blocks.0.norm2.weight"));
+  CHECK_FALSE(keys.count("blocks.0.mlp.fc1.weight"));
 }
 
 TEST_CASE("timm initialisation") {
