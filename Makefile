@@ -1,7 +1,8 @@
 # vitlab entry points: `make` builds, `make test` runs the suite, `make demo`
-# runs the main job, `make bench` compares vitlab with timm and the official
-# DeepViT code and rewrites docs/BENCHMARKS.md, `make check-fixtures`
-# regenerates the test fixtures and compares them with the committed ones.
+# runs the depth study and the positive control, `make bench` compares vitlab
+# with timm and the official DeepViT code and rewrites docs/BENCHMARKS.md,
+# `make check-fixtures` regenerates the test fixtures and compares them with
+# the committed ones.
 # `make test-asan` runs the suite under ASan + UBSan and `make fuzz` the
 # libFuzzer targets, from one clang build in $(SANITIZE_BUILD). Each installs
 # what is missing first.

@@ -16,6 +16,7 @@
 #include "common/device.h"
 #include "common/error.h"
 #include "common/files.h"
+#include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "io/torch_file.h"
 #include "kernels/cosine.h"
@@ -182,6 +183,18 @@ void write_measures(const MeasureResult& m, const Add& add) {
     }
     add(std::string(stem) + ".csv", csv);
   }
+}
+
+// Each image's values, for bootstrap intervals over images
+// (analysis/bootstrap.h): adjacent_similarity [N, L-1] and the block-output
+// measures [N, L] that were computed.
+std::string per_image_safetensors(const SimilarityResult& s, const MeasureResult& m) {
+  StateDict values = {{"adjacent_similarity", s.image_adjacent}};
+  for (const auto& [key, t] : {std::pair{"token_uniformity", m.image_uniformity},
+                               {"rank_residual", m.image_residual},
+                               {"effective_rank", m.image_effective_rank}})
+    if (t.defined()) values[key] = t.contiguous();
+  return serialize_safetensors(values, {{"images", std::to_string(s.images)}});
 }
 
 // A per-block curve of v [L] (or, for [L, H], the mean over heads).
@@ -510,6 +523,7 @@ void write_report(AnalyzeReport& report, const std::string& name, const AnalyzeO
   };
   write_similarity(r, add);
   write_measures(report.measures, add);
+  add("per_image.safetensors", per_image_safetensors(r, report.measures));
   draw_similarity(r, name, maps_text, o, add);
   draw_measures(report.measures, name, add);
 

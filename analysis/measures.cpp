@@ -45,7 +45,7 @@ torch::Tensor grid_distances(int64_t n, int64_t patch_size) {
 
 // The block-output measures: uniformity and effective rank from one float64
 // Gram matrix of each image's tokens, the residual from the tokens
-// themselves; all summed in float64.
+// themselves; per image, in float64.
 
 // The Gram matrices of x [B, T, D] in float64, of its tokens (X Xᵀ,
 // [B, T, T]) or of its channels (Xᵀ X, [B, D, D]): a float32 Gram matrix's
@@ -57,26 +57,26 @@ torch::Tensor gram(const torch::Tensor& x, bool of_tokens) {
   return of_tokens ? torch::matmul(x64, x64.transpose(1, 2)) : torch::matmul(x64.transpose(1, 2), x64);
 }
 
-// Σ over the batch of the mean |cos| between distinct patch tokens, from
-// the Gram matrices: cos_ij = G_ij / sqrt(G_ii G_jj) for i, j >= prefix.
-double uniformity_sum(const torch::Tensor& gram, int64_t prefix) {
+// Per image [B], the mean |cos| between distinct patch tokens, from the
+// Gram matrices: cos_ij = G_ij / sqrt(G_ii G_jj) for i, j >= prefix.
+torch::Tensor uniformity_per_image(const torch::Tensor& gram, int64_t prefix) {
   const int64_t n = gram.size(1) - prefix;
   if (n < 2) fail("token uniformity needs at least 2 patch tokens, got {}", n);
   const torch::Tensor g = gram.narrow(1, prefix, n).narrow(2, prefix, n);
   const torch::Tensor inv_norm = g.diagonal(0, 1, 2).clamp_min(1e-300).rsqrt();  // [B, n]
   const torch::Tensor cos = (g * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)).abs_();
   const torch::Tensor off_diagonal = cos.sum(torch::IntArrayRef{1, 2}) - cos.diagonal(0, 1, 2).sum(1);
-  return (off_diagonal / static_cast<double>(n * (n - 1))).sum().item<double>();
+  return off_diagonal / static_cast<double>(n * (n - 1));
 }
 
-// Σ over the batch of ‖X - 1 x̄ᵀ‖_F / ‖X‖_F (0 for X = 0), from the tokens:
+// Per image [B], ‖X - 1 x̄ᵀ‖_F / ‖X‖_F (0 for X = 0), from the tokens:
 // through the Gram matrix, ‖X‖² - T‖x̄‖² would cancel to rounding noise
 // (1e-8 instead of 0) for a collapsed block.
-double residual_sum(const torch::Tensor& x) {
+torch::Tensor residual_per_image(const torch::Tensor& x) {
   const torch::Tensor x64 = x.to(torch::kCPU, torch::kDouble);
   const torch::Tensor total = x64.norm(2, torch::IntArrayRef{1, 2});
   const torch::Tensor centred = (x64 - x64.mean(1, true)).norm(2, torch::IntArrayRef{1, 2});
-  return torch::where(total > 0, centred / total, torch::zeros_like(total)).sum().item<double>();
+  return torch::where(total > 0, centred / total, torch::zeros_like(total));
 }
 
 // The eigenvalues of each Gram matrix [B, T, T], one matrix per thread:
@@ -90,14 +90,14 @@ torch::Tensor gram_eigenvalues(const torch::Tensor& gram) {
   return out;
 }
 
-// Σ over the batch of exp(-Σ p_k ln p_k), p the normalised singular values
+// Per image [B], exp(-Σ p_k ln p_k), p the normalised singular values
 // σ_k = sqrt(λ_k(X Xᵀ)) (0 for X = 0).
-double effective_rank_sum(const torch::Tensor& gram) {
+torch::Tensor effective_rank_per_image(const torch::Tensor& gram) {
   const torch::Tensor sigma = gram_eigenvalues(gram).clamp_min(0.0).sqrt();
   const torch::Tensor total = sigma.sum(-1, true);
   const torch::Tensor p = sigma / total.clamp_min(1e-300);
   const torch::Tensor erank = torch::exp(-torch::xlogy(p, p).sum(-1));
-  return torch::where(total.squeeze(-1) > 0, erank, torch::zeros_like(erank)).sum().item<double>();
+  return torch::where(total.squeeze(-1) > 0, erank, torch::zeros_like(erank));
 }
 
 }  // namespace
@@ -110,9 +110,6 @@ MeasureAccumulator::MeasureAccumulator(int64_t layers, int64_t heads, int64_t to
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   entropy_ = torch::zeros({L_, H_}, f64);
   distance_ = torch::zeros({L_, H_}, f64);
-  uniformity_ = torch::zeros({L_}, f64);
-  residual_ = torch::zeros({L_}, f64);
-  effective_rank_ = torch::zeros({L_}, f64);
   hsic_ = torch::zeros({L_, L_}, f64);
   if (options_.has("distance"))
     pixel_distance_ = grid_distances(T_ - options_.prefix_tokens, options_.patch_size).to(torch::kFloat).contiguous();
@@ -164,20 +161,24 @@ void MeasureAccumulator::add_features(const std::vector<torch::Tensor>& features
   if (static_cast<int64_t>(features.size()) != L_)
     fail("measures: expected the outputs of {} blocks, got {}", L_, features.size());
   const int64_t prefix = options_.prefix_tokens;
+  std::vector<torch::Tensor> uniformity, residual, effective_rank;  // per block, [B]
   for (int64_t l = 0; l < L_; ++l) {
     const torch::Tensor& f = features[l];
     if (f.dim() != 3 || f.size(1) != T_)
       fail("measures: expected block {}'s outputs [B, {}, D], got shape {}", l, T_, f.sizes().vec());
-    if (options_.has("residual")) residual_[l] += residual_sum(f);
+    if (options_.has("residual")) residual.push_back(residual_per_image(f));
     if (!options_.has("uniformity") && !options_.has("effective_rank")) continue;
     // Uniformity needs the tokens' Gram matrix; the effective rank takes
     // the smaller one (the same nonzero eigenvalues).
     const bool tokens_smaller = f.size(1) <= f.size(2);
     const torch::Tensor tokens = options_.has("uniformity") || tokens_smaller ? gram(f, true) : torch::Tensor();
-    if (options_.has("uniformity")) uniformity_[l] += uniformity_sum(tokens, prefix);
+    if (options_.has("uniformity")) uniformity.push_back(uniformity_per_image(tokens, prefix));
     if (options_.has("effective_rank"))
-      effective_rank_[l] += effective_rank_sum(tokens_smaller ? tokens : gram(f, false));
+      effective_rank.push_back(effective_rank_per_image(tokens_smaller ? tokens : gram(f, false)));
   }
+  for (auto [values, out] :
+       {std::pair{&uniformity, &uniformity_}, {&residual, &residual_}, {&effective_rank, &effective_rank_}})
+    if (!values->empty()) out->push_back(torch::stack(*values, 1));
   if (!options_.has("cka")) return;
   // Minibatches of cka_batch images in input order, across batches.
   for (int64_t b = 0; b < features[0].size(0);) {
@@ -221,9 +222,13 @@ MeasureResult MeasureAccumulator::result() const {
   const int64_t patches = T_ - options_.prefix_tokens;
   if (options_.has("entropy")) r.entropy = entropy_ / (images * static_cast<double>(T_));
   if (options_.has("distance")) r.distance = distance_ / (images * static_cast<double>(patches));
-  if (options_.has("uniformity")) r.uniformity = uniformity_ / images;
-  if (options_.has("residual")) r.residual = residual_ / images;
-  if (options_.has("effective_rank")) r.effective_rank = effective_rank_ / images;
+  for (auto [per_batch, image, mean] : {std::tuple{&uniformity_, &r.image_uniformity, &r.uniformity},
+                                        {&residual_, &r.image_residual, &r.residual},
+                                        {&effective_rank_, &r.image_effective_rank, &r.effective_rank}})
+    if (!per_batch->empty()) {
+      *image = torch::cat(*per_batch);
+      *mean = image->mean(0);
+    }
   if (options_.has("cka")) {
     torch::Tensor hsic = hsic_.clone();
     int64_t minibatches = minibatches_;

@@ -39,6 +39,9 @@ struct MeasureResult {
   int64_t images = 0;
   // Undefined where not measured; float64.
   torch::Tensor entropy, distance, uniformity, residual, effective_rank, cka;
+  // The block-output measures per image, [N, L] (for bootstrap intervals
+  // over images, analysis/bootstrap.h); undefined where not measured.
+  torch::Tensor image_uniformity, image_residual, image_effective_rank;
   // summary.json's keys: attention_entropy, mean_attention_distance,
   // token_uniformity, rank_residual, effective_rank, cka.
   nlohmann::json to_json() const;
@@ -72,8 +75,10 @@ class MeasureAccumulator {
   int64_t L_, H_, T_;
   MeasureOptions options_;
   int64_t images_ = 0;
-  torch::Tensor entropy_, distance_, uniformity_, residual_, effective_rank_;  // sums, float64
-  torch::Tensor pixel_distance_;                                               // [n, n] between patch tokens, float32
+  torch::Tensor entropy_, distance_;  // sums, float64
+  // Per batch, [B, L] float64: the block-output measures of each image.
+  std::vector<torch::Tensor> uniformity_, residual_, effective_rank_;
+  torch::Tensor pixel_distance_;  // [n, n] between patch tokens, float32
   // The block whose maps come one at a time, and their statistics [B, H, 2].
   int64_t streaming_ = -1;
   torch::Tensor map_stats_;

@@ -162,6 +162,22 @@ torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features
   return symmetric_from_pairs(sums, L);
 }
 
+// Image b's S[k-1, k] for every k, from what it added to the CPU kernel's
+// cross-layer sums [H, blocks, pairs, 8] (`seen`: the sums before it, per k,
+// updated): its sums over heads and tokens over H * T.
+void record_image_adjacent(const float* sum, int64_t H, int64_t blocks, int64_t L, int64_t T, std::vector<double>& seen,
+                           double* out) {
+  const int64_t pairs = pair_count(L);
+  for (int64_t k = 1; k < L; ++k) {
+    const int64_t pair = (k - 1) * L - (k - 1) * (k - 2) / 2 + 1;  // (k-1, k) among the pairs p <= q, row-major
+    double total = 0.0;
+    for (int64_t run = 0; run < H * blocks; ++run)
+      for (int64_t w = 0; w < kW; ++w) total += sum[(run * pairs + pair) * kW + w];
+    out[k - 1] = (total - seen[k - 1]) / static_cast<double>(H * T);
+    seen[k - 1] = total;
+  }
+}
+
 // add()'s CPU path for float32 maps, [B, H, T, T] or packed by column
 // blocks ([B, H, blocks, T, 8], as the attention kernel captures them;
 // others are packed here, an image at a time, into `packing`). Image by
@@ -172,10 +188,11 @@ torch::Tensor feature_cosine_sums_cpu(const std::vector<torch::Tensor>& features
 // `sum` in the kernel's layout [H, column blocks, pairs p <= q, 8]
 // (unpacked by unpack_kernel_sums); the rest, kept per column block so that
 // no two threads add to the same sums (and the result does not depend on
-// their number), to above_tau, head_sum and square_sum as add() keeps them.
+// their number), to above_tau, head_sum and square_sum as add() keeps them;
+// each image's adjacent similarities to image_adjacent [B, L-1].
 void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const SimilarityOptions& o, torch::Tensor& sum,
                   torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum,
-                  torch::Tensor& packing) {
+                  torch::Tensor& image_adjacent, torch::Tensor& packing) {
   const int64_t L = static_cast<int64_t>(attn.size()), B = attn[0].size(0), H = attn[0].size(1);
   const int64_t T = attn[0].size(packed ? 3 : 2), blocks = packed_blocks(T), layer_pairs = pair_count(L),
                 head_pairs = pair_count(H), map_size = blocks * T * kW;
@@ -188,6 +205,7 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const Sim
   int32_t* above_data = above.data_ptr<int32_t>();
   std::atomic<bool> finite{true};
   std::vector<const float*> maps(L * H);  // image b's packed map of block l, head h at l * H + h
+  std::vector<double> seen(static_cast<size_t>(L), 0.0);
   for (int64_t b = 0; b < B; ++b) {
     if (packed) {
       for (int64_t l = 0; l < L; ++l)
@@ -231,6 +249,7 @@ void add_maps_cpu(const std::vector<torch::Tensor>& attn, bool packed, const Sim
       }
     });
     if (!finite) fail_non_finite(attn, "attention maps", "(weights overflow? an fp16 forward pass out of range?)");
+    record_image_adjacent(sum_data, H, blocks, L, T, seen, image_adjacent.data_ptr<double>() + b * (L - 1));
   }
   // Counted in a plain loop: LibTorch's int32 -> int64 sum over these dims
   // took 20-33 ms in each of a process's first two batches of 4 images (1
@@ -265,7 +284,8 @@ torch::Tensor unpack_kernel_sums(const torch::Tensor& sum, int64_t L, int64_t T)
 // The maps' part of add() for images [b0, b0 + n) on any device: batched
 // matrix products on a transposed copy of the maps.
 void SimilarityAccumulator::add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n,
-                                           torch::Tensor& m_sum, torch::Tensor& above_tau, torch::Tensor& head_sum,
+                                           torch::Tensor& image_adjacent, torch::Tensor& m_sum,
+                                           torch::Tensor& above_tau, torch::Tensor& head_sum,
                                            torch::Tensor& square_sum) {
   const int64_t L = L_, H = H_, T = T_;
   // X [n, T(column), H, L, T(row)]: column t of every block side by side,
@@ -288,6 +308,8 @@ void SimilarityAccumulator::add_maps_chunk(const std::vector<torch::Tensor>& att
   // float32. The counts are exact: chunk_images keeps n*T*H below 2^24.
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device_);
   m_sum += torch::mm(torch::ones({1, n}, f32), G.view({n, T * H * L * L})).view({T, H, L, L}).permute({2, 3, 1, 0});
+  image_adjacent.narrow(0, b0, n).copy_(
+      G.view({n, T * H, L, L}).diagonal(1, 2, 3).sum(1, false, torch::kDouble).div(static_cast<double>(T * H)));
   torch::Tensor mask = scratch(mask_, {n * T * H, L * L}, torch::kFloat, device_);
   at::ge_out(mask, G.view({n * T * H, L * L}), options_.tau);
   above_tau += torch::mm(torch::ones({1, n * T * H}, f32), mask).view({L, L}).round().to(torch::kLong);
@@ -365,12 +387,13 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   torch::Tensor above_tau = torch::zeros_like(above_tau_);
   torch::Tensor head_sum = torch::zeros_like(head_sum_), feature_sum = torch::zeros_like(feature_sum_);
   torch::Tensor square_sum = torch::zeros_like(square_sum_);
+  torch::Tensor image_adjacent = torch::zeros({B, L - 1}, torch::kDouble);
   const bool cpu_kernel = device_.is_cpu() && T >= kW && cpu_kernels_take(maps);
   const bool feature_kernel = with_features && device_.is_cpu() && cpu_kernels_take(features);
   torch::Tensor m_sum;
   if (cpu_kernel) {
     m_sum = scratch(batch_sum_, {H, (T + kW - 1) / kW, pair_count(L), kW}, torch::kFloat, device_).zero_();
-    add_maps_cpu(maps, packed, options_, m_sum, above_tau, head_sum, square_sum, columns_);
+    add_maps_cpu(maps, packed, options_, m_sum, above_tau, head_sum, square_sum, image_adjacent, columns_);
   } else {
     m_sum = scratch(batch_sum_, m_sum_.sizes(), torch::kFloat, device_).zero_();
   }
@@ -382,7 +405,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   const bool products = !cpu_kernel || (with_features && !feature_kernel);
   for (int64_t b0 = 0; products && b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    if (!cpu_kernel) add_maps_chunk(maps, b0, n, m_sum, above_tau, head_sum, square_sum);
+    if (!cpu_kernel) add_maps_chunk(maps, b0, n, image_adjacent, m_sum, above_tau, head_sum, square_sum);
     if (with_features && !feature_kernel) {
       // The sum over tokens of cos(F_p[t], F_q[t]) is the dot product of
       // blocks p and q's outputs with every token vector normalised, all
@@ -413,6 +436,7 @@ void SimilarityAccumulator::add(const std::vector<torch::Tensor>& attn, const st
   above_tau_ += above_tau;
   head_sum_ += head_sum;
   square_sum_ += square_sum;
+  image_adjacent_.push_back(image_adjacent);
   images_ += B;
   if (with_features) {
     feature_sum_ += feature_sum;
@@ -430,6 +454,7 @@ SimilarityResult SimilarityAccumulator::result() const {
   r.heads = H;
   r.tokens = T;
   r.options = options_;
+  r.image_adjacent = torch::cat(image_adjacent_);
   const auto cpu = [](const torch::Tensor& t) { return t.to(torch::kCPU).contiguous(); };
   torch::Tensor sum = kernel_sum_.defined() ? m_sum_ + unpack_kernel_sums(kernel_sum_, L, T) : m_sum_;
   torch::Tensor mean = sum / static_cast<double>(images_);  // [L, L, H, T]

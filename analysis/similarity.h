@@ -54,6 +54,10 @@ struct SimilarityResult {
   // [1/T, 1]: 1/T for uniform attention, 1 when every row attends to one
   // token; its reciprocal is the effective number of tokens a row attends to.
   torch::Tensor row_square_norm;
+  // [N, L-1] float64: per image, S[k-1, k] of that image alone (its mean
+  // over heads and tokens), for bootstrap intervals over images
+  // (analysis/bootstrap.h).
+  torch::Tensor image_adjacent;
 
   // Everything but M, as nested lists; parameters included.
   nlohmann::json to_json() const;
@@ -83,8 +87,9 @@ class SimilarityAccumulator {
 
  private:
   int64_t chunk_images(int64_t feature_dim) const;
-  void add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n, torch::Tensor& m_sum,
-                      torch::Tensor& above_tau, torch::Tensor& head_sum, torch::Tensor& square_sum);
+  void add_maps_chunk(const std::vector<torch::Tensor>& attn, int64_t b0, int64_t n, torch::Tensor& image_adjacent,
+                      torch::Tensor& m_sum, torch::Tensor& above_tau, torch::Tensor& head_sum,
+                      torch::Tensor& square_sum);
 
   int64_t L_, H_, T_;
   SimilarityOptions options_;
@@ -98,6 +103,7 @@ class SimilarityAccumulator {
   torch::Tensor square_sum_;   // float64 [L, H]: sum over images of the maps' squared Frobenius norms
   torch::Tensor feature_sum_;  // float64 [L, L]: sum over images and tokens
   int64_t feature_tokens_ = 0;
+  std::vector<torch::Tensor> image_adjacent_;  // per batch, [B, L-1] float64
   // Scratch memory reused from chunk to chunk: fresh allocations of this
   // size cost more in page faults than the matrix products themselves.
   torch::Tensor batch_sum_, columns_, gram_, mask_, normalised_features_;

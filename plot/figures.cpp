@@ -424,6 +424,13 @@ std::string heatmap_grid_png(const torch::Tensor& matrices, const HeatmapGridOpt
   return encode_png(heatmap_grid_image(matrices, options));
 }
 
+namespace {
+// A point's error bar half-length; 0 when the series has none or it is not finite.
+double error_bar(const LineSeries& s, size_t i) {
+  return i < s.err.size() && std::isfinite(s.err[i]) ? std::abs(s.err[i]) : 0.0;
+}
+}  // namespace
+
 cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOptions& o) {
   // tab10, in BGR.
   static const std::vector<cv::Scalar> palette = {{180, 119, 31},  {14, 127, 255}, {44, 160, 44},   {40, 39, 214},
@@ -433,12 +440,16 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
   for (const auto& s : series) {
     if (s.x.size() != s.y.size())
       fail("line plot: series '{}' has {} x values and {} y values", s.label, s.x.size(), s.y.size());
+    if (!s.err.empty() && s.err.size() != s.y.size())
+      fail("line plot: series '{}' has {} error bars for {} y values (expected one per value, or none)", s.label,
+           s.err.size(), s.y.size());
     for (size_t i = 0; i < s.x.size(); ++i) {
       if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
+      const double e = error_bar(s, i);
       xlo = std::min(xlo, s.x[i]);
       xhi = std::max(xhi, s.x[i]);
-      ylo = std::min(ylo, s.y[i]);
-      yhi = std::max(yhi, s.y[i]);
+      ylo = std::min(ylo, s.y[i] - e);
+      yhi = std::max(yhi, s.y[i] + e);
     }
   }
   if (!std::isfinite(xlo)) {
@@ -541,6 +552,13 @@ cv::Mat line_plot_image(const std::vector<LineSeries>& series, const LinePlotOpt
       if (std::isfinite(series[i].x[k]) && std::isfinite(series[i].y[k]))
         points.push_back({px(series[i].x[k]) - left, py(series[i].y[k]) - top});
     if (series[i].connect && points.size() > 1) cv::polylines(plot, points, false, colour, 2, cv::LINE_AA);
+    for (size_t k = 0; k < series[i].x.size(); ++k) {
+      const double e = error_bar(series[i], k);
+      if (e == 0 || !std::isfinite(series[i].x[k]) || !std::isfinite(series[i].y[k])) continue;
+      const int xx = px(series[i].x[k]) - left, lo = py(series[i].y[k] - e) - top, hi = py(series[i].y[k] + e) - top;
+      cv::line(plot, {xx, lo}, {xx, hi}, colour, 1, cv::LINE_AA);
+      for (const int yy : {lo, hi}) cv::line(plot, {xx - 4, yy}, {xx + 4, yy}, colour, 1, cv::LINE_AA);
+    }
     if (!series[i].connect || points.size() <= 64)
       for (const auto& p : points) cv::circle(plot, p, 3, colour, cv::FILLED, cv::LINE_AA);
   }

@@ -57,6 +57,9 @@ struct LineSeries {
   std::string label;  // in the legend; empty: not listed
   std::vector<double> x, y;
   bool connect = true;  // false: the points alone (a scatter)
+  // ± err[i] around y[i], drawn as a vertical bar with caps (e.g. a standard
+  // deviation over seeds); empty: none.
+  std::vector<double> err = {};
 };
 
 struct LinePlotOptions {

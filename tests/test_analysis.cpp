@@ -467,7 +467,9 @@ TEST_CASE("analyze writes every output for a fixture model") {
       "entropy.pt", "entropy.csv", "attention_distance.pt", "attention_distance.csv", "token_uniformity.pt",
       "token_uniformity.csv", "rank_residual.pt", "rank_residual.csv", "effective_rank.pt", "effective_rank.csv",
       "cka.pt", "cka.csv", "cka.png", "entropy.png", "attention_distance.png", "token_geometry.png",
-      "effective_rank.png"};
+      "effective_rank.png",
+      // Each image's values, for bootstrap intervals over images.
+      "per_image.safetensors"};
   CHECK(report.files.size() == expected.size());
   for (const auto& f : expected) {
     INFO(f);
@@ -725,6 +727,22 @@ TEST_CASE("figures: heatmaps, grids, line plots and overlays decode at sensible 
   const double nan = std::numeric_limits<double>::quiet_NaN();
   CHECK(size_of(line_plot_png({{"lr", {1}, {2.4e27}}, {"loss", {1}, {nan}}}, LinePlotOptions{})).height > 0);
   CHECK(size_of(line_plot_png({{"y", {1, 2}, {1e27, 1e27 + 1e12}}}, LinePlotOptions{})).height > 0);
+  // Error bars: drawn with caps, inside the axes (the range makes room for them); one per value or none.
+  LineSeries with_err{"mean", {1, 2, 4}, {0.5, 0.6, 0.7}};
+  with_err.err = {0.05, 0.0, 0.2};
+  LinePlotOptions bars;
+  bars.width = 400;
+  bars.height = 300;
+  bars.ymin = 0.0;  // the same axes with bars and without: only the bars differ
+  bars.ymax = 1.0;
+  const cv::Mat plain = line_plot_image({{"mean", {1, 2, 4}, {0.5, 0.6, 0.7}}}, bars);
+  const cv::Mat barred = line_plot_image({with_err}, bars);
+  CHECK(barred.size() == plain.size());
+  CHECK(cv::norm(barred, plain, cv::NORM_L1) > 0);
+  with_err.err = {0.0, 0.0, 0.0};
+  CHECK(cv::norm(line_plot_image({with_err}, bars), plain, cv::NORM_L1) == 0);
+  with_err.err = {0.1};
+  CHECK_THROWS_WITH(line_plot_png({with_err}, bars), Catch::Contains("1 error bars for 3 y values"));
 
   OverlayOptions ov;
   ov.title = "head 0";

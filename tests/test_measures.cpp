@@ -2,7 +2,9 @@
 #include <cmath>
 #include <vector>
 
+#include "analysis/bootstrap.h"
 #include "analysis/measures.h"
+#include "analysis/similarity.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;
@@ -224,4 +226,73 @@ TEST_CASE("collapse measures: bad options and inputs are clear errors") {
   CHECK_THROWS_WITH(acc.add_maps(0, torch::rand({1, 2, 9, 9})),
                     Catch::Contains("expected block 0's maps [B, 2, 10, 10]"));
   CHECK_THROWS_WITH(acc.add_features({torch::rand({1, 10, 4})}), Catch::Contains("the outputs of 2 blocks, got 1"));
+}
+
+TEST_CASE("per-image values: each image's measures and adjacent similarity, their mean the result") {
+  torch::manual_seed(5);
+  // T = 10: the CPU kernel; T = 7 (fewer than 8 columns): batched products.
+  for (const int64_t grid : {3, 2}) {
+    const int64_t L = 3, B = 6, H = 2, T = grid * grid + 1, D = 5;
+    INFO("T " << T);
+    const Inputs in = random_inputs(L, B, H, T, D);
+    const MeasureResult r = measure(in, options(1), {4, 2});
+    REQUIRE(r.image_residual.sizes() == torch::IntArrayRef({B, L}));
+    CHECK(max_abs_diff(r.image_residual.mean(0), r.residual) < 1e-12);
+    CHECK(max_abs_diff(r.image_uniformity.mean(0), r.uniformity) < 1e-12);
+    CHECK(max_abs_diff(r.image_effective_rank.mean(0), r.effective_rank) < 1e-12);
+    SimilarityAccumulator all(L, H, T);
+    std::vector<torch::Tensor> first, rest;
+    for (const auto& m : in.maps) {
+      first.push_back(m.narrow(0, 0, 4));
+      rest.push_back(m.narrow(0, 4, 2));
+    }
+    all.add(first);
+    all.add(rest);
+    const SimilarityResult s = all.result();
+    REQUIRE(s.image_adjacent.sizes() == torch::IntArrayRef({B, L - 1}));
+    CHECK(max_abs_diff(s.image_adjacent.mean(0), s.adjacent) < 1e-6);
+    for (const int64_t i : {int64_t{0}, B - 1}) {
+      INFO("image " << i);
+      std::vector<torch::Tensor> maps;
+      for (const auto& m : in.maps) maps.push_back(m.narrow(0, i, 1));
+      SimilarityAccumulator one(L, H, T);
+      one.add(maps);
+      CHECK(max_abs_diff(s.image_adjacent[i], one.result().adjacent) < 1e-6);
+      for (int64_t l = 0; l < L; ++l) {
+        const torch::Tensor f = in.features[l].narrow(0, i, 1);
+        CHECK(r.image_residual[i][l].item<double>() == Approx(residual_ref(f)).epsilon(1e-10));
+        CHECK(r.image_uniformity[i][l].item<double>() == Approx(uniformity_ref(f, 1)).epsilon(1e-6));
+        CHECK(r.image_effective_rank[i][l].item<double>() == Approx(effective_rank_ref(f)).epsilon(1e-8));
+      }
+    }
+  }
+}
+
+TEST_CASE("bootstrap intervals over images: the mean's spread and clear errors") {
+  torch::manual_seed(2);
+  const int64_t n = 400;
+  const torch::Tensor x = torch::randn({n, 1}, torch::kDouble) * 2.0 + 1.0;
+  const auto first = [](const torch::Tensor& means) { return means[0].item<double>(); };
+  const Interval i = bootstrap_interval({x}, first);
+  // About the normal interval of a mean: ±1.96 standard errors.
+  const double mean = x.mean().item<double>(), se = x.std().item<double>() / std::sqrt(static_cast<double>(n));
+  CHECK(i.low < mean);
+  CHECK(i.high > mean);
+  CHECK(i.high - i.low == Approx(2 * 1.96 * se).epsilon(0.15));
+  CHECK(bootstrap_interval({x}, first).low == i.low);  // its own generator: the same draws
+  BootstrapOptions other;
+  other.seed = 1;
+  CHECK(bootstrap_interval({x}, first, other).low != i.low);
+  const Interval flat = bootstrap_interval({torch::full({50, 2}, 3.0, torch::kDouble)}, first);
+  CHECK(flat.low == Approx(3.0));
+  CHECK(flat.high == Approx(3.0));
+  // Members resampled alike: for a linear statistic, the interval of their average.
+  const torch::Tensor y = torch::randn({n, 1}, torch::kDouble);
+  const Interval both = bootstrap_interval({x, y}, first), average = bootstrap_interval({(x + y) / 2}, first);
+  CHECK(both.low == Approx(average.low).epsilon(1e-12));
+  CHECK(both.high == Approx(average.high).epsilon(1e-12));
+  CHECK_THROWS_WITH(bootstrap_interval({x, torch::zeros({3, 1})}, first),
+                    Catch::Contains("member 1's values have shape [3, 1], expected [N, K] with the N = 400"));
+  other.level = 1.0;
+  CHECK_THROWS_WITH(bootstrap_interval({x}, first, other), Catch::Contains("level must be in (0, 1), got 1"));
 }

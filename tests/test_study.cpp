@@ -1,8 +1,14 @@
 // `vitlab study` end to end on a tiny budget, and its config checks.
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
+#include <fmt/format.h>
 
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "analysis/bootstrap.h"
 #include "common/files.h"
+#include "io/safetensors.h"
 #include "study/study.h"
 #include "tests/helpers.h"
 
@@ -13,8 +19,8 @@ namespace {
 
 const char* kTinyStudy = R"(study:
   families:
-    ViT: {model: vit_patch16_224_16b}
-    DeepViT: {model: deepvit_patch16_224_re_attn_16b}
+    - {name: ViT, model: {name: vit_patch16_224_16b}}
+    - {name: DeepViT, model: {name: deepvit_patch16_224_re_attn_16b}}
   depths: [2]
   analysis: {images: 24, batch_size: 10}
 model: {img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 16, num_heads: 2, mlp_ratio: 2}
@@ -24,6 +30,36 @@ schedule: {warmup_epochs: 0}
 aug: {mean: [0.5], std: [0.5], auto_augment: "", color_jitter: 0, reprob: 0, mixup: 0, cutmix: 0}
 train: {epochs: 1, batch_size: 64}
 )";
+
+// The study with its study section's families, depths and seeds replaced.
+std::string tiny_study(const std::string& families, const std::string& rest = "  seeds: [0, 1]\n") {
+  const std::string base = kTinyStudy;
+  const size_t from = base.find("  families:"), to = base.find("  analysis:");
+  return base.substr(0, from) + "  families:\n" + families + "  depths: [2]\n" + rest + base.substr(to);
+}
+
+const char* kTwoFamilies =
+    "    - {name: ViT, model: {name: vit_patch16_224_16b}}\n"
+    "    - {name: PureAttention, model: {name: vit_patch16_224_16b, skip: false, mlp: false}}\n";
+
+nlohmann::json member_summary(const fs::path& out, const std::string& member, const char* analysis = "analysis") {
+  return nlohmann::json::parse(read_file(out / "members" / member / analysis / "summary.json"));
+}
+
+// Mean and sample standard deviation (n − 1), as the report writes them.
+std::string mean_std(const std::vector<double>& v, int decimals) {
+  const double mean = std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+  double ss = 0;
+  for (double x : v) ss += (x - mean) * (x - mean);
+  return fmt::format("{:.{}f} ± {:.{}f}", mean, decimals, std::sqrt(ss / (v.size() - 1)), decimals);
+}
+
+// The report's table row of a family at a depth.
+std::string table_row(const std::string& report, const std::string& family, int depth) {
+  const size_t at = report.find(fmt::format("| {} | {} |", family, depth));
+  if (at == std::string::npos) return "";
+  return report.substr(at, report.find('\n', at) - at);
+}
 
 }  // namespace
 
@@ -40,7 +76,7 @@ TEST_CASE("study config: members, overrides and clear errors") {
   CHECK(m.model_overrides["embed_dim"].as<int>() == 16);
   CHECK(m.train.epochs == 2);
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.depth=[2]")}),
-                    Catch::Contains("study.depths or study.analysis.KEY"));
+                    Catch::Contains("study.depths, study.seeds, study.at_init or study.analysis.KEY"));
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.image=3")}),
                     Catch::Contains("unknown key 'study.analysis.image'") && Catch::Contains("images"));
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("model.dept=3")}), Catch::Contains("model.dept"));
@@ -48,7 +84,7 @@ TEST_CASE("study config: members, overrides and clear errors") {
                     Catch::Contains("study.analysis.maps must be 'applied'") && Catch::Contains("got 'post'"));
   CHECK(StudyConfig::load(dir / "s.yaml", {parse_override("study.analysis.maps=softmax")}).analysis.maps == "softmax");
   CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.depths=[0]")}),
-                    Catch::Contains("positive integers"));
+                    Catch::Contains("study.depths must hold integers >= 1, got 0"));
   write_file_atomic(dir / "plain.yaml", "train: {epochs: 1}\n");
   CHECK_THROWS_WITH(StudyConfig::load(dir / "plain.yaml", {}), Catch::Contains("needs a 'study' section"));
 }
@@ -128,4 +164,136 @@ TEST_CASE("study --jobs trains members in parallel processes, each as it would t
   }
   CHECK(read_file(dir / "both" / "members" / "ViT_d2" / "model.safetensors") ==
         read_file(dir / "one" / "members" / "ViT_d2" / "model.safetensors"));
+}
+
+TEST_CASE("study families: a misspelt key anywhere fails at load before any training") {
+  TempDir dir;
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {"    - {name: ViT, modle: {name: vit_patch16_224_16b}}\n",
+       {"unknown key 'study.families[0].modle'", "did you mean 'study.families[0].model'"}},
+      {"    - {name: ViT, model: {name: vit_patch16_224_16b, dpth: 3}}\n", {"study.families[0] (ViT)", "dpth"}},
+      {"    - {name: ViT, model: {name: vit_patch16_224_16b}}\n"
+       "    - {name: Slow, model: {name: vit_patch16_224_16b}, train: {epochz: 1}}\n",
+       {"study.families[1] (Slow)", "unknown key 'train.epochz'"}},
+      {"    - {name: ViT, model: {name: vit_patch16_224_16b, depth: 3}}\n", {"depths come from study.depths"}},
+      {"    - {name: ViT, model: {name: vit_patch16_224_16b}, train: {seed: 3}}\n", {"seeds come from study.seeds"}},
+      {"    - {model: {name: vit_patch16_224_16b}}\n", {"study.families[0].name is required"}},
+      {"    - {name: a/b, model: {name: vit_patch16_224_16b}}\n", {"letters, digits"}},
+      {"    - {name: ViT}\n", {"study.families[0] (ViT): model.name is required"}},
+      {"    - {name: ViT, model: {name: vit_patch16_224_16b}}\n    - {name: ViT, model: {name: vit_patch16_224_16b}}\n",
+       {"two families are named 'ViT'"}}};
+  for (const auto& [families, expected] : cases) {
+    INFO(families);
+    write_file_atomic(dir / "s.yaml", tiny_study(families));
+    RunResult r = run_cli("study --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string());
+    CHECK(r.status != 0);
+    for (const auto& e : expected) CHECK_THAT(r.output, Catch::Contains(e));
+    CHECK_FALSE(fs::exists(dir / "out"));  // nothing trained, nothing written
+  }
+  write_file_atomic(dir / "s.yaml", tiny_study(kTwoFamilies));
+  CHECK_THROWS_WITH(StudyConfig::load(dir / "s.yaml", {parse_override("study.seeds=[1,1]")}),
+                    Catch::Contains("study.seeds lists 1 twice"));
+  StudyConfig c =
+      StudyConfig::load(dir / "s.yaml", {parse_override("study.seeds=[0,2]"), parse_override("study.at_init=true")});
+  CHECK(c.at_init);
+  std::vector<std::string> names;
+  for (const auto& m : c.members()) names.push_back(m.name());
+  CHECK(names == std::vector<std::string>{"ViT_d2", "ViT_d2_s2", "PureAttention_d2", "PureAttention_d2_s2"});
+  const TrainConfig m = c.member_config(c.families[1], 2, 2);
+  CHECK(m.train.seed == 2);
+  CHECK(m.model_overrides["skip"].as<bool>() == false);
+  CHECK(m.model_overrides["depth"].as<int>() == 2);
+}
+
+TEST_CASE("a two-seed two-family study at epoch 0 reports mean and standard deviation over seeds") {
+  TempDir dir;
+  write_file_atomic(dir / "s.yaml", tiny_study(kTwoFamilies));
+  RunResult r = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string() +
+                        " --set train.epochs=0");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  const std::string report = read_file(dir / "out" / "REPORT.md");
+  INFO(report);
+  CHECK_THAT(report, Catch::Contains("at initialisation (train.epochs: 0)"));
+  for (const std::string family : {"ViT", "PureAttention"}) {
+    INFO(family);
+    for (const auto& member : {family + "_d2", family + "_d2_s1"}) {
+      CHECK(fs::exists(dir / "out" / "members" / member / "model.safetensors"));
+      CHECK_FALSE(fs::exists(dir / "out" / "members" / member / "checkpoint-last"));
+    }
+    std::vector<double> adjacent, residual, uniformity;
+    for (const auto& member : {family + "_d2", family + "_d2_s1"}) {
+      const auto j = member_summary(dir / "out", member);
+      const auto adj = j.at("adjacent").get<std::vector<double>>();
+      adjacent.push_back(std::accumulate(adj.begin(), adj.end(), 0.0) / adj.size());
+      residual.push_back(j.at("rank_residual").back().get<double>());
+      uniformity.push_back(j.at("token_uniformity").back().get<double>());
+    }
+    CHECK(residual[0] != residual[1]);  // the seeds give other initial weights
+    const std::string row = table_row(report, family, 2);
+    CHECK_THAT(row, Catch::Contains("| 2 | – |"));  // two seeds, top-1 not evaluated
+    CHECK_THAT(row, Catch::Contains(mean_std(adjacent, 3)));
+    CHECK_THAT(row, Catch::Contains(mean_std(residual, 3) + " | " + mean_std(uniformity, 3)));
+  }
+  // Pure attention collapses at initialisation, a ViT does not.
+  CHECK(member_summary(dir / "out", "PureAttention_d2").at("rank_residual").back().get<double>() <
+        0.1 * member_summary(dir / "out", "ViT_d2").at("rank_residual").back().get<double>());
+  CHECK_THAT(report, Catch::Contains("- depth 2, ViT vs PureAttention: mean adjacent similarity"));
+  // The bootstrap intervals over images: both seeds' images resampled alike.
+  const size_t intervals = report.find("95% bootstrap intervals over the");
+  REQUIRE(intervals != std::string::npos);
+  for (const std::string family : {"ViT", "PureAttention"}) {
+    INFO(family);
+    std::vector<torch::Tensor> adjacent, residual;
+    for (const auto& member : {family + "_d2", family + "_d2_s1"}) {
+      const fs::path file = dir / "out" / "members" / member / "analysis" / "per_image.safetensors";
+      const StateDict values = parse_safetensors(read_file(file), file.string());
+      adjacent.push_back(values.at("adjacent_similarity"));
+      residual.push_back(values.at("rank_residual"));
+    }
+    const Interval adj = bootstrap_interval(adjacent, [](const torch::Tensor& m) { return m.mean().item<double>(); });
+    const Interval res = bootstrap_interval(residual, [](const torch::Tensor& m) { return m[-1].item<double>(); });
+    CHECK(adj.low <= adj.high);
+    const std::string row = table_row(report.substr(intervals), family, 2);
+    CHECK_THAT(
+        row, Catch::Contains(fmt::format("[{:.3f}, {:.3f}] | [{:.3f}, {:.3f}]", adj.low, adj.high, res.low, res.high)));
+  }
+  CHECK_THAT(report, Catch::Contains("its 95% intervals over images ["));
+  for (const char* f : {"measures_vs_depth.png", "similar_blocks_vs_depth.png", "cross_layer_heatmaps.png"})
+    CHECK(fs::exists(dir / "out" / f));
+  CHECK_FALSE(fs::exists(dir / "out" / "top1_vs_depth.png"));  // no top-1 to draw
+}
+
+TEST_CASE("a study at initialisation analyses the seeded initial weights without training") {
+  TempDir dir;
+  write_file_atomic(dir / "s.yaml", tiny_study(kTwoFamilies, "  seeds: [0, 1]\n  at_init: true\n"));
+  RunResult r =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "init").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, !Catch::Contains("training"));
+  for (const char* member : {"ViT_d2", "ViT_d2_s1", "PureAttention_d2", "PureAttention_d2_s1"}) {
+    INFO(member);
+    const fs::path m = dir / "init" / "members" / member;
+    CHECK(fs::exists(m / "analysis_init" / "summary.json"));
+    for (const char* f : {"checkpoint-last", "model.safetensors", "summary.json", "metrics.csv"})
+      CHECK_FALSE(fs::exists(m / f));
+  }
+  const std::string report = read_file(dir / "init" / "REPORT.md");
+  CHECK_THAT(report, Catch::Contains("at initialisation (untrained, study.at_init)"));
+  CHECK_THAT(table_row(report, "ViT", 2), Catch::Contains("| 2 | – |"));
+  // The same weights a training run starts from: train.epochs=0 analyses the same.
+  RunResult zero =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "zero").string() +
+              " --set study.at_init=false --set train.epochs=0" + " --member PureAttention_d2_s1");
+  INFO(zero.output);
+  REQUIRE(zero.status == 0);
+  for (const char* measure : {"rank_residual", "token_uniformity", "adjacent"})
+    CHECK(member_summary(dir / "zero", "PureAttention_d2_s1").at(measure) ==
+          member_summary(dir / "init", "PureAttention_d2_s1", "analysis_init").at(measure));
+  // A rerun finds the analyses done.
+  RunResult again =
+      run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "init").string());
+  REQUIRE(again.status == 0);
+  CHECK_THAT(again.output, !Catch::Contains("analysing"));
 }

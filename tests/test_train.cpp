@@ -289,7 +289,7 @@ TEST_CASE("every config in configs/ loads and resolves its model and transforms"
     ++n;
   }
   CHECK(n >= 6);
-  CHECK(studies == 3);
+  CHECK(studies == 4);
 }
 
 TEST_CASE("first_nonfinite_gradient names the first parameter with a NaN or Inf gradient") {
@@ -326,4 +326,30 @@ TEST_CASE("a non-finite loss stops training with the step named") {
   CHECK(r.status == 1);
   CHECK_THAT(r.output, Catch::Contains("non-finite loss") && Catch::Contains("at step"));
   CHECK_FALSE(fs::exists(dir / "run" / "model.safetensors"));
+}
+
+TEST_CASE("train.epochs=0 keeps the seeded initial weights and analyses them") {
+  TempDir dir;
+  write_fashion_mnist_slice(dir / "fm", 64);
+  const std::string base = std::string(kTinyTrain) +
+                           " --set data.type=fashion_mnist --set data.root=" + (dir / "fm").string() +
+                           " --set train.epochs=0";
+  const std::string analysis = " --set train.analysis.every=1 --set train.analysis.images=16";
+  RunResult r = run_cli("train" + base + analysis + " --out " + (dir / "init").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Catch::Contains("done: 0 epochs, the initial weights (not evaluated)"));
+  const auto summary = nlohmann::json::parse(read_file(dir / "init" / "summary.json"));
+  CHECK(summary["epochs"] == 0);
+  CHECK(summary["best_top1"].is_null());
+  CHECK(fs::exists(dir / "init" / "model.safetensors"));
+  CHECK(fs::exists(dir / "init" / "analysis" / "epoch_000" / "summary.json"));
+  CHECK_FALSE(fs::exists(dir / "init" / "checkpoint-last"));
+  CHECK_FALSE(fs::exists(dir / "init" / "metrics.csv"));
+  // The weights are train.seed's: the same seed gives them again, another seed others.
+  REQUIRE(run_cli("train" + base + " --out " + (dir / "again").string()).status == 0);
+  REQUIRE(run_cli("train" + base + " --set train.seed=1 --out " + (dir / "seed1").string()).status == 0);
+  CHECK(read_file(dir / "again" / "model.safetensors") == read_file(dir / "init" / "model.safetensors"));
+  CHECK(read_file(dir / "seed1" / "model.safetensors") != read_file(dir / "init" / "model.safetensors"));
+  CHECK_THROWS_WITH(TrainConfig::load("", sets({"train.epochs=-1"})), Catch::Contains("train.epochs must be >= 0"));
 }

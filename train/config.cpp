@@ -64,7 +64,8 @@ void ScheduleConfig::validate() const {
 }
 
 void RunConfig::validate() const {
-  if (epochs < 1) fail("train.epochs must be >= 1, got {}", epochs);
+  // 0: no training; the run keeps the initial weights (and their analysis with analysis.every).
+  if (epochs < 0) fail("train.epochs must be >= 0 (0: the initial weights, untrained), got {}", epochs);
   if (batch_size < 1) fail("train.batch_size must be >= 1, got {}", batch_size);
   if (seed < 0) fail("train.seed must be >= 0, got {}", seed);
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0)

@@ -952,7 +952,7 @@ void Trainer::write_summary() {
       {"model", spec.name},
       {"epochs", st.epoch},
       {"steps", st.step},
-      {"best_top1", st.best_top1},
+      {"best_top1", st.epoch > 0 ? nlohmann::json(st.best_top1) : nlohmann::json(nullptr)},  // null: never evaluated
       {"skipped_files", skipped},
       {"skipped_steps", st.skipped_steps},
       {"device", device.str()},
@@ -964,8 +964,12 @@ void Trainer::write_summary() {
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
   if (st.epoch < cfg.train.epochs)
     fmt::print("stopped after epoch {} of {}; continue with --resume\n", st.epoch, cfg.train.epochs);
-  fmt::print("done: {} epochs, best eval top-1 {:.2f}%, {} files skipped, {:.0f} s; outputs in {}\n", st.epoch,
-             st.best_top1, skipped, wall, run_dir.string());
+  if (st.epoch == 0)
+    fmt::print("done: 0 epochs, the initial weights (not evaluated), {:.0f} s; outputs in {}\n", wall,
+               run_dir.string());
+  else
+    fmt::print("done: {} epochs, best eval top-1 {:.2f}%, {} files skipped, {:.0f} s; outputs in {}\n", st.epoch,
+               st.best_top1, skipped, wall, run_dir.string());
 }
 
 }  // namespace
