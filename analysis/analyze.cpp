@@ -209,6 +209,20 @@ LineSeries block_curve(const std::string& label, const torch::Tensor& v) {
   return s;
 }
 
+// A block × block matrix [L, L] as a PNG heatmap: rows block p, columns
+// block q, colours from vmin to 1.
+std::string block_pair_png(const torch::Tensor& matrix, const std::string& title, const std::string& subtitle,
+                           double vmin) {
+  HeatmapOptions h;
+  h.title = title;
+  h.subtitle = subtitle;
+  h.x_label = "block q";
+  h.y_label = "block p";
+  h.vmin = vmin;
+  h.vmax = 1.0;
+  return heatmap_png(matrix, h);
+}
+
 // The "N images" of figure titles.
 std::string images_text(int64_t n) { return fmt::format("{} image{}", n, n == 1 ? "" : "s"); }
 
@@ -218,16 +232,10 @@ std::string images_text(int64_t n) { return fmt::format("{} image{}", n, n == 1 
 template <typename Add>
 void draw_measures(const MeasureResult& m, const std::string& name, const Add& add) {
   const std::string images = images_text(m.images);
-  if (m.cka.defined()) {
-    HeatmapOptions h;
-    h.title = fmt::format("{}: linear CKA of block outputs ({})", name, images);
-    h.subtitle = "minibatch CKA with the unbiased HSIC (Nguyen, Raghu & Kornblith 2021)";
-    h.x_label = "block q";
-    h.y_label = "block p";
-    h.vmin = std::min(0.0, m.cka.min().item<double>());
-    h.vmax = 1.0;
-    add("cka.png", heatmap_png(m.cka, h));
-  }
+  if (m.cka.defined())
+    add("cka.png", block_pair_png(m.cka, fmt::format("{}: linear CKA of block outputs ({})", name, images),
+                                  "minibatch CKA with the unbiased HSIC (Nguyen, Raghu & Kornblith 2021)",
+                                  std::min(0.0, m.cka.min().item<double>())));
   for (const auto& [file, t, what, unit] :
        {std::tuple{"entropy.png", m.entropy, "attention entropy", "nats"},
         {"attention_distance.png", m.distance, "mean attention distance", "pixels"}}) {
@@ -368,17 +376,12 @@ void draw_similarity(const SimilarityResult& r, const std::string& name, const s
   // Figures. Cosines of attention maps lie in [0, 1] for softmax maps; the
   // colour range starts lower only when re-attention makes them negative.
   const double smin = colour_floor(r.S);
-  {
-    HeatmapOptions h;
-    h.title = fmt::format("{}: cross-layer attention similarity ({})", name, maps_text);
-    h.subtitle = r.options.center ? "S[p,q]: cosine of attention-map columns, rows centred, mean over heads and tokens"
-                                  : "S[p,q]: cosine of attention-map columns, mean over heads and tokens";
-    h.x_label = "block q";
-    h.y_label = "block p";
-    h.vmin = smin;
-    h.vmax = 1.0;
-    add("cross_layer.png", heatmap_png(r.S, h));
-  }
+  add("cross_layer.png",
+      block_pair_png(r.S, fmt::format("{}: cross-layer attention similarity ({})", name, maps_text),
+                     r.options.center
+                         ? "S[p,q]: cosine of attention-map columns, rows centred, mean over heads and tokens"
+                         : "S[p,q]: cosine of attention-map columns, mean over heads and tokens",
+                     smin));
   {
     HeatmapGridOptions g;
     g.title = fmt::format("{}: cross-layer attention similarity per head ({})", name, maps_text);
@@ -429,16 +432,11 @@ void draw_similarity(const SimilarityResult& r, const std::string& name, const s
     g.columns = static_cast<int>(std::min<int64_t>(L, 6));
     add("inter_head.png", heatmap_grid_png(r.inter_head, g));
   }
-  if (r.feature_similarity.defined()) {
-    HeatmapOptions h;
-    h.title = fmt::format("{}: block-output similarity ({})", name, images);
-    h.subtitle = "cosine of a token's features after blocks p and q, mean over tokens";
-    h.x_label = "block q";
-    h.y_label = "block p";
-    h.vmin = colour_floor(r.feature_similarity);
-    h.vmax = 1.0;
-    add("feature_similarity.png", heatmap_png(r.feature_similarity, h));
-  }
+  if (r.feature_similarity.defined())
+    add("feature_similarity.png",
+        block_pair_png(r.feature_similarity, fmt::format("{}: block-output similarity ({})", name, images),
+                       "cosine of a token's features after blocks p and q, mean over tokens",
+                       colour_floor(r.feature_similarity)));
 }
 
 // "rollout", with its options where they are not the defaults.

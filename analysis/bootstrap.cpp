@@ -2,8 +2,6 @@
 
 #include <fmt/ranges.h>
 
-#include <algorithm>
-#include <cmath>
 #include <random>
 
 #include "common/error.h"
@@ -23,14 +21,6 @@ torch::Tensor draw_counts(int64_t resamples, int64_t n, uint64_t seed) {
   return counts;
 }
 
-// The q-quantile of sorted values, interpolated linearly (numpy's default).
-double quantile(const std::vector<double>& sorted, double q) {
-  const double at = q * static_cast<double>(sorted.size() - 1);
-  const auto below = static_cast<size_t>(std::floor(at));
-  const size_t above = std::min(below + 1, sorted.size() - 1);
-  return sorted[below] + (at - static_cast<double>(below)) * (sorted[above] - sorted[below]);
-}
-
 }  // namespace
 
 Interval bootstrap_interval(const std::vector<torch::Tensor>& per_image,
@@ -44,14 +34,16 @@ Interval bootstrap_interval(const std::vector<torch::Tensor>& per_image,
       fail("bootstrap: member {}'s values have shape {}, expected [N, K] with the N = {} images of the others", m,
            per_image[m].sizes().vec(), n);
   const torch::Tensor weights = draw_counts(o.resamples, n, o.seed) / static_cast<double>(n);
-  std::vector<double> values(static_cast<size_t>(o.resamples), 0.0);
+  torch::Tensor values = torch::zeros({o.resamples}, torch::kDouble);
+  double* v = values.data_ptr<double>();
   for (const auto& member : per_image) {
     const torch::Tensor means = weights.mm(member.to(torch::kCPU, torch::kDouble));  // [R, K]
-    for (int64_t r = 0; r < o.resamples; ++r) values[r] += statistic(means[r]) / static_cast<double>(per_image.size());
+    for (int64_t r = 0; r < o.resamples; ++r) v[r] += statistic(means[r]) / static_cast<double>(per_image.size());
   }
-  std::sort(values.begin(), values.end());
+  // Percentiles interpolated linearly, as numpy's default.
   const double tail = (1.0 - o.level) / 2.0;
-  return {quantile(values, tail), quantile(values, 1.0 - tail)};
+  const torch::Tensor bounds = torch::quantile(values, torch::tensor({tail, 1.0 - tail}, torch::kDouble));
+  return {bounds[0].item<double>(), bounds[1].item<double>()};
 }
 
 }  // namespace vitlab

@@ -52,8 +52,7 @@ torch::Tensor grid_distances(int64_t n, int64_t patch_size) {
 // rounding (1e-7 of its largest eigenvalue) gives a collapsed block's zero
 // singular values a weight of 3e-4 each, which lifts a rank-one block's
 // effective rank from 1 to 1.6.
-torch::Tensor gram(const torch::Tensor& x, bool of_tokens) {
-  const torch::Tensor x64 = x.to(torch::kCPU, torch::kDouble);
+torch::Tensor gram(const torch::Tensor& x64, bool of_tokens) {
   return of_tokens ? torch::matmul(x64, x64.transpose(1, 2)) : torch::matmul(x64.transpose(1, 2), x64);
 }
 
@@ -72,8 +71,7 @@ torch::Tensor uniformity_per_image(const torch::Tensor& gram, int64_t prefix) {
 // Per image [B], ‖X - 1 x̄ᵀ‖_F / ‖X‖_F (0 for X = 0), from the tokens:
 // through the Gram matrix, ‖X‖² - T‖x̄‖² would cancel to rounding noise
 // (1e-8 instead of 0) for a collapsed block.
-torch::Tensor residual_per_image(const torch::Tensor& x) {
-  const torch::Tensor x64 = x.to(torch::kCPU, torch::kDouble);
+torch::Tensor residual_per_image(const torch::Tensor& x64) {
   const torch::Tensor total = x64.norm(2, torch::IntArrayRef{1, 2});
   const torch::Tensor centred = (x64 - x64.mean(1, true)).norm(2, torch::IntArrayRef{1, 2});
   return torch::where(total > 0, centred / total, torch::zeros_like(total));
@@ -166,15 +164,16 @@ void MeasureAccumulator::add_features(const std::vector<torch::Tensor>& features
     const torch::Tensor& f = features[l];
     if (f.dim() != 3 || f.size(1) != T_)
       fail("measures: expected block {}'s outputs [B, {}, D], got shape {}", l, T_, f.sizes().vec());
-    if (options_.has("residual")) residual.push_back(residual_per_image(f));
+    const torch::Tensor x64 = f.to(torch::kCPU, torch::kDouble);  // once, for every measure below
+    if (options_.has("residual")) residual.push_back(residual_per_image(x64));
     if (!options_.has("uniformity") && !options_.has("effective_rank")) continue;
     // Uniformity needs the tokens' Gram matrix; the effective rank takes
     // the smaller one (the same nonzero eigenvalues).
     const bool tokens_smaller = f.size(1) <= f.size(2);
-    const torch::Tensor tokens = options_.has("uniformity") || tokens_smaller ? gram(f, true) : torch::Tensor();
+    const torch::Tensor tokens = options_.has("uniformity") || tokens_smaller ? gram(x64, true) : torch::Tensor();
     if (options_.has("uniformity")) uniformity.push_back(uniformity_per_image(tokens, prefix));
     if (options_.has("effective_rank"))
-      effective_rank.push_back(effective_rank_per_image(tokens_smaller ? tokens : gram(f, false)));
+      effective_rank.push_back(effective_rank_per_image(tokens_smaller ? tokens : gram(x64, false)));
   }
   for (auto [values, out] :
        {std::pair{&uniformity, &uniformity_}, {&residual, &residual_}, {&effective_rank, &effective_rank_}})
