@@ -51,8 +51,8 @@ void merge_into(YAML::Node& base, const YAML::Node& overrides) {
     YAML::Node existing = base[key];
     if (existing && existing.IsMap() && kv.second.IsMap())
       merge_into(existing, kv.second);
-    else  // a copy: later merges into it must not change `overrides`
-      base[key] = kv.second.IsMap() ? YAML::Clone(kv.second) : kv.second;
+    else  // a copy: later merges or rules (init_values: cait) must not change `overrides`
+      base[key] = YAML::Clone(kv.second);
   }
 }
 

@@ -49,6 +49,21 @@ const Preset& find_preset(const std::string& name) {
        near.empty() ? "" : fmt::format(" (did you mean '{}'?)", near));
 }
 
+// init_values may be `cait`, CaiT's depth-dependent LayerScale init
+// (Touvron et al. 2021, Sec. 3): 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6
+// beyond; the resolved number is what the config records.
+void expand_init_values_rule(YAML::Node& cfg) {
+  YAML::Node rule = cfg["init_values"];
+  double number = 0;
+  if (!rule || !rule.IsScalar() || YAML::convert<double>::decode(rule, number)) return;
+  if (rule.Scalar() != "cait")
+    fail("model.init_values: expected a number, null (no LayerScale) or cait (CaiT's depth rule), got '{}'",
+         rule.Scalar());
+  int64_t depth = 12;
+  if (cfg["depth"]) read_value(cfg["depth"], depth, "model.depth");
+  cfg["init_values"] = depth <= 18 ? 0.1 : depth <= 24 ? 1e-5 : 1e-6;
+}
+
 // apply_transform may be a rule instead of a list: all | none | first:K | last:K.
 void expand_block_rule(YAML::Node& cfg) {
   YAML::Node rule = cfg["apply_transform"];
@@ -88,6 +103,7 @@ ModelSpec resolve_model(const std::string& name, const YAML::Node& overrides) {
   const Preset& preset = find_preset(name);
   YAML::Node cfg = YAML::Load(preset.config);
   merge_into(cfg, overrides);
+  if (preset.family != "transformer") expand_init_values_rule(cfg);
   ModelSpec spec{name, preset.family, {}, ViTOptions{}};
   auto resolve = [&](auto options) {
     read_options(options, cfg, "model");

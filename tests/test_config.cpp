@@ -33,6 +33,29 @@ TEST_CASE("overrides (--set) parse dotted keys and YAML values") {
         spec_parameters(resolve_model("vit_tiny_patch16_224")));
 }
 
+TEST_CASE("init_values: cait resolves CaiT's depth rule per depth") {
+  auto init = [](const std::string& name, int depth) {
+    const std::string depth_set = "model.depth=" + std::to_string(depth);
+    return resolve_model(name, sets({"model.init_values=cait", depth_set.c_str()}))
+        .config["init_values"]
+        .template get<double>();
+  };
+  // Touvron et al. 2021: 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond.
+  CHECK(init("vit_tiny_patch16_224", 4) == 0.1);
+  CHECK(init("vit_tiny_patch16_224", 18) == 0.1);
+  CHECK(init("deepvit_patch16_224_re_attn_16b", 19) == 1e-5);
+  CHECK(init("cait_xxs24_224", 24) == 1e-5);
+  CHECK(init("cait_xxs24_224", 25) == 1e-6);
+  // The rule is resolved in the model's copy: the overrides keep it for the next depth, as a study reuses them.
+  YAML::Node overrides = YAML::Load("{init_values: cait, depth: 4, apply_transform: last:2}");
+  CHECK(resolve_model("deepvit_patch16_224_re_attn_16b", overrides).config["init_values"] == 0.1);
+  CHECK(overrides["init_values"].as<std::string>() == "cait");
+  CHECK(overrides["apply_transform"].as<std::string>() == "last:2");
+  CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", sets({"model.init_values=caitt"})),
+                    Catch::Contains("model.init_values") && Catch::Contains("cait (CaiT's depth rule)") &&
+                        Catch::Contains("'caitt'"));
+}
+
 TEST_CASE("unknown keys name the closest valid key") {
   CHECK_THROWS_WITH(
       resolve_model("vit_tiny_patch16_224", sets({"model.num_head=4"})),
