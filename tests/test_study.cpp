@@ -297,3 +297,27 @@ TEST_CASE("a study at initialisation analyses the seeded initial weights without
   REQUIRE(again.status == 0);
   CHECK_THAT(again.output, !Catch::Contains("analysing"));
 }
+
+TEST_CASE("remedy families: CaiT and LayerScale with CaiT's depth rule, resolved per member") {
+  TempDir dir;
+  const std::string families =
+      "    - {name: ViT+LayerScale, model: {name: vit_patch16_224_16b, init_values: cait}}\n"
+      "    - {name: CaiT, model: {name: cait_xxs24_224, init_values: cait}}\n";
+  std::string config = tiny_study(families, "  seeds: [0]\n  at_init: true\n");
+  config.replace(config.find("  depths: [2]"), 13, "  depths: [2, 20]");
+  write_file_atomic(dir / "s.yaml", config);
+  RunResult r = run_cli("study --threads 2 --config " + (dir / "s.yaml").string() + " --out " + (dir / "out").string());
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  // 0.1 up to 18 blocks, 1e-5 up to 24 (Touvron et al. 2021), per member.
+  for (const char* family : {"ViT+LayerScale", "CaiT"}) {
+    INFO(family);
+    CHECK(member_summary(dir / "out", fmt::format("{}_d2", family), "analysis_init").at("config").at("init_values") ==
+          0.1);
+    CHECK(member_summary(dir / "out", fmt::format("{}_d20", family), "analysis_init").at("config").at("init_values") ==
+          1e-5);
+  }
+  const std::string report = read_file(dir / "out" / "REPORT.md");
+  CHECK_FALSE(table_row(report, "CaiT", 20).empty());
+  CHECK_FALSE(table_row(report, "ViT+LayerScale", 2).empty());
+}
