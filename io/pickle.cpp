@@ -412,22 +412,37 @@ bool has_cycle(const PickleValue& root) {
 
 }  // namespace
 
+// Where the storages that persistent ids name get their elements: a zip
+// archive's data/<key> records, or the bytes after a legacy file's pickles.
+class StorageSource {
+ public:
+  virtual ~StorageSource() = default;
+  // A 1-D tensor of the storage's `numel` elements of `dtype`; an Error when
+  // the file cannot hold them.
+  virtual torch::Tensor elements(const std::string& key, torch::ScalarType dtype, uint64_t numel) = 0;
+};
+
 // The pickle machine: a stack, a stack of marks, a memo. Pops never reach
 // below the innermost mark, as in CPython, so every malformed sequence is a
 // stack underflow rather than a read out of bounds.
 class Unpickler {
  public:
-  Unpickler(std::string_view data, const ZipArchive& archive) : data_(data), archive_(archive) {}
+  // Runs the pickle that starts at `start` in `data`; errors name it as
+  // "<where> byte N". Without storages, a persistent id is an error.
+  Unpickler(std::string_view data, size_t start, std::string where, StorageSource* storages)
+      : data_(data), where_(std::move(where)), storages_(storages), pos_(start) {}
 
   // The pickled object; anything wrong is an Error.
   PickleValue run();
+  // Where the pickle's STOP left off.
+  size_t end() const { return pos_; }
 
  private:
   PickleValue execute();
   static void empty_containers(Items roots);
   template <typename... Args>
   [[noreturn]] void error(fmt::format_string<Args...> format, Args&&... args) const {
-    fail("data.pkl byte {}: {}", op_pos_, fmt::format(format, std::forward<Args>(args)...));
+    fail("{} byte {}: {}", where_, op_pos_, fmt::format(format, std::forward<Args>(args)...));
   }
 
   std::string_view take(size_t n);
@@ -453,17 +468,19 @@ class Unpickler {
   static std::string global_name(std::string module, const std::string& name);
   PickleValue call(const PickleValue& callable, const PickleValue& args, const char* opcode);
   PickleValue persistent_load(const PickleValue& pid);
+  PickleValue storage_view(const PickleValue& root, const PickleValue& metadata);
   PickleValue rebuild_tensor(const std::string& function, const Items& args, bool with_dtype);
   std::vector<int64_t> int_list(const PickleValue& value, const char* what) const;
 
   std::string_view data_;
-  const ZipArchive& archive_;
-  size_t pos_ = 0;
+  const std::string where_;
+  StorageSource* const storages_;
+  size_t pos_;
   size_t op_pos_ = 0;
   std::vector<PickleValue> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PickleValue> memo_;
-  std::map<std::string, PickleValue> storages_;  // by record key: views of one storage share it
+  std::map<std::string, PickleValue> loaded_;  // storages by key: the tensors that view one share it
 };
 
 std::string_view Unpickler::take(size_t n) {
@@ -579,10 +596,14 @@ PickleValue Unpickler::call(const PickleValue& callable, const PickleValue& args
   return PickleValue::object(name, args);
 }
 
+// ('storage', type, key, location, numel), and in the legacy format a sixth
+// item: None, or (view key, offset, numel) for a view of the storage, as
+// PyTorch before 0.4 saved storage slices.
 PickleValue Unpickler::persistent_load(const PickleValue& pid) {
-  if (!pid.is(Kind::Tuple) || pid.items().size() != 5 || !pid.items()[0].is(Kind::String) ||
-      pid.items()[0].to_string() != "storage")
-    error("persistent id is {}, expected ('storage', type, key, location, size)", pid.describe());
+  const size_t n = pid.is(Kind::Tuple) ? pid.items().size() : 0;
+  if ((n != 5 && n != 6) || !pid.items()[0].is(Kind::String) || pid.items()[0].to_string() != "storage")
+    error("persistent id is {}, expected ('storage', type, key, location, size[, view])", pid.describe());
+  if (!storages_) error("a storage in a pickle that holds no tensors");
   const Items& id = pid.items();
   if (!id[1].is(Kind::Global))
     error("storage type is {}, expected a class such as torch.FloatStorage", id[1].describe());
@@ -590,23 +611,42 @@ PickleValue Unpickler::persistent_load(const PickleValue& pid) {
   if (!id[4].is(Kind::Int) || id[4].to_int() < 0)
     error("storage size is {}, expected a non-negative int", id[4].describe());
   const std::string& key = id[2].to_string();
-  if (auto it = storages_.find(key); it != storages_.end()) return it->second;
+  auto it = loaded_.find(key);
+  if (it == loaded_.end()) {
+    const std::optional<torch::ScalarType> dtype = storage_dtype(id[1].to_string());
+    if (!dtype) error("unsupported storage type {}", id[1].to_string());
+    // The location ('cpu', 'cuda:0', ...) is ignored: everything loads to the CPU.
+    torch::Tensor elements;
+    try {
+      elements = storages_->elements(key, *dtype, static_cast<uint64_t>(id[4].to_int()));
+    } catch (const Error& e) {
+      error("{}", e.what());
+    }
+    it = loaded_.emplace(key, PickleValue::storage(elements)).first;
+  }
+  if (n == 6 && !id[5].is(Kind::None)) return storage_view(it->second, id[5]);
+  return it->second;
+}
 
-  const std::optional<torch::ScalarType> dtype = storage_dtype(id[1].to_string());
-  if (!dtype) error("unsupported storage type {}", id[1].to_string());
-  // The location ('cpu', 'cuda:0', ...) is ignored: everything loads to the CPU.
-  const std::string record = "data/" + key;
-  const uint64_t nbytes = archive_.size(record);
-  const uint64_t numel = static_cast<uint64_t>(id[4].to_int());
-  const size_t item = c10::elementSize(*dtype);
-  if (numel > nbytes / item || numel * item != nbytes)
-    error("record '{}' holds {} bytes, expected {} {} elements of {} bytes", record, nbytes, numel,
-          c10::toString(*dtype), item);
-  torch::Tensor elements = torch::empty({static_cast<int64_t>(numel)}, torch::dtype(*dtype));
-  archive_.read(record, elements.data_ptr());
-  PickleValue value = PickleValue::storage(elements);
-  storages_.emplace(key, value);
-  return value;
+// A view's own storage over its root's memory, which it keeps alive: the
+// tensors built over it are checked against the view's size, as in PyTorch.
+PickleValue Unpickler::storage_view(const PickleValue& root, const PickleValue& metadata) {
+  const size_t n = metadata.is(Kind::Tuple) ? metadata.items().size() : 0;
+  if (n != 3 || !metadata.items()[0].is(Kind::String) || !metadata.items()[1].is(Kind::Int) ||
+      !metadata.items()[2].is(Kind::Int))
+    error("storage view is {}, expected None or (key, offset, size)", metadata.describe());
+  const Items& view = metadata.items();
+  const std::string& key = view[0].to_string();
+  if (auto it = loaded_.find(key); it != loaded_.end()) return it->second;
+  const torch::Tensor& elements = root.to_tensor();
+  const int64_t offset = view[1].to_int(), numel = view[2].to_int();
+  if (offset < 0 || numel < 0 || offset > elements.numel() - numel)
+    error("storage view '{}' of {} elements at offset {} does not fit its storage of {} {} elements", key, numel,
+          offset, elements.numel(), c10::toString(elements.scalar_type()));
+  char* begin = static_cast<char*>(elements.data_ptr()) + offset * elements.element_size();
+  torch::Tensor shared = torch::from_blob(
+      begin, {numel}, [keep = elements](void*) mutable { keep.reset(); }, elements.options());
+  return loaded_.emplace(key, PickleValue::storage(shared)).first->second;
 }
 
 std::vector<int64_t> Unpickler::int_list(const PickleValue& value, const char* what) const {
@@ -892,8 +932,158 @@ PickleValue Unpickler::execute() {
   }
 }
 
-PickleValue load_torch_archive(std::string_view bytes, const std::string& source) {
+namespace {
+
+// A zip archive's storages: its data/<key> records, each exactly the bytes
+// the pickle declares.
+class ZipStorages : public StorageSource {
+ public:
+  explicit ZipStorages(const ZipArchive& archive) : archive_(archive) {}
+
+  torch::Tensor elements(const std::string& key, torch::ScalarType dtype, uint64_t numel) override {
+    const std::string record = "data/" + key;
+    const uint64_t nbytes = archive_.size(record);
+    const size_t item = c10::elementSize(dtype);
+    if (numel > nbytes / item || numel * item != nbytes)
+      fail("record '{}' holds {} bytes, expected {} {} elements of {} bytes", record, nbytes, numel,
+           c10::toString(dtype), item);
+    torch::Tensor elements = torch::empty({static_cast<int64_t>(numel)}, torch::dtype(dtype));
+    archive_.read(record, elements.data_ptr());
+    return elements;
+  }
+
+ private:
+  const ZipArchive& archive_;
+};
+
+// A legacy file's storages: allocated while the object's pickle runs, their
+// bytes read after it. Each needs an 8-byte count and its bytes after the
+// pickle, so together they must fit in what is left of the file.
+class LegacyStorages : public StorageSource {
+ public:
+  explicit LegacyStorages(uint64_t bytes_left) : left_(bytes_left) {}
+
+  torch::Tensor elements(const std::string& key, torch::ScalarType dtype, uint64_t numel) override {
+    const size_t item = c10::elementSize(dtype);
+    if (left_ < 8 || numel > (left_ - 8) / item)
+      fail("storage '{}' of {} {} elements does not fit in the {} bytes the file has left for its storages", key, numel,
+           c10::toString(dtype), left_);
+    left_ -= 8 + numel * item;
+    torch::Tensor elements = torch::empty({static_cast<int64_t>(numel)}, torch::dtype(dtype));
+    unfilled_.emplace(key, elements);
+    return elements;
+  }
+
+  // Reads each storage's count and bytes from `pos` on, in the order of `keys`.
+  void fill(const std::vector<std::string>& keys, std::string_view bytes, size_t pos) {
+    for (const std::string& key : keys) {
+      auto it = unfilled_.find(key);
+      if (it == unfilled_.end())
+        fail("storage key '{}' is listed twice, or names no storage in the object pickle", key);
+      pos = read_storage(key, it->second, bytes, pos);
+      unfilled_.erase(it);
+    }
+    if (!unfilled_.empty())
+      fail("storage '{}' has no data: the list of storage keys does not name it", unfilled_.begin()->first);
+  }
+
+ private:
+  // Where the storage's count and bytes at `pos` end.
+  static size_t read_storage(const std::string& key, torch::Tensor& elements, std::string_view bytes, size_t pos) {
+    if (bytes.size() - pos < 8)
+      fail("truncated: storage '{}' at byte {} needs an 8-byte element count, {} bytes left", key, pos,
+           bytes.size() - pos);
+    uint64_t count = 0;
+    std::memcpy(&count, bytes.data() + pos, 8);  // little-endian, as the host
+    pos += 8;
+    if (count != static_cast<uint64_t>(elements.numel()))
+      fail("storage '{}' at byte {} holds {} elements, the object pickle declares {}", key, pos - 8, count,
+           elements.numel());
+    const size_t nbytes = elements.nbytes();
+    if (nbytes > bytes.size() - pos)
+      fail("truncated: storage '{}' at byte {} needs {} bytes, {} left", key, pos, nbytes, bytes.size() - pos);
+    if (nbytes > 0) std::memcpy(elements.data_ptr(), bytes.data() + pos, nbytes);
+    return pos + nbytes;
+  }
+
+  uint64_t left_;
+  std::map<std::string, torch::Tensor> unfilled_;
+};
+
+// Runs read() and makes whatever it throws an Error that names the file.
+template <typename Read>
+PickleValue reading(const std::string& source, const char* format, Read&& read) {
   try {
+    return read();
+  } catch (const Error& e) {
+    fail("{}: cannot read {}: {}", source, format, e.what());
+  } catch (const c10::Error& e) {
+    fail("{}: cannot read {}: {}", source, format, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    fail("{}: cannot read {}: {}", source, format, e.what());
+  }
+}
+
+constexpr int64_t kLegacyProtocol = 1001;  // torch/serialization.py's PROTOCOL_VERSION
+
+// torch.save's magic number 0x1950a86a20f9469cfc6c as LONG1 pickles it (ten
+// bytes, little-endian), then STOP.
+constexpr std::string_view kLegacyMagic("\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 13);
+
+// Where the first pickle, the magic number, ends. An 80-bit int is wider
+// than the machine's ints, so that pickle is matched by its bytes: PROTO,
+// from protocol 4 a FRAME, then LONG1 and STOP.
+size_t after_magic(std::string_view bytes) {
+  size_t pos = 2;  // after PROTO
+  if (bytes.size() > pos && uint8_t(bytes[pos]) == op::FRAME) pos += 9;
+  if (!starts_with_pickle(bytes) || bytes.substr(std::min(pos, bytes.size()), kLegacyMagic.size()) != kLegacyMagic)
+    fail(
+        "its first pickle is not torch.save's magic number 0x1950a86a20f9469cfc6c (a corrupt file, or a pickle "
+        "torch.save did not write)");
+  return pos + kLegacyMagic.size();
+}
+
+// Runs the pickle at `pos` and moves `pos` past it.
+PickleValue unpickle(std::string_view bytes, size_t& pos, const char* what, StorageSource* storages = nullptr) {
+  Unpickler unpickler(bytes, pos, fmt::format("{} pickle: file", what), storages);
+  PickleValue value = unpickler.run();
+  pos = unpickler.end();
+  return value;
+}
+
+void check_protocol_version(const PickleValue& version) {
+  if (!version.is(Kind::Int) || version.to_int() != kLegacyProtocol)
+    fail("protocol version is {}, expected {}",
+         version.is(Kind::Int) ? std::to_string(version.to_int()) : version.describe(), kLegacyProtocol);
+}
+
+std::vector<std::string> storage_keys(const PickleValue& list) {
+  if (!list.is(Kind::List)) fail("the storage keys are {}, expected a list of str", list.describe());
+  std::vector<std::string> keys;
+  for (const PickleValue& key : list.items()) {
+    if (!key.is(Kind::String)) fail("a storage key is {}, expected a str", key.describe());
+    keys.push_back(key.to_string());
+  }
+  return keys;
+}
+
+PickleValue read_legacy(std::string_view bytes) {
+  size_t pos = after_magic(bytes);
+  check_protocol_version(unpickle(bytes, pos, "protocol version"));
+  // The writer's byte order and C type sizes: PyTorch writes storages
+  // little-endian whatever its own, and reads them so.
+  unpickle(bytes, pos, "system info");
+  LegacyStorages storages(bytes.size() - pos);
+  PickleValue object = unpickle(bytes, pos, "object", &storages);
+  const std::vector<std::string> keys = storage_keys(unpickle(bytes, pos, "storage keys"));
+  storages.fill(keys, bytes, pos);
+  return object;
+}
+
+}  // namespace
+
+PickleValue load_torch_archive(std::string_view bytes, const std::string& source) {
+  return reading(source, "torch.save file", [&] {
     const ZipArchive archive(bytes);
     if (archive.has("byteorder")) {
       const std::string order = archive.read("byteorder");
@@ -901,14 +1091,17 @@ PickleValue load_torch_archive(std::string_view bytes, const std::string& source
     }
     if (!archive.has("data.pkl")) fail("no data.pkl record (a TorchScript module rather than torch.save?)");
     const std::string pickle = archive.read("data.pkl");
-    return Unpickler(pickle, archive).run();
-  } catch (const Error& e) {
-    fail("{}: cannot read torch.save file: {}", source, e.what());
-  } catch (const c10::Error& e) {
-    fail("{}: cannot read torch.save file: {}", source, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    fail("{}: cannot read torch.save file: {}", source, e.what());
-  }
+    ZipStorages storages(archive);
+    return Unpickler(pickle, 0, "data.pkl", &storages).run();
+  });
+}
+
+bool starts_with_pickle(std::string_view bytes) {
+  return bytes.size() >= 2 && uint8_t(bytes[0]) == op::PROTO && uint8_t(bytes[1]) >= 2 && uint8_t(bytes[1]) <= 5;
+}
+
+PickleValue load_torch_legacy(std::string_view bytes, const std::string& source) {
+  return reading(source, "legacy torch.save file", [&] { return read_legacy(bytes); });
 }
 
 }  // namespace vitlab

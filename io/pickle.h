@@ -1,8 +1,10 @@
 #pragma once
-// Reading the zip files Python's torch.save writes: data.pkl is run through a
+// Reading the files Python's torch.save writes, in the zip format (PyTorch
+// 1.6 and later) and the legacy one (before 1.6, or with
+// _use_new_zipfile_serialization=False). Their pickles are run through a
 // small pickle machine that knows what state dicts and training checkpoints
 // hold (OrderedDict, tensors, parameters, numbers, strings, containers), and
-// tensors are rebuilt over the data/<key> records. Classes it does not know
+// tensors are rebuilt over the storages' bytes. Classes it does not know
 // (argparse.Namespace, numpy scalars, ...) become opaque objects, so the rest
 // of the file still loads.
 //
@@ -95,5 +97,18 @@ struct PickleObject {
 // reader does not support or finds malformed is a vitlab::Error that names
 // `source` and what is wrong.
 PickleValue load_torch_archive(std::string_view bytes, const std::string& source);
+
+// Whether the bytes start as a pickle does (the PROTO opcode of protocol 2
+// or later), as legacy torch.save files do.
+bool starts_with_pickle(std::string_view bytes);
+
+// The object a legacy torch.save file holds, tensors on the CPU. The file is
+// a sequence of pickles (torch/serialization.py, _legacy_save): the magic
+// number, the protocol version, the writer's system info, the object, the
+// list of storage keys; then each storage's element count (8 bytes,
+// little-endian) and its bytes, in the order of that list. Every count and
+// length is checked against the file's size before anything is allocated
+// for it; what is malformed is a vitlab::Error that names `source`.
+PickleValue load_torch_legacy(std::string_view bytes, const std::string& source);
 
 }  // namespace vitlab

@@ -41,7 +41,8 @@ uint64_t read_u64_le(const char* p) {
 }
 
 uint64_t as_u64(const nlohmann::json& j, const std::string& what) {
-  if (!j.is_number_unsigned() && !(j.is_number_integer() && j.get<int64_t>() >= 0)) fail("{}: expected a non-negative integer, got {}", what, j.dump());
+  if (!j.is_number_unsigned() && !(j.is_number_integer() && j.get<int64_t>() >= 0))
+    fail("{}: expected a non-negative integer, got {}", what, j.dump());
   return j.get<uint64_t>();
 }
 
@@ -54,8 +55,11 @@ struct Entry {
 
 }  // namespace
 
+bool is_safetensors(std::string_view bytes) { return bytes.size() > 8 && bytes[8] == '{'; }
+
 StateDict parse_safetensors(std::string_view bytes, const std::string& source) {
-  if (bytes.size() < 8) fail("{}: not a safetensors file ({} bytes, shorter than the 8-byte header length)", source, bytes.size());
+  if (bytes.size() < 8)
+    fail("{}: not a safetensors file ({} bytes, shorter than the 8-byte header length)", source, bytes.size());
   const uint64_t header_len = read_u64_le(bytes.data());
   if (header_len > bytes.size() - 8)
     fail("{}: safetensors header length {} runs past the end of the file ({} bytes)", source, header_len, bytes.size());
@@ -74,12 +78,15 @@ StateDict parse_safetensors(std::string_view bytes, const std::string& source) {
       fail("{}: expected {{dtype, shape, data_offsets}}, got {}", where, e.dump());
     if (!e["dtype"].is_string()) fail("{}: dtype must be a string", where);
     Entry entry{it.key(), dtype_by_name(e["dtype"].get<std::string>()), {}, 0, 0};
-    if (!entry.dtype) fail("{}: unknown dtype '{}' (expected F64, F32, F16, BF16, I64, I32, I16, I8, U8 or BOOL)", where, e["dtype"].get<std::string>());
+    if (!entry.dtype)
+      fail("{}: unknown dtype '{}' (expected F64, F32, F16, BF16, I64, I32, I16, I8, U8 or BOOL)", where,
+           e["dtype"].get<std::string>());
     if (!e["shape"].is_array()) fail("{}: shape must be a list of integers", where);
     uint64_t numel = 1;
     for (const auto& d : e["shape"]) {
       uint64_t n = as_u64(d, where + " shape");
-      if (n > 0 && numel > std::numeric_limits<uint64_t>::max() / n / 8) fail("{}: shape {} is too large", where, e["shape"].dump());
+      if (n > 0 && numel > std::numeric_limits<uint64_t>::max() / n / 8)
+        fail("{}: shape {} is too large", where, e["shape"].dump());
       numel *= n;
       entry.shape.push_back(static_cast<int64_t>(n));
     }
@@ -88,7 +95,8 @@ StateDict parse_safetensors(std::string_view bytes, const std::string& source) {
     entry.begin = as_u64(off[0], where + " data_offsets");
     entry.end = as_u64(off[1], where + " data_offsets");
     if (entry.begin > entry.end || entry.end > data.size())
-      fail("{}: data_offsets [{}, {}] out of range (data section is {} bytes)", where, entry.begin, entry.end, data.size());
+      fail("{}: data_offsets [{}, {}] out of range (data section is {} bytes)", where, entry.begin, entry.end,
+           data.size());
     const uint64_t expected = numel * c10::elementSize(entry.dtype->dtype);
     if (entry.end - entry.begin != expected)
       fail("{}: {} bytes for shape {} of {} (expected {})", where, entry.end - entry.begin, e["shape"].dump(),
@@ -118,7 +126,8 @@ std::string serialize_safetensors(const StateDict& state, const std::map<std::st
   for (const auto& [name, tensor] : state) {
     torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
     const uint64_t n = t.numel() * t.element_size();
-    header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + n}}};
+    header[name] = {
+        {"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + n}}};
     offset += n;
     blobs.push_back(t);
   }

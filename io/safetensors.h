@@ -10,6 +10,10 @@
 
 namespace vitlab {
 
+// Whether the bytes start as a safetensors file does: the 8-byte header
+// length, then the JSON header's '{'. No zip archive or pickle does.
+bool is_safetensors(std::string_view bytes);
+
 // Every structural fault (header past the end, offsets out of range or
 // overlapping, unknown dtype, byte count not matching the shape) is an error
 // naming `source` and the tensor.

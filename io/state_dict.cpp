@@ -11,8 +11,13 @@ namespace vitlab {
 
 StateDict read_weights(const std::filesystem::path& path) {
   const std::string bytes = read_file(path);
-  if (bytes.size() >= 2 && bytes.compare(0, 2, "PK") == 0) return parse_torch_state_dict(bytes, path.string());
-  return parse_safetensors(bytes, path.string());
+  // Safetensors first: its header length may start with "PK" or 0x80.
+  if (is_safetensors(bytes)) return parse_safetensors(bytes, path.string());
+  if (is_torch_file(bytes)) return parse_torch_state_dict(bytes, path.string());
+  fail(
+      "{}: unknown weights format: not safetensors (an 8-byte header length, then '{{'), nor torch.save's zip "
+      "format (starting 'PK') or legacy one (a pickle, starting 0x80 0x02); {}",
+      path.string(), leading_bytes(bytes));
 }
 
 void write_weights(const std::filesystem::path& path, const StateDict& state) {
@@ -32,8 +37,10 @@ StateDict module_state(const torch::nn::Module& module) {
 std::string LoadReport::describe() const {
   std::string out;
   if (!missing.empty()) out += fmt::format("\n  missing keys ({}): {}", missing.size(), fmt::join(missing, ", "));
-  if (!unexpected.empty()) out += fmt::format("\n  unexpected keys ({}): {}", unexpected.size(), fmt::join(unexpected, ", "));
-  if (!mismatched.empty()) out += fmt::format("\n  shape mismatches ({}): {}", mismatched.size(), fmt::join(mismatched, "; "));
+  if (!unexpected.empty())
+    out += fmt::format("\n  unexpected keys ({}): {}", unexpected.size(), fmt::join(unexpected, ", "));
+  if (!mismatched.empty())
+    out += fmt::format("\n  shape mismatches ({}): {}", mismatched.size(), fmt::join(mismatched, "; "));
   return out;
 }
 
@@ -45,7 +52,8 @@ LoadReport load_state(torch::nn::Module& module, const StateDict& state, bool st
     if (it == state.end())
       report.missing.push_back(name);
     else if (it->second.sizes() != tensor.sizes())
-      report.mismatched.push_back(fmt::format("{}: file {} vs model {}", name, it->second.sizes().vec(), tensor.sizes().vec()));
+      report.mismatched.push_back(
+          fmt::format("{}: file {} vs model {}", name, it->second.sizes().vec(), tensor.sizes().vec()));
   }
   for (const auto& kv : state)
     if (!target.count(kv.first)) report.unexpected.push_back(kv.first);

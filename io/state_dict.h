@@ -13,10 +13,11 @@ namespace vitlab {
 
 using StateDict = std::map<std::string, torch::Tensor>;
 
-// Reads .safetensors, or a torch.save file (.pt/.pth/.bin, zip format)
-// holding a dict of tensors or a dict whose `state_dict`, `model` or
+// Reads .safetensors, or a torch.save file (.pt/.pth/.bin, zip or legacy
+// format) holding a dict of tensors or a dict whose `state_dict`, `model` or
 // `state_dict_ema` entry holds one. The format is told by the file's bytes,
-// not its name.
+// not its name; a file of none of them is an error that shows its first
+// bytes.
 StateDict read_weights(const std::filesystem::path& path);
 
 // Writes .safetensors, or a torch.save-compatible .pt/.pth/.bin by extension;

@@ -5,10 +5,32 @@
 
 namespace vitlab {
 
+namespace {
+
+bool is_zip(std::string_view bytes) { return bytes.size() >= 4 && bytes.substr(0, 2) == "PK"; }
+
+}  // namespace
+
+bool is_torch_file(std::string_view bytes) { return is_zip(bytes) || starts_with_pickle(bytes); }
+
 PickleValue parse_torch_file(std::string_view bytes, const std::string& source) {
-  if (bytes.size() < 4 || bytes.substr(0, 2) != "PK")
-    fail("{}: not a torch.save file (expected the zip format PyTorch writes since 1.6)", source);
-  return load_torch_archive(bytes, source);
+  if (is_zip(bytes)) return load_torch_archive(bytes, source);
+  if (starts_with_pickle(bytes)) return load_torch_legacy(bytes, source);
+  fail(
+      "{}: not a torch.save file: neither the zip format (starting 'PK') nor the legacy one (a pickle, starting "
+      "0x80 0x02); {}",
+      source, leading_bytes(bytes));
+}
+
+std::string leading_bytes(std::string_view bytes) {
+  if (bytes.empty()) return "the file is empty";
+  const std::string_view head = bytes.substr(0, 16);
+  std::string hex, text;
+  for (const char c : head) {
+    hex += fmt::format("{}{:02x}", hex.empty() ? "" : " ", uint8_t(c));
+    text += c >= 0x20 && c < 0x7f ? c : '.';
+  }
+  return fmt::format("its first {} bytes: {} \"{}\"", head.size(), hex, text);
 }
 
 namespace {

@@ -3,6 +3,7 @@ reference implementations:
 
 - vit_timm_small.*: timm's VisionTransformer (timm 1.0.31 from PyPI), random seeded weights perturbed so every
   tensor matters; attention maps captured after the softmax (timm's fused attention switched off for that).
+  vit_timm_small.legacy.pt holds its state_dict in torch.save's legacy format (_use_new_zipfile_serialization=False).
 - vit_timm_small.pos_embed_grid{6,2}.pt: timm's resample_abs_pos_embed (bicubic, antialiased, class token kept
   apart) of that fixture's 4x4 position embedding, resized to 6x6 (img 48) and 2x2 (img 16).
 - deepvit_official_small.*, deepvit_official_S_style.*: the official DeepViT code (github.com/zhoudaquan/dvit_repo,
@@ -14,7 +15,8 @@ reference implementations:
 - cait_timm_small.*: timm's Cait (timm/models/cait.py) reduced to 3 talking-heads self-attention blocks over the
   patch tokens and 2 class-attention blocks; .attn.pt holds the self-attention maps after proj_w [L,B,H,N,N],
   .class_attn.pt the class-attention maps [2,B,H,1,N+1].
-- pickle/: small torch.save files for tests/test_pickle.cpp, each tensor file with a .safetensors twin.
+- pickle/: small torch.save files for tests/test_pickle.cpp, each tensor file with a .safetensors twin; *.legacy.*
+  the same objects in torch.save's legacy format.
 
 Each model fixture is <name>.pt (state_dict, torch.save), <name>.safetensors (the same tensors), its input(s), its
 output, and for the vision models the attention maps [L,B,H,T,T] and the DeepViT cross-layer similarity
@@ -72,6 +74,8 @@ POS_EMBED_MAX_ABS = 1e-5
 FILES_DOC = {
     "<name>.attn.pt": "attention maps [L,B,H,T,T]: per block, the map that multiplies V",
     "<name>.input.pt": "input tensor [B,C,H,W] (float32)",
+    "<name>.legacy.pt": "the state_dict of <name>.pt in torch.save's legacy format (_use_new_zipfile_serialization="
+                        "False); vit_timm_small only",
     "<name>.logits.pt": "model(input) in eval mode",
     "<name>.pt": "state_dict as a plain dict, written by Python torch.save (zip format)",
     "<name>.safetensors": "the same tensors in the safetensors format",
@@ -175,6 +179,7 @@ def vit_timm_small(sink):
     save_vision_fixture(sink, "timm", "vit_timm_small", model, x, maps,
                         dict(cfg, layer_norm_eps=1e-6, class_token=True, global_pool="token"),
                         "timm VisionTransformer; state_dict key names are timm's; attn = post-softmax maps per block")
+    sink.save("timm", "vit_timm_small.legacy.pt", state_dict_copy(model), _use_new_zipfile_serialization=False)
     return model
 
 
@@ -387,6 +392,7 @@ def pickle_fixtures(sink):
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
             "args": argparse.Namespace(lr=0.1)}
     sink.save(g, "pickle/checkpoint.pth", ckpt)
+    sink.save(g, "pickle/checkpoint.legacy.pth", ckpt, _use_new_zipfile_serialization=False)
     twin = {f"model.{k}": v for k, v in ckpt["model"].items()}
     for index, state in ckpt["optimizer"]["state"].items():
         twin.update({f"optimizer.{index}.{k}": v for k, v in state.items()})
@@ -396,6 +402,7 @@ def pickle_fixtures(sink):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     views = {"base": base, "slice": base[1:3, ::2], "transposed": base.t(), "row": base[2], "element": base[3, 5]}
     sink.save(g, "pickle/views.pt", views)
+    sink.save(g, "pickle/views.legacy.pt", views, _use_new_zipfile_serialization=False)
     sink.save_safetensors(g, "pickle/views.safetensors", views)
 
     dtypes = {
@@ -412,6 +419,7 @@ def pickle_fixtures(sink):
         "empty": torch.zeros(0, 3),
     }
     sink.save(g, "pickle/dtypes.pt", dtypes)
+    sink.save(g, "pickle/dtypes.legacy.pt", dtypes, _use_new_zipfile_serialization=False)
     sink.save_safetensors(g, "pickle/dtypes.safetensors", dtypes)
 
     parameter = torch.nn.Parameter(torch.randn(3, 2))
@@ -431,6 +439,8 @@ def pickle_fixtures(sink):
     }
     for protocol in (2, 4):
         sink.save(g, f"pickle/values_p{protocol}.pt", values, pickle_protocol=protocol)
+    # The legacy format in protocol 4, whose pickles start with a FRAME.
+    sink.save(g, "pickle/tensor.legacy_p4.pt", tensor, _use_new_zipfile_serialization=False, pickle_protocol=4)
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -21,9 +23,13 @@
 using namespace vitlab;
 using namespace vitlab::test;
 
+extern char** environ;
+
 namespace {
 
-DistEnv parse(const std::map<std::string, std::string>& vars) {
+using Vars = std::map<std::string, std::string>;
+
+DistEnv parse(const Vars& vars) {
   return parse_dist_env([&](const char* name) -> const char* {
     auto it = vars.find(name);
     return it == vars.end() ? nullptr : it->second.c_str();
@@ -67,22 +73,39 @@ double weights_diff(const fs::path& a_run, const fs::path& b_run) {
   return diff;
 }
 
-// Starts `vitlab ARGS` as one rank of a 2-process group, output to `log`.
-pid_t start_rank(int rank, int port, const std::vector<std::string>& args, const fs::path& log) {
+// torchrun's variables for rank `rank` of a 2-process group on this machine.
+Vars torchrun_vars(int rank, int port) {
+  return {{"RANK", std::to_string(rank)},
+          {"LOCAL_RANK", std::to_string(rank)},
+          {"WORLD_SIZE", "2"},
+          {"MASTER_ADDR", "127.0.0.1"},
+          {"MASTER_PORT", std::to_string(port)}};
+}
+
+// Starts `vitlab ARGS` as one rank, output to `log`, with `vars` and no other
+// rendezvous variable: none of the test's own environment (a CI job under
+// srun or torchrun) leaks in.
+pid_t start_rank(const Vars& vars, const std::vector<std::string>& args, const fs::path& log) {
+  static const std::set<std::string> torchrun = {"RANK",       "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                 "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"};
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    const std::string entry = *e, name = entry.substr(0, entry.find('='));
+    if (torchrun.count(name) == 0 && name.rfind("SLURM_", 0) != 0) env.push_back(entry);
+  }
+  for (const auto& [k, v] : vars) env.push_back(k + "=" + v);
+  // Everything the child needs is made before fork: it only opens, dups and execs.
+  std::vector<char*> argv{const_cast<char*>(VITLAB_BIN)}, envp;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  for (auto& e : env) envp.push_back(e.data());
+  argv.push_back(nullptr);
+  envp.push_back(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
     const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
-    ::setenv("RANK", std::to_string(rank).c_str(), 1);
-    ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-    ::setenv("WORLD_SIZE", "2", 1);
-    ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-    ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-    std::vector<char*> argv{const_cast<char*>(VITLAB_BIN)};
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execv(VITLAB_BIN, argv.data());
+    ::execve(VITLAB_BIN, argv.data(), envp.data());
     std::_Exit(127);
   }
   return pid;
@@ -98,6 +121,74 @@ int wait_exit(pid_t pid, double seconds) {
     if (std::chrono::steady_clock::now() > deadline) return -1;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+// wait_exit, and a rank still running then is killed (and reaped).
+int wait_or_kill(pid_t pid, double seconds) {
+  const int status = wait_exit(pid, seconds);
+  if (status < 0) {
+    ::kill(pid, SIGKILL);
+    wait_exit(pid, 10);
+  }
+  return status;
+}
+
+// A metrics.csv's rows, without its header.
+std::vector<std::vector<double>> csv_rows(const fs::path& csv) {
+  std::vector<std::vector<double>> out;
+  std::ifstream in(csv);
+  std::string line;
+  std::getline(in, line);
+  while (std::getline(in, line)) {
+    std::vector<double> row;
+    std::stringstream fields(line);
+    for (std::string f; std::getline(fields, f, ',');) row.push_back(std::stod(f));
+    out.push_back(row);
+  }
+  return out;
+}
+
+int64_t line_count(const fs::path& file) {
+  std::ifstream in(file);
+  int64_t n = 0;
+  for (std::string line; std::getline(in, line);) ++n;
+  return n;
+}
+
+// The data-parallel run `two` (2 epochs) took the path of the one-process
+// run `one` at its doubled batch: the same final weights, the same epoch
+// metrics (the train loss is every rank's, evaluation covers the whole
+// split), and one per-step log line per optimizer step (only rank 0 wrote).
+void check_same_trajectory(const fs::path& one, const fs::path& two) {
+  CHECK(weights_diff(one, two) <= 1e-5);
+  const auto r1 = csv_rows(one / "metrics.csv"), r2 = csv_rows(two / "metrics.csv");
+  REQUIRE(r1.size() == 2);
+  REQUIRE(r2.size() == 2);
+  for (size_t e = 0; e < 2; ++e)
+    for (size_t c = 0; c < r1[e].size(); ++c) CHECK(r2[e][c] == Approx(r1[e][c]).margin(2e-6));
+  CHECK(line_count(two / "metrics.jsonl") == line_count(one / "metrics.jsonl"));
+}
+
+// dir's tiny recipe trained by one process into dir/one, and by 2 ranks at
+// half the batch into dir/two, rank r started with the variables vars(r):
+// the same trajectory.
+void check_two_ranks_match_one(const TempDir& dir, const std::function<Vars(int)>& vars) {
+  write_image_folder_config(dir);
+  const std::string cfg = (dir / "cfg.yaml").string();
+  RunResult one = run_cli(fmt::format("train --config {} --out {}", cfg, (dir / "one").string()));
+  INFO(one.output);
+  REQUIRE(one.status == 0);
+  const std::vector<std::string> args = {
+      "train", "--config", cfg, "--set", "train.batch_size=8", "--out", (dir / "two").string()};
+  const pid_t r0 = start_rank(vars(0), args, dir / "r0.log");
+  const pid_t r1 = start_rank(vars(1), args, dir / "r1.log");
+  const int s0 = wait_or_kill(r0, 60), s1 = wait_or_kill(r1, 60);
+  const std::string log0 = read_file(dir / "r0.log");
+  INFO(log0 + read_file(dir / "r1.log"));
+  REQUIRE(s0 == 0);
+  REQUIRE(s1 == 0);
+  CHECK_THAT(log0, Catch::Contains("2 processes"));
+  check_same_trajectory(dir / "one", dir / "two");
 }
 
 bool wait_for_file(const fs::path& file, double seconds) {
@@ -151,8 +242,81 @@ TEST_CASE("torchrun environment: parsed, and bad values are errors naming the va
   CHECK_THROWS_WITH(parse(with("TORCHELASTIC_USE_AGENT_STORE", "maybe")),
                     Catch::Contains("TORCHELASTIC_USE_AGENT_STORE"));
   CHECK_THROWS_WITH(parse({{"WORLD_SIZE", "2"}, {"RANK", "1"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "1"}}),
-                    Catch::Contains("LOCAL_RANK=1 must be below LOCAL_WORLD_SIZE=1"));
+                    Catch::Contains("LOCAL_RANK=1 must be below") && Catch::Contains("LOCAL_WORLD_SIZE=\"1\""));
   CHECK_THROWS_WITH(parse({{"WORLD_SIZE", "2"}}), Catch::Contains("RANK is not"));
+}
+
+TEST_CASE("srun's task variables: parsed without torchrun's, which win when both are set") {
+  const Vars slurm = {{"SLURM_PROCID", "5"},
+                      {"SLURM_NTASKS", "8"},
+                      {"SLURM_LOCALID", "1"},
+                      {"SLURM_NTASKS_PER_NODE", "4"},
+                      {"SLURM_JOB_NODELIST", "gpu[07-08]"},
+                      {"SLURM_JOB_ID", "123456"}};
+  auto with = [&](const Vars& changes) {
+    Vars m = slurm;
+    for (const auto& [k, v] : changes) m[k] = v;
+    return m;
+  };
+  const DistEnv e = parse(slurm);
+  CHECK(e.rank == 5);
+  CHECK(e.world_size == 8);
+  CHECK(e.local_rank == 1);
+  CHECK(e.local_world_size == 4);
+  CHECK(e.master_addr == "gpu07");
+  CHECK(e.master_port == 29500 + 456);
+  CHECK(parse(with({{"SLURM_STEP_NODELIST", "cpu[3-4]"}})).master_addr == "cpu3");  // the step's nodes first
+  const DistEnv set = parse(with({{"MASTER_ADDR", "node9"}, {"MASTER_PORT", "1234"}}));
+  CHECK(set.master_addr == "node9");
+  CHECK(set.master_port == 1234);
+  Vars no_job = slurm;
+  no_job.erase("SLURM_JOB_ID");
+  CHECK(parse(no_job).master_port == 29500);
+  CHECK(parse(with({{"SLURM_JOB_ID", "4294967295"}})).master_port == 29500 + 295);
+  CHECK(parse(with({{"SLURM_JOB_ID", "7"}})).master_port == 29507);
+  // Without --ntasks-per-node: this node's count in SLURM_TASKS_PER_NODE.
+  Vars counts = with({{"SLURM_TASKS_PER_NODE", "3(x2),2"}, {"SLURM_NODEID", "2"}});
+  counts.erase("SLURM_NTASKS_PER_NODE");
+  CHECK(parse(counts).local_world_size == 2);
+  counts["SLURM_NODEID"] = "1";
+  CHECK(parse(counts).local_world_size == 3);
+  CHECK(parse(with({{"SLURM_NTASKS_PER_NODE", "16"}})).local_world_size == 8);  // the job's, over a smaller step
+  CHECK_FALSE(parse(with({{"SLURM_NTASKS", "1"}, {"SLURM_PROCID", "0"}})).distributed());
+  // torchrun under srun (one task per node): torchrun's variables decide.
+  const DistEnv torchrun = parse(with({{"WORLD_SIZE", "2"}, {"RANK", "1"}}));
+  CHECK(torchrun.rank == 1);
+  CHECK(torchrun.world_size == 2);
+  CHECK(torchrun.local_rank == 0);
+  CHECK(torchrun.master_addr == "127.0.0.1");
+  CHECK(torchrun.master_port == 29500);
+
+  CHECK_THROWS_WITH(parse(with({{"SLURM_PROCID", "8"}})), Catch::Contains("SLURM_PROCID=\"8\""));
+  CHECK_THROWS_WITH(parse(with({{"SLURM_LOCALID", "4"}})),
+                    Catch::Contains("SLURM_LOCALID=4 must be below") && Catch::Contains("SLURM_NTASKS_PER_NODE"));
+  CHECK_THROWS_WITH(parse(with({{"SLURM_JOB_ID", "12x"}})), Catch::Contains("SLURM_JOB_ID=\"12x\""));
+  CHECK_THROWS_WITH(parse(with({{"SLURM_JOB_NODELIST", "gpu[07-"}})),
+                    Catch::Contains("SLURM_JOB_NODELIST=\"gpu[07-\""));
+  Vars no_nodes = slurm;
+  no_nodes.erase("SLURM_JOB_NODELIST");
+  CHECK_THROWS_WITH(parse(no_nodes), Catch::Contains("set MASTER_ADDR"));
+  counts["SLURM_TASKS_PER_NODE"] = "3(x2";
+  CHECK_THROWS_WITH(parse(counts), Catch::Contains("SLURM_TASKS_PER_NODE=\"3(x2\""));
+  counts["SLURM_TASKS_PER_NODE"] = "3";
+  CHECK_THROWS_WITH(parse(counts), Catch::Contains("no count for node SLURM_NODEID=1"));
+}
+
+TEST_CASE("SLURM host lists expand as scontrol show hostnames does") {
+  using Hosts = std::vector<std::string>;
+  CHECK(expand_hostlist("cpu3", "L") == Hosts{"cpu3"});
+  CHECK(expand_hostlist("gpu[01-04,07],cpu3", "L") == Hosts{"gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"});
+  CHECK(expand_hostlist("n[8-10]", "L") == Hosts{"n8", "n9", "n10"});
+  CHECK(expand_hostlist("n[098-101]", "L") == Hosts{"n098", "n099", "n100", "n101"});
+  CHECK(expand_hostlist("r[1-2]-n[01-02]", "L") == Hosts{"r1-n01", "r1-n02", "r2-n01", "r2-n02"});
+  CHECK(expand_hostlist("a,b[1,3]c,10.0.0.1,d[5]", "L") == Hosts{"a", "b1c", "b3c", "10.0.0.1", "d5"});
+  for (const std::string bad : {"", "gpu[01-04", "gpu01]", "gpu[]", "gpu[04-01]", "gpu[a-b]", "gpu[1,]", "gpu[1-2-3]",
+                                "a,,b", "a,", "gpu[[1]]", "n[0-99999999]", "n[0-999]m[0-9999]"})
+    CHECK_THROWS_WITH(expand_hostlist(bad, "SLURM_JOB_NODELIST"),
+                      Catch::Contains("SLURM_JOB_NODELIST=\"" + bad + "\" is not a SLURM host list"));
 }
 
 TEST_CASE("data loader shards like DistributedSampler") {
@@ -213,7 +377,7 @@ TEST_CASE("2 ranks with Gloo on loopback end with the weights of 1 process at th
   INFO(two.output);
   REQUIRE(two.status == 0);
   CHECK_THAT(two.output, Catch::Contains("2 processes"));
-  CHECK(weights_diff(dir / "one", dir / "two") <= 1e-5);
+  check_same_trajectory(dir / "one", dir / "two");
   // A distributed run stopped after an epoch and resumed ends where the
   // uninterrupted one did.
   const std::string resumed = fmt::format("launch --nproc 2 -- train --config {} --set train.batch_size=8 --out {}",
@@ -224,33 +388,35 @@ TEST_CASE("2 ranks with Gloo on loopback end with the weights of 1 process at th
   REQUIRE(rest.status == 0);
   CHECK_THAT(rest.output, Catch::Contains("resuming"));
   CHECK(weights_diff(dir / "two", dir / "resumed") == 0.0);
-  // Only rank 0 wrote: one line per optimizer step (64 images / 16 per step, 2 epochs), one summary.
-  std::ifstream steps(dir / "two" / "metrics.jsonl");
-  int lines = 0;
-  for (std::string line; std::getline(steps, line);) ++lines;
-  CHECK(lines == 8);
+  CHECK(line_count(dir / "two" / "metrics.jsonl") == 8);  // 64 images / 16 per step, 2 epochs
   const auto summary = nlohmann::json::parse(read_file(dir / "two" / "summary.json"));
   CHECK(summary["processes"] == 2);
-  // The train loss is every rank's, evaluation covers the whole split: the
-  // metrics of the single process.
-  auto rows = [](const fs::path& csv) {
-    std::vector<std::vector<double>> out;
-    std::ifstream in(csv);
-    std::string line;
-    std::getline(in, line);
-    while (std::getline(in, line)) {
-      std::vector<double> row;
-      std::stringstream fields(line);
-      for (std::string f; std::getline(fields, f, ',');) row.push_back(std::stod(f));
-      out.push_back(row);
-    }
-    return out;
-  };
-  const auto r1 = rows(dir / "one" / "metrics.csv"), r2 = rows(dir / "two" / "metrics.csv");
-  REQUIRE(r1.size() == 2);
-  REQUIRE(r2.size() == 2);
-  for (size_t e = 0; e < 2; ++e)
-    for (size_t c = 0; c < r1[e].size(); ++c) CHECK(r2[e][c] == Approx(r1[e][c]).margin(2e-6));
+}
+
+TEST_CASE("2 ranks started with srun's variables on loopback train like 1 process at the doubled batch") {
+  TempDir dir;
+  // MASTER_ADDR from the node list, MASTER_PORT from the job id.
+  check_two_ranks_match_one(dir, [](int rank) -> Vars {
+    return {{"SLURM_PROCID", std::to_string(rank)},
+            {"SLURM_LOCALID", std::to_string(rank)},
+            {"SLURM_NTASKS", "2"},
+            {"SLURM_TASKS_PER_NODE", "2"},
+            {"SLURM_JOB_NODELIST", "127.0.0.1"},
+            {"SLURM_JOB_ID", std::to_string(::getpid())}};
+  });
+}
+
+TEST_CASE("2 single-rank nodes on loopback train like 1 process at the doubled batch") {
+  // torchrun --nnodes 2 --nproc-per-node 1: LOCAL_RANK 0 on both nodes.
+  TempDir dir;
+  const int port = 29002 + static_cast<int>(::getpid() % 1000);
+  check_two_ranks_match_one(dir, [port](int rank) {
+    Vars vars = torchrun_vars(rank, port);
+    vars["LOCAL_RANK"] = "0";
+    vars["LOCAL_WORLD_SIZE"] = "1";
+    vars["GROUP_RANK"] = std::to_string(rank);
+    return vars;
+  });
 }
 
 TEST_CASE("synchronised BatchNorm: 2 DeepViT ranks train like 1 process at the doubled batch") {
@@ -284,13 +450,11 @@ TEST_CASE("ranks rendezvous through torchrun's agent store when TORCHELASTIC_USE
   ::setenv("TORCHELASTIC_RESTART_COUNT", "1", 1);
   const std::vector<std::string> args = {"train",          "--config", (dir / "cfg.yaml").string(), "--set",
                                          "train.epochs=1", "--out",    (dir / "run").string()};
-  const pid_t r0 = start_rank(0, agent.getPort(), args, dir / "r0.log");
-  const pid_t r1 = start_rank(1, agent.getPort(), args, dir / "r1.log");
+  const pid_t r0 = start_rank(torchrun_vars(0, agent.getPort()), args, dir / "r0.log");
+  const pid_t r1 = start_rank(torchrun_vars(1, agent.getPort()), args, dir / "r1.log");
   ::unsetenv("TORCHELASTIC_USE_AGENT_STORE");
   ::unsetenv("TORCHELASTIC_RESTART_COUNT");
-  const int s0 = wait_exit(r0, 60), s1 = wait_exit(r1, 60);
-  if (s0 < 0) ::kill(r0, SIGKILL);
-  if (s1 < 0) ::kill(r1, SIGKILL);
+  const int s0 = wait_or_kill(r0, 60), s1 = wait_or_kill(r1, 60);
   INFO(read_file(dir / "r0.log") + read_file(dir / "r1.log"));
   CHECK(s0 == 0);
   CHECK(s1 == 0);
@@ -314,8 +478,8 @@ TEST_CASE("a rank that dies or hangs makes the other exit with a clear error wit
                                            "--out",
                                            out.string()};
     const int port = 29000 + static_cast<int>(::getpid() % 1000) + (hang ? 1 : 0);
-    const pid_t r0 = start_rank(0, port, args, dir / (hang ? "hang0.log" : "dead0.log"));
-    const pid_t r1 = start_rank(1, port, args, dir / (hang ? "hang1.log" : "dead1.log"));
+    const pid_t r0 = start_rank(torchrun_vars(0, port), args, dir / (hang ? "hang0.log" : "dead0.log"));
+    const pid_t r1 = start_rank(torchrun_vars(1, port), args, dir / (hang ? "hang1.log" : "dead1.log"));
     // Both are training once rank 0 has logged a step.
     const bool started = wait_for_file(out / "metrics.jsonl", 60);
     ::kill(r1, hang ? SIGSTOP : SIGKILL);

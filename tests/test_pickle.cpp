@@ -145,22 +145,119 @@ std::string int_tuple(const std::vector<int32_t>& values) {
   return out + "t";
 }
 
-// A tensor over storage '0' of `numel` elements as torch.save writes it: _rebuild_tensor_v2 over a typed storage
-// ("torch.FloatStorage"), or with a dtype ("torch.float32") _rebuild_tensor_v3, as PyTorch 2 writes dtypes that
-// have no storage class.
+// The persistent id of a storage of `numel` elements, ('storage', type, key, 'cuda:0', numel), with `more` (the
+// legacy format's view) pickled before its end.
+std::string storage_id(const std::string& type, const std::string& key, int32_t numel, const std::string& more = "") {
+  return "(" + str("storage") + global(type) + str(key) + str("cuda:0") + binint(numel) + more + "tQ";
+}
+
+// The call that builds a tensor over the storage `id` names, as torch.save writes it: _rebuild_tensor_v2 over a
+// typed storage ("torch.FloatStorage"), or with a dtype ("torch.float32") _rebuild_tensor_v3, as PyTorch 2 writes
+// dtypes that have no storage class.
+std::string rebuild_tensor(const std::string& id, int32_t offset, const std::vector<int32_t>& size,
+                           const std::vector<int32_t>& stride, const std::string& dtype = "") {
+  return global(dtype.empty() ? "torch._utils._rebuild_tensor_v2" : "torch._utils._rebuild_tensor_v3") + "(" + id +
+         binint(offset) + int_tuple(size) + int_tuple(stride) + "\x89" + global("collections.OrderedDict") + ")R" +
+         (dtype.empty() ? "" : global(dtype)) + "tR";
+}
+
+// A tensor over storage '0' of `numel` elements.
 std::string tensor_pickle(const std::string& storage_type, int32_t numel, int32_t offset,
                           const std::vector<int32_t>& size, const std::vector<int32_t>& stride,
                           const std::string& dtype = "") {
-  return "\x80\x02" + global(dtype.empty() ? "torch._utils._rebuild_tensor_v2" : "torch._utils._rebuild_tensor_v3") +
-         "((" + str("storage") + global(storage_type) + str("0") + str("cuda:0") + binint(numel) + "tQ" +
-         binint(offset) + int_tuple(size) + int_tuple(stride) + "\x89" + global("collections.OrderedDict") + ")R" +
-         (dtype.empty() ? "" : global(dtype)) + "tR.";
+  return "\x80\x02" + rebuild_tensor(storage_id(storage_type, "0", numel), offset, size, stride, dtype) + ".";
 }
 
 std::string floats(const std::vector<float>& values) {
   std::string out(values.size() * sizeof(float), '\0');
   std::memcpy(&out[0], values.data(), out.size());
   return out;
+}
+
+// A storage's data in a legacy file: its element count, then its bytes.
+struct LegacyData {
+  std::string key;
+  uint64_t count;
+  std::string bytes;
+};
+
+// A legacy torch.save file as _legacy_save lays it out: pickles of the magic number, the protocol version, the
+// system info, the object (`object_pkl`) and the storage keys, then each storage's count and bytes.
+std::string legacy_file(const std::string& object_pkl, const std::vector<LegacyData>& storages,
+                        int32_t protocol_version = 1001) {
+  std::string keys = "\x80\x02(";
+  std::string data;
+  for (const LegacyData& s : storages) {
+    keys += str(s.key);
+    data += std::string(reinterpret_cast<const char*>(&s.count), 8) + s.bytes;
+  }
+  return raw("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.") + "\x80\x02" + binint(protocol_version) +
+         ".\x80\x02}." + object_pkl + keys + "l." + data;
+}
+
+// A legacy file of one float tensor [1, 2, 3, 4] over storage '0'.
+std::string legacy_floats() {
+  return legacy_file(tensor_pickle("torch.FloatStorage", 4, 0, {4}, {1}), {{"0", 4, floats({1, 2, 3, 4})}});
+}
+
+// Whether parse() loads: false when it fails with a vitlab::Error; anything else it throws fails the test.
+template <typename Parse>
+bool survive(Parse&& parse) {
+  try {
+    parse();
+    return true;
+  } catch (const vitlab::Error&) {
+    return false;
+  }
+}
+
+// Two unpickled values alike: the same kinds, numbers, strings and containers, and tensors of the same dtype,
+// shape, strides, offset and values.
+void check_alike(const PickleValue& a, const PickleValue& b, const std::string& where) {
+  INFO(where);
+  REQUIRE(a.describe() == b.describe());
+  switch (a.kind()) {
+    case Kind::Bool:
+      CHECK(a.to_bool() == b.to_bool());
+      break;
+    case Kind::Int:
+      CHECK(a.to_int() == b.to_int());
+      break;
+    case Kind::Float:
+      CHECK(a.to_double() == b.to_double());
+      break;
+    case Kind::String:
+    case Kind::Bytes:
+    case Kind::Global:
+      CHECK(a.to_string() == b.to_string());
+      break;
+    case Kind::Tensor:
+    case Kind::Storage:
+      check_same(a.to_tensor(), b.to_tensor());
+      CHECK(a.to_tensor().strides() == b.to_tensor().strides());
+      CHECK(a.to_tensor().storage_offset() == b.to_tensor().storage_offset());
+      break;
+    case Kind::List:
+    case Kind::Tuple:
+    case Kind::Set:
+      REQUIRE(a.items().size() == b.items().size());
+      for (size_t i = 0; i < a.items().size(); ++i)
+        check_alike(a.items()[i], b.items()[i], where + "[" + std::to_string(i) + "]");
+      break;
+    case Kind::Dict:
+      REQUIRE(a.entries().size() == b.entries().size());
+      for (size_t i = 0; i < a.entries().size(); ++i) {
+        check_alike(a.entries()[i].first, b.entries()[i].first, where + " key " + std::to_string(i));
+        check_alike(a.entries()[i].second, b.entries()[i].second, where + " value " + std::to_string(i));
+      }
+      break;
+    case Kind::Object:
+      check_alike(a.to_object().args, b.to_object().args, where + ".args");
+      check_alike(a.to_object().state, b.to_object().state, where + ".state");
+      break;
+    case Kind::None:
+      break;
+  }
 }
 
 }  // namespace
@@ -380,14 +477,6 @@ TEST_CASE("pickle: deflated records load, and a zip header claiming more than it
 
 TEST_CASE("pickle: flipped bits and random opcodes load or fail cleanly, never crash") {
   std::mt19937 rng(20240607);
-  auto survive = [](auto&& parse) {
-    try {
-      parse();
-      return true;
-    } catch (const vitlab::Error&) {
-      return false;
-    }
-  };
 
   // Every byte of a checkpoint's data.pkl with one bit flipped, then bursts of random bytes.
   const Records ckpt = records_of("checkpoint.pth");
@@ -506,4 +595,108 @@ TEST_CASE("pickle: deeply nested values load and free without deep recursion") {
     CHECK(levels == depth);
   }
   CHECK_THROWS_WITH(load_pickle(nested), Contains("ends without STOP"));
+}
+
+TEST_CASE("pickle: legacy torch.save files read like their zip twins") {
+  const std::vector<std::pair<std::string, std::string>> twins = {{"checkpoint.legacy.pth", "checkpoint.pth"},
+                                                                  {"views.legacy.pt", "views.pt"},
+                                                                  {"dtypes.legacy.pt", "dtypes.pt"},
+                                                                  {"tensor.legacy_p4.pt", "tensor.pt"}};
+  for (const auto& [legacy, zip] : twins) {
+    INFO(legacy);
+    CHECK(read_file(pickle_fixture(legacy)).substr(0, 2) != "PK");
+    check_alike(load(legacy), load(zip), legacy);
+  }
+  const PickleValue views = load("views.legacy.pt");
+  for (const char* view : {"slice", "transposed", "row", "element"}) {
+    INFO(view);
+    CHECK(views.find(view)->to_tensor().is_alias_of(views.find("base")->to_tensor()));
+  }
+  // The hand-made legacy file is right.
+  check_same(load_torch_legacy(legacy_floats(), "floats.pt").to_tensor(), torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}));
+}
+
+TEST_CASE("pickle: a legacy storage view is its own storage over its root's memory") {
+  // Storage '1' is elements 2, 3, 4 of storage '0', as PyTorch before 0.4 saved a storage slice.
+  const std::string root = storage_id("torch.FloatStorage", "0", 6, "N");
+  auto view = [](int32_t offset, int32_t numel) {
+    return storage_id("torch.FloatStorage", "0", 6, "(" + str("1") + binint(offset) + binint(numel) + "t");
+  };
+  const std::vector<LegacyData> data = {{"0", 6, floats({0, 1, 2, 3, 4, 5})}};
+  const PickleValue pair = load_torch_legacy(
+      legacy_file("\x80\x02" + rebuild_tensor(root, 0, {6}, {1}) + rebuild_tensor(view(2, 3), 1, {2}, {1}) + "\x86.",
+                  data),
+      "view.pt");
+  torch::Tensor whole = pair.items().at(0).to_tensor();
+  const torch::Tensor part = pair.items().at(1).to_tensor();
+  check_same(part, torch::tensor({3.0f, 4.0f}));
+  whole[3].fill_(7.0f);
+  CHECK(part[0].item<float>() == 7.0f);
+
+  CHECK_THROWS_WITH(
+      load_torch_legacy(legacy_file("\x80\x02" + rebuild_tensor(view(4, 3), 0, {3}, {1}) + ".", data), "view.pt"),
+      Contains("storage view '1' of 3 elements at offset 4 does not fit its storage of 6 Float elements"));
+  CHECK_THROWS_WITH(
+      load_torch_legacy(legacy_file("\x80\x02" + rebuild_tensor(view(2, 3), 0, {4}, {1}) + ".", data), "view.pt"),
+      Contains("does not fit its storage of 3 Float elements"));
+  CHECK_THROWS_WITH(
+      load_torch_legacy(
+          legacy_file("\x80\x02" + rebuild_tensor(storage_id("torch.FloatStorage", "0", 6, "K\x01"), 0, {6}, {1}) + ".",
+                      data),
+          "view.pt"),
+      Contains("storage view is an int, expected None or (key, offset, size)"));
+}
+
+TEST_CASE("pickle: truncated and corrupted legacy files are named errors") {
+  const std::string good = read_file(pickle_fixture("checkpoint.legacy.pth"));
+  for (size_t cut = 0; cut < good.size(); ++cut) {
+    INFO("cut at " << cut);
+    CHECK_THROWS_WITH(
+        parse_torch_file(std::string_view(good).substr(0, cut), "cut.pt"),
+        Contains(cut < 2 ? "cut.pt: not a torch.save file" : "cut.pt: cannot read legacy torch.save file"));
+  }
+
+  auto fails = [](const std::string& bytes, const std::string& message) {
+    CHECK_THROWS_WITH(load_torch_legacy(bytes, "bad.pt"),
+                      Contains("bad.pt: cannot read legacy torch.save file: ") && Contains(message));
+  };
+  const std::string floats_pkl = tensor_pickle("torch.FloatStorage", 4, 0, {4}, {1});
+  const std::string magic_error = "its first pickle is not torch.save's magic number 0x1950a86a20f9469cfc6c";
+  std::string bad_magic = good;
+  bad_magic[5] ^= 1;
+  fails(bad_magic, magic_error);
+  fails("\x80\x02K\x01.", magic_error);  // a pickle torch.save did not write
+  fails(legacy_file(floats_pkl, {{"0", 4, floats({1, 2, 3, 4})}}, 1000), "protocol version is 1000, expected 1001");
+  fails(legacy_file("\x80\x02t.", {}), "object pickle: file byte");
+  fails(legacy_file(floats_pkl, {{"0", 5, floats({1, 2, 3, 4})}}), "holds 5 elements, the object pickle declares 4");
+  fails(legacy_file(floats_pkl, {}), "storage '0' has no data: the list of storage keys does not name it");
+  fails(legacy_file(floats_pkl, {{"0", 4, floats({1, 2, 3, 4})}, {"0", 4, floats({1, 2, 3, 4})}}),
+        "storage key '0' is listed twice, or names no storage in the object pickle");
+  fails(legacy_file(floats_pkl, {{"0", 4, floats({1, 2, 3, 4})}, {"9", 1, floats({1})}}),
+        "storage key '9' is listed twice");
+  const std::string whole = legacy_floats();
+  fails(whole.substr(0, whole.size() - 1), "truncated: storage '0' at byte");
+  fails(whole.substr(0, whole.size() - 20), "needs an 8-byte element count, 4 bytes left");
+  // 16 GiB declared by a 300-byte file: refused before anything is allocated.
+  const int32_t big = std::numeric_limits<int32_t>::max();
+  fails(legacy_file(tensor_pickle("torch.DoubleStorage", big, 0, {4}, {1}), {{"0", 4, floats({1, 2, 3, 4})}}),
+        "storage '0' of 2147483647 Double elements does not fit in the");
+}
+
+TEST_CASE("pickle: flipped bits in legacy files load or fail cleanly, never crash") {
+  for (const char* name : {"dtypes.legacy.pt", "views.legacy.pt"}) {
+    const std::string good = read_file(pickle_fixture(name));
+    for (size_t i = 0; i < good.size(); ++i) {
+      std::string bytes = good;
+      bytes[i] = static_cast<char>(bytes[i] ^ (1 << (i % 8)));
+      survive([&] { load_torch_legacy(bytes, name); });
+    }
+  }
+  std::mt19937 rng(20250101);
+  const std::string checkpoint = read_file(pickle_fixture("checkpoint.legacy.pth"));
+  for (int round = 0; round < 2000; ++round) {
+    std::string bytes = checkpoint;
+    for (int k = 0; k < 3; ++k) bytes[rng() % bytes.size()] = static_cast<char>(rng());
+    survive([&] { parse_torch_state_dict(bytes, "flipped.pth"); });
+  }
 }

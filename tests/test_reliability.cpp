@@ -1,4 +1,5 @@
 #include <signal.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -7,6 +8,7 @@
 #include <thread>
 
 #include "common/files.h"
+#include "common/run_lock.h"
 #include "tests/helpers.h"
 
 using namespace vitlab;
@@ -214,4 +216,43 @@ TEST_CASE("resuming a directory that holds no run is a clear error") {
                         (dir / "typo").string());
   CHECK(r.status == 1);
   CHECK_THAT(r.output, Catch::Contains("nothing to resume"));
+}
+
+TEST_CASE("a run directory's lock admits one holder and names it to the next") {
+  TempDir dir;
+  const fs::path run = dir / "run";
+  {
+    const RunLock held(run);
+    // flock: a second open of the lock file conflicts even in the same process.
+    CHECK_THROWS_WITH(RunLock{run}, Catch::StartsWith(run.string() + ": the run directory is in use by pid " +
+                                                      std::to_string(::getpid()) + " on host"));
+  }
+  const RunLock again(run);  // released with its holder
+  CHECK_THAT(read_file(run / ".lock"), Catch::StartsWith(std::to_string(::getpid()) + " "));
+}
+
+TEST_CASE("a second vitlab train on a run directory in use stops at start, and a SIGKILLed run resumes at once") {
+  TinyRun run;
+  const fs::path out = run.dir / "run";
+  const pid_t first = start_cli("train" + run.args + " --out " + out.string(), run.dir / "first.log");
+  // Stopped (holding the lock) once it has checkpointed epoch 1 and is inside epoch 2.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (logged_steps(out / "metrics.jsonl") < 20 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ::kill(first, SIGSTOP);
+  const int64_t steps = logged_steps(out / "metrics.jsonl");
+  RunResult second = run.train("run");
+  INFO(second.output);
+  CHECK(second.status == 1);
+  CHECK_THAT(second.output, Catch::Contains("error: " + out.string() + ": the run directory is in use by pid " +
+                                            std::to_string(first)));
+  CHECK(logged_steps(out / "metrics.jsonl") == steps);  // it wrote nothing
+
+  ::kill(first, SIGKILL);
+  REQUIRE(wait_cli(first) == 128 + SIGKILL);
+  RunResult resumed = run.train("run", " --resume");
+  INFO(read_file(run.dir / "first.log") + resumed.output);
+  REQUIRE(steps >= 20);
+  CHECK(resumed.status == 0);
+  CHECK_THAT(resumed.output, Catch::Contains("resuming"));
 }

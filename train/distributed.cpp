@@ -13,6 +13,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <regex>
+#include <sstream>
 
 #include "common/error.h"
 #include "common/process.h"
@@ -49,25 +51,178 @@ int int_variable(const std::function<const char*(const char*)>& get, const char*
   return static_cast<int>(value);
 }
 
+constexpr size_t kMaxHosts = 1 << 20;  // a bound on what a typo such as [0-999999999] expands to
+
+// A bracket's numbers: "01-04,07" -> 01 02 03 04 07, each as wide as the
+// start of its range.
+std::vector<std::string> expand_bracket(const std::string& group, const std::function<void(const char*)>& bad) {
+  auto number = [](const std::string& s) {
+    return !s.empty() && s.size() <= 9 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  std::vector<std::string> out;
+  std::stringstream items(group);
+  for (std::string item; std::getline(items, item, ',');) {
+    const size_t dash = item.find('-');
+    const std::string lo = item.substr(0, dash), hi = dash == std::string::npos ? lo : item.substr(dash + 1);
+    if (!number(lo) || !number(hi)) bad("a bracket holds numbers and ranges such as [01-04,07]");
+    const long first = std::stol(lo), last = std::stol(hi);
+    if (last < first) bad("a range runs downwards");
+    if (static_cast<size_t>(last - first) + out.size() >= kMaxHosts) bad("more than 2^20 hosts");
+    for (long n = first; n <= last; ++n) out.push_back(fmt::format("{:0{}}", n, lo.size()));
+  }
+  if (out.empty() || group.back() == ',') bad("an empty bracket or range");
+  return out;
+}
+
+// One name of the list, its brackets multiplied out left to right.
+std::vector<std::string> expand_name(const std::string& name, const std::function<void(const char*)>& bad) {
+  if (name.empty()) bad("an empty host name");
+  std::vector<std::string> hosts{""};
+  size_t at = 0;
+  while (at < name.size()) {
+    const size_t open = name.find('[', at), close = name.find(']', at);
+    if (close < open) bad("']' without '['");
+    const std::string text = name.substr(at, open - at);
+    for (auto& h : hosts) h += text;
+    if (open == std::string::npos) break;
+    if (close == std::string::npos) bad("'[' without ']'");
+    const std::string group = name.substr(open + 1, close - open - 1);
+    if (group.find('[') != std::string::npos) bad("'[' inside a bracket");
+    const std::vector<std::string> numbers = expand_bracket(group, bad);
+    if (hosts.size() * numbers.size() > kMaxHosts) bad("more than 2^20 hosts");
+    std::vector<std::string> product;
+    for (const auto& h : hosts)
+      for (const auto& n : numbers) product.push_back(h + n);
+    hosts = std::move(product);
+    at = close + 1;
+  }
+  return hosts;
+}
+
+}  // namespace
+
+std::vector<std::string> expand_hostlist(const std::string& list, const std::string& variable) {
+  const std::function<void(const char*)> bad = [&](const char* why) {
+    fail("environment variable {}={:?} is not a SLURM host list such as gpu[01-04,07],cpu3: {}", variable, list, why);
+  };
+  // Commas inside brackets separate numbers, outside them names.
+  std::vector<std::string> hosts;
+  size_t start = 0;
+  bool in_bracket = false;
+  for (size_t i = 0; i <= list.size(); ++i) {
+    if (i == list.size() || (list[i] == ',' && !in_bracket)) {
+      for (auto& h : expand_name(list.substr(start, i - start), bad)) hosts.push_back(std::move(h));
+      start = i + 1;
+    } else if (list[i] == '[' || list[i] == ']') {
+      in_bracket = list[i] == '[';
+    }
+  }
+  return hosts;
+}
+
+namespace {
+
+// The variables that give a rank its place, under torchrun (and vitlab
+// launch) or under srun.
+struct RankVariables {
+  const char* rank;
+  const char* world_size;
+  const char* local_rank;
+};
+constexpr RankVariables kTorchrun{"RANK", "WORLD_SIZE", "LOCAL_RANK"};
+constexpr RankVariables kSlurm{"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"};
+
+// srun's task variables count only without torchrun's: torchrun started by
+// srun (one task per node) sets the ranks of its own workers.
+bool started_by_srun(const std::function<const char*(const char*)>& get) {
+  return !get("WORLD_SIZE") && get("SLURM_PROCID") && get("SLURM_NTASKS") && get("SLURM_LOCALID");
+}
+
+// SLURM_TASKS_PER_NODE's count for node `node`: "2(x3),1" is 2 tasks on
+// each of nodes 0-2 and 1 on node 3.
+int tasks_on_node(const std::string& text, int node) {
+  static const std::regex item(R"((\d{1,6})(?:\(x(\d{1,6})\))?)");
+  std::stringstream items(text);
+  int first = 0;
+  for (std::string one; std::getline(items, one, ',');) {
+    std::smatch m;
+    if (!std::regex_match(one, m, item))
+      fail("environment variable SLURM_TASKS_PER_NODE={:?} must be counts such as 2(x3),1", text);
+    first += m[2].matched ? std::stoi(m[2]) : 1;
+    if (node < first) return std::stoi(m[1]);
+  }
+  fail("environment variable SLURM_TASKS_PER_NODE={:?} has no count for node SLURM_NODEID={}", text, node);
+}
+
+// Ranks on this machine, used to share its CPUs; the variable it came from
+// goes to `source`. Under srun SLURM_NTASKS_PER_NODE (--ntasks-per-node) or
+// this node's count in SLURM_TASKS_PER_NODE, at most the step's ranks (the
+// job's count is inherited by a smaller step).
+int local_world_size(const std::function<const char*(const char*)>& get, bool slurm, int world_size,
+                     const char*& source) {
+  if (!slurm) {
+    source = "LOCAL_WORLD_SIZE";
+    return int_variable(get, source, world_size, 1, world_size);
+  }
+  source = "SLURM_NTASKS_PER_NODE";
+  int size = world_size;
+  if (get(source)) {
+    size = int_variable(get, source, world_size, 1, 1 << 20);
+  } else if (get("SLURM_TASKS_PER_NODE")) {
+    source = "SLURM_TASKS_PER_NODE";
+    size = tasks_on_node(get(source), int_variable(get, "SLURM_NODEID", 0, 0, 1 << 20));
+  }
+  return std::min(size, world_size);
+}
+
+// Where rank 0's store listens when MASTER_ADDR is not set: the first host
+// of the step's (else the job's) nodes, where srun places task 0.
+std::string slurm_master_addr(const std::function<const char*(const char*)>& get) {
+  for (const char* name : {"SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"})
+    if (const char* list = get(name)) return expand_hostlist(list, name).front();
+  fail(
+      "SLURM_PROCID is set but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is: set MASTER_ADDR to rank 0's "
+      "host");
+}
+
+// 29500 + SLURM_JOB_ID % 1000 when MASTER_PORT is not set: two jobs that
+// share a node then rarely pick the same port, and it stays below Linux's
+// ephemeral ports (32768 up) that outgoing connections take. The id's last
+// three digits, whatever its size (federated job ids pass 2^31).
+int slurm_master_port(const std::function<const char*(const char*)>& get) {
+  const char* id = get("SLURM_JOB_ID");
+  if (!id) return 29500;
+  const std::string text = id;
+  if (text.empty() || text.size() > 20 || text.find_first_not_of("0123456789") != std::string::npos)
+    fail("environment variable SLURM_JOB_ID={:?} must be a job number", text);
+  return 29500 + std::stoi(text.substr(text.size() - std::min<size_t>(3, text.size())));
+}
+
 }  // namespace
 
 DistEnv parse_dist_env(const std::function<const char*(const char*)>& get) {
   DistEnv env;
-  env.world_size = int_variable(get, "WORLD_SIZE", 1, 1, 1 << 20);
+  const bool slurm = started_by_srun(get);
+  const RankVariables& v = slurm ? kSlurm : kTorchrun;
+  env.world_size = int_variable(get, v.world_size, 1, 1, 1 << 20);
   if (!env.distributed()) return env;
-  if (!get("RANK"))
-    fail("environment variable WORLD_SIZE={} is set but RANK is not (start with torchrun or vitlab launch)",
-         env.world_size);
-  env.rank = int_variable(get, "RANK", 0, 0, env.world_size - 1);
-  env.local_rank = int_variable(get, "LOCAL_RANK", 0, 0, env.world_size - 1);
-  env.local_world_size = int_variable(get, "LOCAL_WORLD_SIZE", env.world_size, 1, env.world_size);
+  if (!get(v.rank))
+    fail("environment variable {}={} is set but {} is not (start with torchrun, srun or vitlab launch)", v.world_size,
+         env.world_size, v.rank);
+  env.rank = int_variable(get, v.rank, 0, 0, env.world_size - 1);
+  env.local_rank = int_variable(get, v.local_rank, 0, 0, env.world_size - 1);
+  const char* local_source = nullptr;
+  env.local_world_size = local_world_size(get, slurm, env.world_size, local_source);
   if (env.local_rank >= env.local_world_size)
-    fail("environment variable LOCAL_RANK={} must be below LOCAL_WORLD_SIZE={}", env.local_rank, env.local_world_size);
+    fail("environment variable {}={} must be below the {} ranks on this machine ({}={:?})", v.local_rank,
+         env.local_rank, env.local_world_size, local_source, get(local_source));
   if (const char* addr = get("MASTER_ADDR")) {
     if (!*addr) fail("environment variable MASTER_ADDR is empty (expected a host name or address)");
     env.master_addr = addr;
+  } else if (slurm) {
+    env.master_addr = slurm_master_addr(get);
   }
-  env.master_port = int_variable(get, "MASTER_PORT", env.master_port, 1, 65535);
+  env.master_port = int_variable(get, "MASTER_PORT", slurm ? slurm_master_port(get) : env.master_port, 1, 65535);
   if (const char* agent = get("TORCHELASTIC_USE_AGENT_STORE")) {
     const std::string value = agent;
     if (value != "True" && value != "False" && value != "1" && value != "0")

@@ -3,8 +3,9 @@
 // (CPU tensors, and CUDA ones through host copies) or NCCL on CUDA builds
 // that have it, with the rendezvous torchrun sets up (RANK, WORLD_SIZE,
 // LOCAL_RANK, MASTER_ADDR, MASTER_PORT, and its agent's store when
-// TORCHELASTIC_USE_AGENT_STORE is set). `vitlab launch` starts the same
-// processes on one machine without Python.
+// TORCHELASTIC_USE_AGENT_STORE is set) or, without torchrun's variables, the
+// one srun's task variables give. `vitlab launch` starts the same processes
+// on one machine without Python.
 #include <torch/torch.h>
 
 #include <chrono>
@@ -28,9 +29,21 @@ struct DistEnv {
 };
 
 // The torchrun environment, read through `get` (nullptr: unset). Without
-// WORLD_SIZE a single process. Bad values are errors naming the variable.
+// WORLD_SIZE but with SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, srun's:
+// rank, world size and local rank from those, the ranks on this node from
+// SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE, MASTER_ADDR (when unset)
+// the first host of SLURM_STEP_NODELIST or SLURM_JOB_NODELIST, MASTER_PORT
+// (when unset) 29500 + SLURM_JOB_ID % 1000. With neither a single process.
+// Bad values are errors naming the variable.
 DistEnv parse_dist_env(const std::function<const char*(const char*)>& get);
 DistEnv dist_env_from_environment();
+
+// SLURM's compressed host list expanded: "gpu[01-04,07],cpu3" is gpu01
+// gpu02 gpu03 gpu04 gpu07 cpu3. A number keeps the width of its range's
+// start (zero padding); the brackets of one name multiply out, the first
+// slowest ("r[1-2]n[1-2]": r1n1 r1n2 r2n1 r2n2). Bad syntax is an error
+// naming `variable` and the list.
+std::vector<std::string> expand_hostlist(const std::string& list, const std::string& variable);
 
 // One process's membership of the group. With world size 1 every
 // collective is a no-op. A peer that dies or stops answering makes the

@@ -17,6 +17,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "common/process.h"
+#include "common/run_lock.h"
 #include "common/runtime.h"
 #include "data/mixup.h"
 #include "eval/evaluate.h"
@@ -449,6 +450,7 @@ struct Trainer {
   double run(int64_t stop_after);
 
   // setup
+  void claim_run_dir();
   void setup_runtime();
   void create_model();
   void create_loaders();
@@ -485,8 +487,10 @@ struct Trainer {
   const TrainConfig& cfg;
   const fs::path run_dir;
   const Clock::time_point wall_start = Clock::now();
-  // setup_runtime
+  // claim_run_dir
   DistEnv env;
+  std::optional<RunLock> run_lock;  // rank 0's, held to the end
+  // setup_runtime
   int threads = 0;
   torch::Device device = torch::kCPU;
   at::ScalarType amp = at::ScalarType::Undefined;
@@ -528,6 +532,7 @@ struct Trainer {
 
 Trainer::Trainer(const TrainConfig& cfg, const fs::path& run_dir, bool resume)
     : cfg(cfg), run_dir(run_dir), progress(cfg.train.log_interval) {
+  claim_run_dir();
   setup_runtime();
   create_model();
   create_loaders();
@@ -536,10 +541,17 @@ Trainer::Trainer(const TrainConfig& cfg, const fs::path& run_dir, bool resume)
   open_outputs(resume);
 }
 
-// Threads, device, precision and seed, and the process group: a
-// data-parallel rank when started by torchrun or vitlab launch.
-void Trainer::setup_runtime() {
+// One run writes into run_dir at a time: its writer, rank 0, locks it before
+// anything else, so that a second run stops before it loads data or waits
+// for a process group. The ranks of one run share it.
+void Trainer::claim_run_dir() {
   env = dist_env_from_environment();
+  if (env.rank == 0) run_lock.emplace(run_dir);
+}
+
+// Threads, device, precision and seed, and the process group: a
+// data-parallel rank when started by torchrun, srun or vitlab launch.
+void Trainer::setup_runtime() {
   // The processes on one machine share its CPUs unless train.threads says otherwise.
   threads = static_cast<int>(cfg.train.threads);
   if (threads == 0 && env.local_world_size > 1)

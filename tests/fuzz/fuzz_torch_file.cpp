@@ -1,5 +1,5 @@
-// The torch.save reader (zip + pickle) on arbitrary bytes: as any object, and
-// as a state dict the way weights are loaded.
+// The torch.save reader (zip or legacy format, and their pickles) on arbitrary
+// bytes: as any object, and as a state dict the way weights are loaded.
 #include "io/torch_file.h"
 #include "tests/fuzz/fuzz_common.h"
 
