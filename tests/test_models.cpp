@@ -194,7 +194,8 @@ TEST_CASE("model keys: the new ones are checked, and a misspelt one is named wit
   CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{init_values: 0}")),
                     Catch::Contains("model.init_values must be a finite nonzero number"));
   CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{init_values: small}")),
-                    Catch::Contains("model.init_values: expected a number, got 'small'"));
+                    Catch::Contains("model.init_values: expected a number, null (no LayerScale) or cait (CaiT's depth "
+                                    "rule), got 'small'"));
   CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{skip: maybe}")),
                     Catch::Contains("model.skip: expected true or false"));
   CHECK_THROWS_WITH(resolve_model("vit_tiny_patch16_224", yaml("{skip: false, drop_path_rate: 0.1}")),
