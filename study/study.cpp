@@ -858,8 +858,8 @@ fs::path run_study(const StudyConfig& config, const fs::path& out_dir, const Stu
       fail("study: no member '{}'; the members are {}", m, fmt::join(names, ", "));
   if (run.jobs < 1) fail("study: --jobs must be >= 1, got {}", run.jobs);
   fs::create_directories(out_dir / "members");
+  const auto start = std::chrono::steady_clock::now();  // the member processes' time included
   if (run.jobs > 1 && run.members.empty()) run_member_processes(config, out_dir, run);
-  const auto start = std::chrono::steady_clock::now();
   std::vector<MemberResult> results;
   DataCache data;
   for (const auto& m : members)
