@@ -16,7 +16,7 @@ StateDict read_weights(const std::filesystem::path& path) {
   if (is_torch_file(bytes)) return parse_torch_state_dict(bytes, path.string());
   fail(
       "{}: unknown weights format: not safetensors (an 8-byte header length, then '{{'), nor torch.save's zip "
-      "format (starting 'PK') or legacy one (a pickle, starting 0x80 0x02); {}",
+      "format (starting 'PK') or legacy one (a pickle, starting 0x80 and protocol 2-5); {}",
       path.string(), leading_bytes(bytes));
 }
 

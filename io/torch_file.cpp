@@ -18,7 +18,7 @@ PickleValue parse_torch_file(std::string_view bytes, const std::string& source) 
   if (starts_with_pickle(bytes)) return load_torch_legacy(bytes, source);
   fail(
       "{}: not a torch.save file: neither the zip format (starting 'PK') nor the legacy one (a pickle, starting "
-      "0x80 0x02); {}",
+      "0x80 and protocol 2-5); {}",
       source, leading_bytes(bytes));
 }
 

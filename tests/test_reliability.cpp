@@ -56,6 +56,14 @@ int64_t logged_steps(const fs::path& metrics) {
   return n;
 }
 
+// Waits (up to a minute) until the run writing into `out` has logged 20
+// steps: past epoch 1's checkpoint, inside epoch 2.
+void wait_inside_epoch_2(const fs::path& out) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (logged_steps(out / "metrics.jsonl") < 20 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+}
+
 }  // namespace
 
 TEST_CASE("a damaged checkpoint is named, resume falls back to the one before, and ends bitwise the same") {
@@ -108,10 +116,7 @@ TEST_CASE("SIGTERM stops training at a step with a checkpoint there, and resume 
   const std::string straight = run.straight_model();
   const fs::path out = run.dir / "stopped";
   const pid_t pid = start_cli("train" + run.args + " --out " + out.string(), run.dir / "log");
-  // Stop it inside epoch 2.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (logged_steps(out / "metrics.jsonl") < 20 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  wait_inside_epoch_2(out);  // and stop it there
   ::kill(pid, SIGTERM);
   const int status = wait_cli(pid);
   const std::string log = read_file(run.dir / "log");
@@ -235,10 +240,7 @@ TEST_CASE("a second vitlab train on a run directory in use stops at start, and a
   TinyRun run;
   const fs::path out = run.dir / "run";
   const pid_t first = start_cli("train" + run.args + " --out " + out.string(), run.dir / "first.log");
-  // Stopped (holding the lock) once it has checkpointed epoch 1 and is inside epoch 2.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (logged_steps(out / "metrics.jsonl") < 20 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  wait_inside_epoch_2(out);  // then stopped there, holding the lock
   ::kill(first, SIGSTOP);
   const int64_t steps = logged_steps(out / "metrics.jsonl");
   RunResult second = run.train("run");
